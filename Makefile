@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (main job on the embedded synthetic data) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 resolves to a CPU build where one is provided locally; elsewhere to PyPI's 2.13.0.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: env demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	-$(BIN)/pip install -q -c constraints.txt "fpsample==1.0.2" || echo "optional fast path fpsample not installed"
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	$(BIN)/mmiad demo --out demo_out
+
+test: env
+	$(BIN)/ruff check src tests
+	$(BIN)/pytest -q
+
+lint: env
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+bench: env
+	$(BIN)/python -m mmiad.bench --out BENCHMARKS.md
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,1 @@
+"""Data layer: typed samples, dataset readers, preprocessing and the synthetic generator."""

@@ -1,0 +1,183 @@
+"""A cache of preprocessed copies of a dataset; the input dataset is never written to.
+
+The official scripts overwrite the dataset's TIFFs in place, so a dataset silently becomes "CFM-preprocessed" or
+"M3DM-preprocessed" and cannot be told apart afterwards. Here every profile writes its own copy under::
+
+    <cache_root>/preprocessed/<profile>-<fingerprint>/<source>-<hash>/<category>/<split>/<defect>/xyz/<stem>.tiff
+
+where ``<source>-<hash>`` names the source dataset root (so two datasets with the same category names never
+collide). A JSON sidecar next to each TIFF records the size and mtime of the source files; an entry is reused only
+when they still match. Every file is written to a temporary name in the same folder and then renamed, and the
+sidecar is written last, so a killed run never leaves an entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from mmiad.data.errors import DataError
+from mmiad.data.io import load_sample, write_rgb, write_xyz
+from mmiad.data.preprocess.profiles import PreprocessProfile, get_profile, preprocess_sample
+from mmiad.data.sample import SampleRecord
+
+CACHE_ENV = "MMIAD_CACHE"
+SIDECAR_FORMAT = 1
+
+
+def default_cache_root() -> Path:
+    """The cache root: ``$MMIAD_CACHE`` when set, else ``~/.cache/mmiad``."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mmiad"
+
+
+def profile_cache_dir(cache_root: str | Path, profile: PreprocessProfile | str) -> Path:
+    """The folder holding every dataset preprocessed with ``profile``."""
+    profile = get_profile(profile)
+    return Path(cache_root) / "preprocessed" / f"{profile.name}-{profile.fingerprint()}"
+
+
+def source_key(record: SampleRecord) -> str:
+    """A folder name identifying the dataset a record comes from: ``<root name>-<hash of its absolute path>``.
+
+    For the MVTec layout (``<root>/<category>/<split>/<defect>/xyz/<file>``) the root is the dataset root;
+    for any other layout it is the folder holding the xyz file, which is always unique.
+    """
+    xyz_path = Path(record.xyz_path).resolve()
+    parents = xyz_path.parents
+    layout = (record.defect_type, record.split, record.category)
+    mvtec_like = len(parents) > 4 and tuple(parents[i].name for i in (1, 2, 3)) == layout
+    root = parents[4] if mvtec_like else xyz_path.parent
+    digest = hashlib.sha256(str(root).encode("utf-8")).hexdigest()[:10]
+    return f"{root.name or 'root'}-{digest}"
+
+
+def _file_stat(path: Path) -> dict[str, object]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _sources(record: SampleRecord) -> dict[str, object] | None:
+    """What the cached entry depends on; None when a source file is missing (it will then fail to load)."""
+    try:
+        return {
+            "xyz": _file_stat(Path(record.xyz_path)),
+            "rgb": _file_stat(Path(record.rgb_path)),
+            "extra": [list(item) for item in record.extra],
+        }
+    except OSError:
+        return None
+
+
+def _atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """Write through ``writer`` to a temporary file beside ``path`` (same suffix), then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        writer(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, payload: dict[str, object]) -> None:
+    _atomic_write(path, lambda temp: temp.write_text(json.dumps(payload, indent=1), encoding="utf-8"))
+
+
+def _is_fresh(sidecar: Path, sources: dict[str, object] | None, outputs: list[Path], fingerprint: str) -> bool:
+    if sources is None or not sidecar.is_file() or not all(p.is_file() for p in outputs):
+        return False
+    try:
+        stored = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        stored.get("format") == SIDECAR_FORMAT
+        and stored.get("fingerprint") == fingerprint
+        and stored.get("sources") == sources
+        and stored.get("outputs") == [p.name for p in outputs]
+    )
+
+
+def _cached_record(record: SampleRecord, xyz_path: Path, rgb_path: Path | None, tag: str) -> SampleRecord:
+    """The record of the cached copy: same metadata and GT, the cleaned TIFF, the cleaned or original RGB."""
+    extra = tuple(item for item in record.extra if item[0] not in ("format", "preprocessed"))
+    return dataclasses.replace(
+        record,
+        xyz_path=xyz_path,
+        rgb_path=rgb_path if rgb_path is not None else record.rgb_path,
+        extra=(*extra, ("preprocessed", tag)),
+    )
+
+
+def preprocess_dataset(
+    records: Sequence[SampleRecord],
+    profile: PreprocessProfile | str,
+    cache_root: str | Path | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[list[SampleRecord], list[DataError]]:
+    """Preprocess every record into the cache (reusing fresh entries) and return records pointing at the copies.
+
+    The cleaned RGB is written only when the profile zeroes it; otherwise the returned record keeps the original
+    RGB. Ground-truth paths always keep pointing at the original masks. With an identity profile (``none``) nothing
+    needs cleaning and the records are returned unchanged, without reading any file.
+
+    Args:
+        records: Samples to preprocess; their files may live anywhere.
+        profile: A profile or a profile name.
+        cache_root: Cache root; :func:`default_cache_root` when None.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The records of the preprocessed copies (in input order, bad samples left out) and one DataError per bad
+        sample (unreadable file, size mismatch, nothing left after cleaning).
+    """
+    profile = get_profile(profile)
+    if profile.is_identity:
+        return list(records), []
+    base = profile_cache_dir(cache_root if cache_root is not None else default_cache_root(), profile)
+    fingerprint = profile.fingerprint()
+    tag = f"{profile.name}-{fingerprint}"
+    iterator: Sequence[SampleRecord] = records
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(records, desc=f"preprocess ({profile.name})", unit="sample")
+    done: list[SampleRecord] = []
+    errors: list[DataError] = []
+    for record in iterator:
+        folder = base / source_key(record) / record.category / record.split / record.defect_type
+        xyz_out = folder / "xyz" / f"{Path(record.xyz_path).stem}.tiff"
+        rgb_out = folder / "rgb" / f"{record.stem}.png" if profile.zero_rgb_background else None
+        outputs = [xyz_out] if rgb_out is None else [xyz_out, rgb_out]
+        sidecar = xyz_out.with_suffix(".json")
+        sources = _sources(record)
+        if not _is_fresh(sidecar, sources, outputs, fingerprint):
+            try:
+                cleaned = preprocess_sample(load_sample(record), profile)
+            except DataError as error:
+                errors.append(error)
+                continue
+            sidecar.unlink(missing_ok=True)
+            _atomic_write(xyz_out, lambda temp, xyz=cleaned.xyz: write_xyz(temp, xyz))
+            if rgb_out is not None:
+                _atomic_write(rgb_out, lambda temp, rgb=cleaned.rgb: write_rgb(temp, rgb))
+            payload = {
+                "format": SIDECAR_FORMAT,
+                "fingerprint": fingerprint,
+                "profile": dataclasses.asdict(profile),
+                "sources": sources,
+                "outputs": [p.name for p in outputs],
+            }
+            _write_json(sidecar, payload)
+        done.append(_cached_record(record, xyz_out, rgb_out, tag))
+    return done, errors
