@@ -1,0 +1,1 @@
+"""Frozen feature extractors (deep and weight-free), checkpoints and the feature cache."""

@@ -1,0 +1,181 @@
+"""Point grouping for Point-MAE: farthest point sampling, kNN neighbourhoods, and 3-NN interpolation back.
+
+All of it is deterministic. FPS starts at index 0, like the CUDA ``furthest_point_sample`` kernel the official
+code uses (the repos' pure-torch version starts at a random index). Among equally far points the *last* index
+wins, which is what the optional compiled ``fpsample`` package does; the NumPy fallback reproduces it exactly, so
+features do not depend on whether the package is installed. kNN ties are broken by the lower point index.
+
+``fpsample`` serves as an independent cross-check; the fallback is the default because it is faster. Nothing
+loops over points in Python: FPS loops over the samples (vectorised over points), kNN and interpolation work on
+chunks of centres/points so a 50k-point cloud never needs a 50k×1024 distance matrix at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:  # optional compiled FPS; results are identical to the fallback
+    import fpsample as _fpsample
+except ImportError:  # pragma: no cover - depends on the environment
+    _fpsample = None
+
+#: Whether the optional ``fpsample`` package is available.
+HAS_FPSAMPLE = _fpsample is not None
+
+_CHUNK_ELEMENTS = 1 << 22  # distance-matrix entries per chunk (16 MB of float32)
+
+
+def _check_points(points: np.ndarray | torch.Tensor) -> None:
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"expected points of shape (N,3), got {tuple(points.shape)}")
+
+
+def farthest_point_sample(points: np.ndarray, count: int, *, backend: str = "auto") -> np.ndarray:
+    """Indices of ``count`` points chosen by farthest point sampling, starting at index 0.
+
+    Args:
+        points: (N,3) coordinates; computed in float32 like the official kernel.
+        count: Samples to take; must be in [1, N].
+        backend: ``"numpy"``, ``"fpsample"`` (the optional compiled package) or ``"auto"``. All give identical
+            indices. ``"auto"`` uses NumPy: measured on 2 cores it is about 3× faster than fpsample 1.0.2's
+            vanilla FPS (0.08 s against 0.23 s for 1024 of 50k points), whose loop is scalar.
+
+    Returns:
+        (count,) int64 indices; the first is 0.
+    """
+    _check_points(points)
+    total = int(points.shape[0])
+    if not 1 <= count <= total:
+        raise ValueError(f"cannot sample {count} points from a cloud of {total}")
+    if backend not in ("auto", "fpsample", "numpy"):
+        raise ValueError(f"unknown FPS backend {backend!r}")
+    if backend == "fpsample" and _fpsample is None:
+        raise ValueError("FPS backend 'fpsample' requested but the package is not installed (pip install fpsample)")
+    points = np.asarray(points, dtype=np.float32)
+    if backend == "fpsample":
+        return np.asarray(_fpsample.fps_sampling(points, count, start_idx=0), dtype=np.int64)
+    return _fps_numpy(points, count)
+
+
+def _fps_numpy(points: np.ndarray, count: int) -> np.ndarray:
+    """Vectorised FPS; coordinates are reversed so argmax's first-of-ties rule picks the last original index."""
+    total = points.shape[0]
+    x, y, z = (np.ascontiguousarray(points[::-1, axis]) for axis in range(3))
+    nearest = np.full(total, np.inf, dtype=np.float32)
+    chosen = np.empty(count, dtype=np.int64)
+    last = total - 1  # reversed position of original index 0
+    chosen[0] = 0
+    for step in range(1, count):
+        dx, dy, dz = x - x[last], y - y[last], z - z[last]
+        dist = dx * dx
+        dist += dy * dy
+        dist += dz * dz
+        np.minimum(nearest, dist, out=nearest)
+        last = int(np.argmax(nearest))
+        chosen[step] = total - 1 - last
+    return chosen
+
+
+def _smallest_k(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, the indices of the k smallest values, ascending by (value, index), independent of topk's ties.
+
+    topk alone may pick any of several points tied at the k-th distance; rows with such a tie (rare on real
+    data) are redone exactly, preferring lower indices, so the result never depends on the topk implementation.
+    """
+    extra = min(k + 1, dist.shape[1])  # one more than needed: a tie at the boundary shows as equal k-th, k+1-th
+    values, columns = torch.topk(dist, extra, dim=1, largest=False, sorted=True)
+    threshold = values[:, k - 1 : k]
+    tied_rows = torch.nonzero(values[:, extra - 1] == threshold[:, 0])[:, 0] if extra > k else values[:0, 0].long()
+    columns = columns[:, :k]
+    if tied_rows.numel():
+        sub = dist[tied_rows]
+        below = sub < threshold[tied_rows]
+        at = sub == threshold[tied_rows]
+        slots = k - below.sum(dim=1, keepdim=True)
+        take = below | (at & (torch.cumsum(at, dim=1) <= slots))
+        columns = columns.clone()
+        columns[tied_rows] = torch.nonzero(take)[:, 1].view(-1, k)
+    columns = torch.sort(columns, dim=1).values
+    order = torch.argsort(torch.gather(dist, 1, columns), dim=1, stable=True)
+    return torch.gather(columns, 1, order)
+
+
+def _squared_distances(queries: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """Exact squared distances by explicit differences (no |a|²+|b|²−2ab cancellation for near-duplicates).
+
+    Accumulated one coordinate at a time, in place, which is several times faster than reducing a (Q,N,3) array.
+    """
+    queries_t, refs_t = queries.T.contiguous(), refs.T.contiguous()
+    dist = queries_t[0, :, None] - refs_t[0, None, :]
+    dist.mul_(dist)
+    for axis in (1, 2):
+        diff = queries_t[axis, :, None] - refs_t[axis, None, :]
+        dist.addcmul_(diff, diff)
+    return dist
+
+
+def knn_indices(points: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every query, its k nearest points: (Q,k) indices and (Q,k) squared distances, nearest first."""
+    _check_points(points)
+    _check_points(queries)
+    if not 1 <= k <= points.shape[0]:
+        raise ValueError(f"k={k} must be in [1, {points.shape[0]}]")
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, points.shape[0]))
+    indices, distances = [], []
+    for start in range(0, queries.shape[0], chunk):
+        dist = _squared_distances(queries[start : start + chunk], points)
+        idx = _smallest_k(dist, k)
+        indices.append(idx)
+        distances.append(torch.gather(dist, 1, idx))
+    if not indices:
+        return torch.empty(0, k, dtype=torch.long), torch.empty(0, k, dtype=points.dtype)
+    return torch.cat(indices), torch.cat(distances)
+
+
+def group_points(
+    points: torch.Tensor, num_group: int, group_size: int, *, fps_backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FPS centres and their centred kNN neighbourhoods, as in Point-MAE's ``Group``.
+
+    Small clouds are handled by clamping: with N valid points, ``min(num_group, N)`` centres of
+    ``min(group_size, N)`` points each are formed (so a 500-point cloud gives 500 groups of 128, and a 100-point
+    cloud 100 groups of 100). The network is agnostic to both numbers, so this only changes how finely the
+    cloud is summarised.
+
+    Args:
+        points: (N,3) float32 points, N ≥ 1.
+        num_group: Requested number of centres.
+        group_size: Requested points per neighbourhood (the centre itself is included).
+        fps_backend: See :func:`farthest_point_sample`.
+
+    Returns:
+        ``(neighborhoods (G,K,3) = points − centre, centres (G,3))``.
+    """
+    _check_points(points)
+    total = int(points.shape[0])
+    if total == 0:
+        raise ValueError("cannot group an empty point cloud")
+    if num_group < 1 or group_size < 1:
+        raise ValueError(f"num_group and group_size must be positive, got {num_group} and {group_size}")
+    centre_idx = farthest_point_sample(points.numpy(), min(num_group, total), backend=fps_backend)
+    centres = points[torch.from_numpy(centre_idx)]
+    neighbour_idx, _ = knn_indices(points, centres, min(group_size, total))
+    return points[neighbour_idx] - centres[:, None, :], centres
+
+
+def three_nn_weights(points: torch.Tensor, centres: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """PointNet++ feature propagation weights from group centres back to every point.
+
+    Each point blends its k (3) nearest centres with weights ``1/(d² + 1e-8)`` normalised to sum to 1, where d²
+    is the squared distance, as the official ``interpolating_points``. With fewer than k centres, all are used.
+
+    Returns:
+        ``(neighbors (N,k') int64, weights (N,k') float32)`` with k' = min(k, G).
+    """
+    k = min(k, int(centres.shape[0]))
+    if points.shape[0] == 0 or k == 0:
+        return torch.empty(points.shape[0], k, dtype=torch.long), torch.empty(points.shape[0], k)
+    neighbors, dist = knn_indices(centres, points, k)
+    inverse = 1.0 / (dist + 1e-8)
+    return neighbors, inverse / inverse.sum(dim=1, keepdim=True)
