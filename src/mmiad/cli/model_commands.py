@@ -1,0 +1,205 @@
+"""Model sub-commands: ``train``, ``test``, ``predict`` and ``demo`` (the README's main job)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from mmiad.cli.common import log, report_errors, split_list, write_json
+from mmiad.data.errors import DataError
+
+# CLI option → method hyperparameter; only options the user actually gave are passed on.
+_HPARAM_OPTIONS = {
+    "extractors": "extractors",
+    "weights_dir": "weights_dir",
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "learning_rate",
+    "image_size": "image_size",
+    "grid_size": "grid_size",
+    "aggregation": "aggregation",
+    "mapping": "mapping",
+    "smoothing": "smoothing",
+    "random_init": "random_init",
+    "compat": "compat",
+}
+
+
+def _hparams(args: argparse.Namespace) -> dict[str, Any]:
+    hparams = {key: getattr(args, option) for option, key in _HPARAM_OPTIONS.items()}
+    hparams = {k: v for k, v in hparams.items() if v not in (None, False)}
+    if args.seed is not None:
+        hparams["seed"] = args.seed
+    return hparams
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mmiad.engine import train_run
+
+    started = time.perf_counter()
+    files, errors = train_run(
+        args.method,
+        args.data,
+        args.out,
+        categories=split_list(args.categories),
+        unified=args.unified,
+        shots=args.shots,
+        seed=args.seed if args.seed is not None else 0,
+        max_fpr=args.max_fpr,
+        hparams=_hparams(args),
+        cache_dir=args.cache_dir,
+        progress=True,
+        log=log,
+    )
+    report_errors(errors)
+    log(f"trained {len(files)} model(s) in {time.perf_counter() - started:.1f} s → {args.out}")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    from mmiad.engine import evaluate_run
+    from mmiad.metrics import format_table
+
+    result, errors = evaluate_run(
+        args.run,
+        args.data,
+        categories=split_list(args.categories),
+        maps_dir=args.maps,
+        aupro_mode=args.aupro,
+        num_thresholds=args.num_thresholds,
+        cache_dir=args.cache_dir,
+        progress=True,
+        log=log,
+    )
+    report_errors(errors)
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from mmiad.data.folder import list_folder_records
+    from mmiad.engine import apply_thresholds, load_trained, model_for, run_models
+    from mmiad.postprocess.outputs import write_prediction, write_summary
+    from mmiad.postprocess.threshold import Thresholds
+
+    models = run_models(args.run)
+    category = args.category
+    if category is None:
+        if len(models) != 1:
+            raise ValueError(f"the run has several models ({', '.join(sorted(models))}); choose one with --category")
+        category = next(iter(models))
+    trained = load_trained(model_for(models, category), cache_dir=args.cache_dir)
+    thresholds = trained.thresholds
+    if args.threshold is not None:
+        base = thresholds or Thresholds(args.threshold, args.threshold, float("nan"), "user")
+        thresholds = Thresholds(args.threshold, base.pixel, base.max_fpr, "user")
+    errors: list[DataError] = []
+    records = list_folder_records(args.input, xyz_path=args.xyz, category=category, errors=errors)
+    out = Path(args.out)
+    rows = []
+    for prediction in trained.model.predict(records, progress=True, errors=errors):
+        apply_thresholds(prediction, thresholds)
+        rows.append(write_prediction(prediction, out, thresholds))
+    csv_path, _ = write_summary(rows, out)
+    report_errors(errors)
+    flagged = sum(1 for row in rows if row.label == 1)
+    log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
+    return 0 if rows else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mmiad.data.synthetic import generate_dataset
+    from mmiad.engine import evaluate_run, train_run
+    from mmiad.metrics import format_table
+
+    out = Path(args.out)
+    data, run, cache = out / "data", out / "run", str(out / "cache")
+    log(f"1/4 synthetic dataset (preset demo, seed {args.seed}) → {data}")
+    generate_dataset(data, preset="demo", seed=args.seed, overwrite=True, progress=True)
+    log("2/4 training CFM with the weight-free extractors")
+    started = time.perf_counter()
+    hparams = {"extractors": "weightfree", "epochs": args.epochs}
+    _, errors = train_run("cfm", data, run, hparams=hparams, cache_dir=cache, progress=True, log=log)
+    log(f"    trained in {time.perf_counter() - started:.1f} s")
+    log("3/4 testing")
+    result, test_errors = evaluate_run(run, data, maps_dir=out / "maps", cache_dir=cache, progress=True, log=log)
+    report_errors(errors + test_errors)
+    print(format_table(result))
+    write_json(out / "metrics.json", result)
+    log("4/4 predicting one defect folder per category (maps, overlays, masks, summary)")
+    for category in sorted(p.name for p in data.iterdir() if p.is_dir()):
+        folders = sorted(p for p in (data / category / "test").iterdir() if p.is_dir() and p.name != "good")
+        predict_args = argparse.Namespace(
+            run=str(run),
+            input=str(folders[0]),
+            xyz=None,
+            out=str(out / "predictions" / category),
+            category=category,
+            threshold=None,
+            cache_dir=cache,
+        )
+        _predict(predict_args)
+    log(f"done: metrics in {out / 'metrics.json'}, maps in {out / 'maps'}, predictions in {out / 'predictions'}")
+    return 0
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--extractors", help="extractor preset: weightfree (default), dino-pointmae, -m, -s, -t")
+    parser.add_argument("--weights-dir", help="folder with checkpoint files (default $MMIAD_WEIGHTS_DIR)")
+    parser.add_argument("--epochs", type=int, help="training epochs (paper: 250)")
+    parser.add_argument("--batch-size", type=int, help="images per optimisation step (official: 4)")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--image-size", type=int, help="model input side (default 224)")
+    parser.add_argument("--grid-size", type=int, help="side of the grid the mapping runs on (default 224)")
+    parser.add_argument("--aggregation", choices=["product", "sum", "max", "2d", "3d"], help="map aggregation")
+    parser.add_argument("--mapping", choices=["crossmodal", "intramodal"], help="crossmodal (CFM) or ablation")
+    parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
+    parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
+    parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the model sub-commands to the top-level parser."""
+    train = commands.add_parser("train", help="train one model per category on nominal samples")
+    train.add_argument("--method", default="cfm", help="method (cfm)")
+    train.add_argument("--data", required=True, help="dataset root (MVTec 3D-AD layout)")
+    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--categories", help="comma-separated subset of categories")
+    train.add_argument("--unified", action="store_true", help="one model for all categories (no category labels)")
+    train.add_argument("--shots", type=int, help="few-shot: k nominal samples per category, drawn with --seed")
+    train.add_argument("--seed", type=int, help="seed of the few-shot draw and of training")
+    train.add_argument("--max-fpr", type=float, default=0.01, help="false-alarm rate the thresholds allow")
+    train.add_argument("--cache-dir", help="cache folder (default $MMIAD_CACHE or ~/.cache/mmiad)")
+    _add_training_options(train)
+    train.set_defaults(handler=_train)
+
+    test = commands.add_parser("test", help="metrics per category of a trained run on the test split")
+    test.add_argument("--run", required=True, help="run folder written by train")
+    test.add_argument("--data", required=True, help="dataset root")
+    test.add_argument("--json", help="write the metrics as JSON here")
+    test.add_argument("--maps", help="also write maps at the original resolution here (for `mmiad evaluate`)")
+    test.add_argument("--categories", help="comma-separated subset of categories")
+    test.add_argument("--aupro", default="exact", choices=["exact", "compat"], help="AUPRO curve (default exact)")
+    test.add_argument("--num-thresholds", type=int, default=99, help="thresholds of the compat AUPRO")
+    test.add_argument("--cache-dir", help="cache folder")
+    test.set_defaults(handler=_test)
+
+    predict = commands.add_parser("predict", help="score new samples: maps, overlays, masks, summary")
+    predict.add_argument("--run", required=True, help="run folder written by train")
+    predict.add_argument("--input", required=True, help="folder with rgb/ + xyz/, a flat folder of pairs, or an RGB")
+    predict.add_argument("--xyz", help="the xyz TIFF when --input is a single RGB file")
+    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument("--category", help="which category's model to use (needed when the run has several)")
+    predict.add_argument("--threshold", type=float, help="override the calibrated image threshold")
+    predict.add_argument("--cache-dir", help="cache folder")
+    predict.set_defaults(handler=_predict)
+
+    demo = commands.add_parser("demo", help="the main job: synthetic data → train CFM → test → predict")
+    demo.add_argument("--out", default="demo_out", help="output folder")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    demo.add_argument("--epochs", type=int, default=60, help="CFM training epochs")
+    demo.set_defaults(handler=_demo)

@@ -1,0 +1,265 @@
+"""Train, test and predict over a dataset: the loop every method shares, behind the CLI and the Python API.
+
+A *run* is a folder with one self-describing model file per trained model (``<category>.safetensors``, or
+``unified.safetensors`` for a model of all categories) and a ``run.json`` index. Thresholds are calibrated at the
+end of training on held-out nominal samples and stored in the model file, so a run folder is all a line PC needs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmiad.data.errors import DataError
+from mmiad.data.mvtec3d import list_categories, list_records
+from mmiad.data.sample import SampleRecord
+from mmiad.methods.base import AnomalyModel, Prediction, get_method
+from mmiad.methods.modelfile import ModelFileError, load_model_file, save_model_file
+from mmiad.metrics import aupro_many, image_auroc, pixel_auroc, summarize
+from mmiad.postprocess.threshold import Thresholds, calibrate
+
+RUN_INDEX = "run.json"
+UNIFIED = "unified"
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+@dataclass
+class TrainedModel:
+    """A fitted model with its calibrated thresholds and the facts stored beside it."""
+
+    model: AnomalyModel
+    thresholds: Thresholds | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def select_few_shot(records: Sequence[SampleRecord], shots: int, seed: int) -> tuple[list[SampleRecord], list[int]]:
+    """k nominal samples drawn without replacement by a seeded generator; the indices are recorded in the model."""
+    if shots <= 0:
+        raise ValueError(f"--shots must be positive, got {shots}")
+    if shots >= len(records):
+        return list(records), list(range(len(records)))
+    indices = sorted(np.random.default_rng(seed).choice(len(records), size=shots, replace=False).tolist())
+    return [records[i] for i in indices], indices
+
+
+def calibration_split(
+    root: Path, category: str, train: list[SampleRecord], errors: list[DataError]
+) -> tuple[list[SampleRecord], list[SampleRecord], str]:
+    """(training records, calibration records, source): the validation split, else a held-out tenth of train."""
+    validation = list_records(root, category, "validation", errors=errors)
+    if validation:
+        return train, validation, "validation"
+    if len(train) >= 5:
+        held_out = max(1, len(train) // 10)
+        return train[:-held_out], train[-held_out:], "train-holdout"
+    return train, train, "train (no held-out nominal samples; thresholds are optimistic)"
+
+
+def fit_and_calibrate(
+    model: AnomalyModel,
+    train: Sequence[SampleRecord],
+    calibration: Sequence[SampleRecord],
+    *,
+    max_fpr: float,
+    source: str,
+    progress: bool,
+    errors: list[DataError],
+) -> Thresholds:
+    """Fit on nominal samples, then set thresholds so at most ``max_fpr`` of held-out nominal samples alarm."""
+    model.fit(train, progress=progress, errors=errors)
+    held_out = list(model.predict(calibration, progress=progress, errors=errors))
+    if not held_out:
+        raise ValueError("no usable held-out nominal sample to calibrate thresholds on")
+    return calibrate([p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, source)
+
+
+def save_trained(path: Path, trained: TrainedModel) -> Path:
+    """Write one model file: weights + config + thresholds + training facts."""
+    config = {**trained.model.get_config(), **trained.info}
+    if trained.thresholds is not None:
+        config["thresholds"] = trained.thresholds.to_dict()
+    return save_model_file(path, trained.model.state_tensors(), config)
+
+
+def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
+    """Read one model file back into a fitted model."""
+    tensors, config = load_model_file(path)
+    method = get_method(config.get("method", ""))
+    model = method.from_state(config, tensors, **overrides)
+    thresholds = Thresholds.from_dict(config["thresholds"]) if "thresholds" in config else None
+    info = {k: config[k] for k in ("category", "categories", "few_shot", "data_root") if k in config}
+    return TrainedModel(model, thresholds, info)
+
+
+def _category_splits(
+    root: Path, names: Sequence[str], shots: int | None, seed: int, errors: list[DataError]
+) -> dict[str, tuple[list[SampleRecord], list[SampleRecord], str, dict[str, Any]]]:
+    """Per category: (training records, calibration records, calibration source, facts for the model file)."""
+    splits = {}
+    for category in names:
+        train = list_records(root, category, "train", errors=errors)
+        if not train:
+            raise DataError(root / category / "train", "no training samples found")
+        train, calibration, source = calibration_split(root, category, train, errors)
+        info: dict[str, Any] = {}
+        if shots:
+            train, indices = select_few_shot(train, shots, seed)
+            info["few_shot"] = {"shots": shots, "seed": seed, "indices": indices, "stems": [r.stem for r in train]}
+        splits[category] = (train, calibration, source, info)
+    return splits
+
+
+def train_run(
+    method: str,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    categories: Sequence[str] | None = None,
+    unified: bool = False,
+    shots: int | None = None,
+    seed: int = 0,
+    max_fpr: float = 0.01,
+    hparams: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    log: Log = _quiet,
+) -> tuple[dict[str, Path], list[DataError]]:
+    """Train one model per category (or one ``unified`` model on all of them) and write the run folder.
+
+    A unified model sees the union of the categories' nominal samples with no category label, as Uni-RCM's
+    multi-class setting; its thresholds are calibrated on the union of the held-out nominal samples.
+
+    Returns:
+        (model file per category key, the bad samples that were skipped).
+    """
+    root, out = Path(data_root), Path(out)
+    names = list(categories) if categories else list_categories(root)
+    if not names:
+        raise DataError(root, "no category found (expected <root>/<category>/train/good/{rgb,xyz})")
+    errors: list[DataError] = []
+    method_class = get_method(method)
+    splits = _category_splits(root, names, shots, seed, errors)
+    groups = {UNIFIED: names} if unified else {category: [category] for category in names}
+    files: dict[str, Path] = {}
+    for key, members in groups.items():
+        train = [r for c in members for r in splits[c][0]]
+        calibration = [r for c in members for r in splits[c][1]]
+        sources = sorted({splits[c][2] for c in members})
+        info: dict[str, Any] = {"data_root": str(root.resolve())}
+        info.update({"categories": members} if unified else {"category": key, **splits[key][3]})
+        if unified and shots:
+            info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
+        log(f"[{key}] training {method} on {len(train)} nominal samples")
+        model = method_class(cache_dir=cache_dir, **(hparams or {}))
+        thresholds = fit_and_calibrate(
+            model, train, calibration, max_fpr=max_fpr, source=", ".join(sources), progress=progress, errors=errors
+        )
+        files[key] = save_trained(out / f"{key}.safetensors", TrainedModel(model, thresholds, info))
+        log(f"[{key}] saved {files[key]} (image threshold {thresholds.image:.4g} from {thresholds.source})")
+    index = {"method": method, "unified": unified, "categories": names, "models": {k: v.name for k, v in files.items()}}
+    (out / RUN_INDEX).write_text(json.dumps(index, indent=2))
+    return files, errors
+
+
+def run_models(run: str | Path) -> dict[str, Path]:
+    """Model file per category key of a run folder (``unified`` for a model of all categories)."""
+    run = Path(run)
+    index_path = run / RUN_INDEX
+    if not index_path.is_file():
+        raise ModelFileError(f"{run}: not a run folder (no {RUN_INDEX}); train one with `mmiad train`")
+    index = json.loads(index_path.read_text())
+    return {key: run / name for key, name in index["models"].items()}
+
+
+def model_for(models: dict[str, Path], category: str) -> Path:
+    """The model that serves ``category``: its own, or the unified one."""
+    if category in models:
+        return models[category]
+    if UNIFIED in models:
+        return models[UNIFIED]
+    raise ModelFileError(f"the run has no model for category {category!r}; it has: {', '.join(sorted(models))}")
+
+
+def apply_thresholds(prediction: Prediction, thresholds: Thresholds | None) -> Prediction:
+    """Fill ``pred_label`` and ``pred_mask`` from calibrated thresholds."""
+    if thresholds is not None:
+        prediction.pred_label = int(prediction.pred_score > thresholds.image)
+        prediction.pred_mask = prediction.anomaly_map > thresholds.pixel
+    return prediction
+
+
+def evaluate_predictions(
+    predictions: Sequence[Prediction], *, aupro_mode: str = "exact", num_thresholds: int = 99
+) -> dict[str, float]:
+    """The four metrics of one category, from predictions at the model resolution (the papers' protocol)."""
+    labels = [p.label for p in predictions]
+    masks = [p.gt_mask if p.gt_mask is not None else np.zeros(p.anomaly_map.shape, bool) for p in predictions]
+    result = {"image_auroc": float("nan"), "pixel_auroc": float("nan"), "aupro@0.3": float("nan")}
+    result["aupro@0.01"] = float("nan")
+    if len(set(labels)) == 2:
+        result["image_auroc"] = image_auroc(labels, [p.pred_score for p in predictions])
+    if any(m.any() for m in masks):
+        result["pixel_auroc"] = pixel_auroc(masks, [p.map_for("pixel_auroc") for p in predictions])
+        curves = aupro_many(
+            masks,
+            [p.map_for("aupro") for p in predictions],
+            limits=(0.3, 0.01),
+            mode=aupro_mode,
+            num_thresholds=num_thresholds,
+        )
+        result["aupro@0.3"], result["aupro@0.01"] = curves[0.3], curves[0.01]
+    return result
+
+
+def evaluate_run(
+    run: str | Path,
+    data_root: str | Path,
+    *,
+    categories: Sequence[str] | None = None,
+    maps_dir: str | Path | None = None,
+    aupro_mode: str = "exact",
+    num_thresholds: int = 99,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    log: Log = _quiet,
+) -> tuple[dict[str, Any], list[DataError]]:
+    """Metrics per category and their mean for a trained run on a dataset's test split."""
+    from mmiad.data.io import write_map
+    from mmiad.data.preprocess import map_to_original
+
+    root = Path(data_root)
+    models = run_models(run)
+    names = list(categories) if categories else [c for c in list_categories(root) if c in models or UNIFIED in models]
+    errors: list[DataError] = []
+    per_category: dict[str, dict[str, float]] = {}
+    loaded: dict[Path, TrainedModel] = {}
+    for category in names:
+        path = model_for(models, category)
+        if path not in loaded:
+            loaded[path] = load_trained(path, cache_dir=cache_dir)
+        trained = loaded[path]
+        records = list_records(root, category, "test", errors=errors)
+        predictions = []
+        for prediction in trained.model.predict(records, progress=progress, errors=errors):
+            predictions.append(apply_thresholds(prediction, trained.thresholds))
+            if maps_dir is not None:
+                record = prediction.record
+                target = Path(maps_dir) / category / "test" / record.defect_type / f"{record.stem}.tiff"
+                write_map(target, map_to_original(prediction.anomaly_map, prediction.geometry))
+                target.with_suffix(".json").write_text(json.dumps({"score": prediction.pred_score}))
+            prediction.modality_maps.clear()
+        if not predictions:
+            log(f"[{category}] no usable test sample")
+            continue
+        per_category[category] = evaluate_predictions(predictions, aupro_mode=aupro_mode, num_thresholds=num_thresholds)
+        log(f"[{category}] {len(predictions)} test samples evaluated")
+    return summarize(per_category), errors

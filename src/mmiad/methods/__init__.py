@@ -1,0 +1,1 @@
+"""Anomaly detection methods, one package each, sharing model files, smoothing and thresholds."""

@@ -1,0 +1,290 @@
+"""CFM: crossmodal feature mapping (Costanzino et al., CVPR 2024).
+
+Two small MLPs learn, on nominal samples only, to predict each pixel's 3D feature from its 2D feature and vice
+versa. At test time a defect breaks that relationship, so the discrepancy between predicted and observed features
+is the anomaly score. No memory bank: the model is two MLPs, which is why CFM is fast and light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmiad.data.errors import DataError
+from mmiad.data.sample import SampleRecord
+from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
+from mmiad.features.registry import build_pipeline
+from mmiad.methods.base import AnomalyModel, Prediction, register_method
+from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss, feature_discrepancy
+from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
+from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
+
+MAPPINGS = ("crossmodal", "intramodal")
+
+
+@dataclass
+class CFMConfig:
+    """CFM hyperparameters (defaults follow the paper; the official code's deviations sit behind ``compat``).
+
+    Attributes:
+        extractors: Extractor preset (``weightfree``, ``dino-pointmae``, pruned ``dino-pointmae-m|s|t``).
+        image_size: Model input side.
+        grid_size: Side of the grid the mapping runs on; 224 as the paper, smaller is faster (maps upsampled).
+        epochs: Training epochs (paper: 250 for MVTec 3D-AD).
+        batch_size: Images per optimisation step (official: 4).
+        learning_rate: Adam learning rate (official: 1e-3).
+        seed: Seed of initialisation and shuffling (official: 115).
+        aggregation: How the two directions combine: product (paper), sum, max, 2d, 3d.
+        mapping: ``crossmodal`` (CFM) or ``intramodal`` (2D→2D and 3D→3D reconstruction, the Tab. 7 ablation).
+        smoothing: ``gaussian`` (paper, σ=4) or ``box_cascade`` (official code).
+        sigma: Gaussian σ in input pixels.
+        compat: Official behaviour: box-cascade smoothing and per-metric normalisations.
+        weights_dir: Folder with pretrained checkpoints (deep presets).
+        random_init: Allow random extractor weights (tests, smoke runs, speed benchmarks).
+        memory_budget_gb: Keep training features in memory up to this size, else reload them each epoch.
+    """
+
+    extractors: str = "weightfree"
+    image_size: int = 224
+    grid_size: int = 224
+    epochs: int = 250
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    seed: int = 115
+    aggregation: str = "product"
+    mapping: str = "crossmodal"
+    smoothing: str = "gaussian"
+    sigma: float = 4.0
+    compat: bool = False
+    weights_dir: str | None = None
+    random_init: bool = False
+    memory_budget_gb: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"unknown mapping {self.mapping!r}; expected one of {MAPPINGS}")
+        if self.compat and self.smoothing == "gaussian":
+            self.smoothing = "box_cascade"
+        if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("need grid_size <= image_size, epochs >= 0 and batch_size >= 1")
+
+
+@register_method("cfm")
+class CFM(AnomalyModel):
+    """Crossmodal feature mapping; see :class:`CFMConfig` for the hyperparameters.
+
+    Learned state: ``map_to_3d_`` and ``map_to_2d_`` (the two MLPs), ``loss_history_``.
+    """
+
+    def __init__(self, config: CFMConfig | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:
+        self.config = config or CFMConfig(**hparams)
+        self.cache_dir = cache_dir
+        self._pipeline: FeaturePipeline | None = None
+
+    @property
+    def pipeline(self) -> FeaturePipeline:
+        """The feature pipeline, built on first use (building deep extractors loads weights)."""
+        if self._pipeline is None:
+            self._pipeline = build_pipeline(
+                self.config.extractors,
+                profile="cfm",
+                image_size=self.config.image_size,
+                weights_dir=self.config.weights_dir,
+                random_init=self.config.random_init,
+                cache_dir=self.cache_dir,
+            )
+        return self._pipeline
+
+    # ------------------------------------------------------------------ training
+    def _build_networks(self, channels_2d: int, channels_3d: int) -> None:
+        torch.manual_seed(self.config.seed)
+        if self.config.mapping == "crossmodal":
+            self.map_to_3d_ = FeatureProjectionMLP(channels_2d, channels_3d)
+            self.map_to_2d_ = FeatureProjectionMLP(channels_3d, channels_2d)
+        else:
+            self.map_to_3d_ = FeatureProjectionMLP(channels_3d, channels_3d)
+            self.map_to_2d_ = FeatureProjectionMLP(channels_2d, channels_2d)
+
+    def _inputs_of(self, features_2d: torch.Tensor, features_3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each network reads: the other modality (crossmodal) or its own (intramodal)."""
+        if self.config.mapping == "crossmodal":
+            return features_2d, features_3d
+        return features_3d, features_2d
+
+    def _foreground_rows(self, features: SampleFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        grid_2d, grid_3d, foreground = features.on_grid(self.config.grid_size)
+        rows_2d = grid_2d.flatten(1).T[foreground.flatten()]
+        rows_3d = grid_3d.flatten(1).T[foreground.flatten()]
+        return rows_2d.contiguous(), rows_3d.contiguous()
+
+    def fit(
+        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
+    ) -> CFM:
+        """Train both mappings jointly on the foreground pixels of nominal samples."""
+        if not records:
+            raise ValueError("CFM.fit needs at least one nominal training sample")
+        prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        budget = self.config.memory_budget_gb * 2**30
+        used = 0
+        keep_in_memory = True
+        kept_records: list[SampleRecord] = []
+        for record, features in self.pipeline.iter_features(prepared, progress=progress, errors=errors):
+            kept_records.append(record)
+            if keep_in_memory:
+                pair = self._foreground_rows(features)
+                used += sum(t.numel() * t.element_size() for t in pair)
+                rows.append(pair)
+                keep_in_memory = used <= budget
+                if not keep_in_memory:
+                    rows.clear()
+        if not kept_records:
+            raise ValueError("no usable training sample (all were reported as bad)")
+        if rows:
+            channels_2d, channels_3d = rows[0][0].shape[1], rows[0][1].shape[1]
+        else:
+            first = self._foreground_rows(self.pipeline.extract(kept_records[0]))
+            channels_2d, channels_3d = first[0].shape[1], first[1].shape[1]
+        self._build_networks(channels_2d, channels_3d)
+        optimizer = torch.optim.Adam(
+            [*self.map_to_3d_.parameters(), *self.map_to_2d_.parameters()], lr=self.config.learning_rate
+        )
+        generator = torch.Generator().manual_seed(self.config.seed)
+        self.loss_history_: list[float] = []
+        bar = tqdm(range(self.config.epochs), desc="train cfm", disable=not progress, leave=False)
+        for _ in bar:
+            order = torch.randperm(len(kept_records), generator=generator).tolist()
+            epoch_losses = []
+            for start in range(0, len(order), self.config.batch_size):
+                batch = order[start : start + self.config.batch_size]
+                if rows:
+                    pairs = [rows[i] for i in batch]
+                else:
+                    pairs = [self._foreground_rows(self.pipeline.extract(kept_records[i])) for i in batch]
+                features_2d = torch.cat([p[0] for p in pairs])
+                features_3d = torch.cat([p[1] for p in pairs])
+                source_3d, source_2d = self._inputs_of(features_2d, features_3d)
+                loss = cosine_loss(self.map_to_3d_(source_3d), features_3d) + cosine_loss(
+                    self.map_to_2d_(source_2d), features_2d
+                )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("CFM training diverged (non-finite loss); try a lower learning rate")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                epoch_losses.append(float(loss.detach()))
+            self.loss_history_.append(float(np.mean(epoch_losses)))
+            bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
+        self.n_train_samples_ = len(kept_records)
+        self.fitted_ = True
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def score_features(self, features: SampleFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(combined, 2D-discrepancy, 3D-discrepancy) maps on the mapping grid, zero on the background.
+
+        Only foreground pixels go through the MLPs: the background is zeroed anyway, and skipping it saves most
+        of the compute on real data.
+        """
+        grid = self.config.grid_size
+        grid_2d, grid_3d, foreground = features.on_grid(grid)
+        mask = foreground.flatten()
+        rows_2d = grid_2d.flatten(1).T[mask]
+        rows_3d = grid_3d.flatten(1).T[mask]
+        source_3d, source_2d = self._inputs_of(rows_2d, rows_3d)
+        with torch.inference_mode():
+            distance_3d = feature_discrepancy(self.map_to_3d_(source_3d), rows_3d)
+            distance_2d = feature_discrepancy(self.map_to_2d_(source_2d), rows_2d)
+        map_3d = torch.zeros(grid * grid)
+        map_2d = torch.zeros(grid * grid)
+        map_3d[mask] = distance_3d
+        map_2d[mask] = distance_2d
+        map_2d, map_3d = map_2d.view(grid, grid), map_3d.view(grid, grid)
+        return aggregate(map_2d, map_3d, self.config.aggregation), map_2d, map_3d
+
+    def predict(
+        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
+    ) -> Iterator[Prediction]:
+        """Anomaly map and score per sample (see :mod:`mmiad.methods.cfm.scoring`)."""
+        self.check_fitted()
+        self.map_to_3d_.eval()
+        self.map_to_2d_.eval()
+        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
+        for record, features in self.pipeline.iter_features(
+            prepared, progress=progress, errors=errors, description="predict cfm"
+        ):
+            combined, map_2d, map_3d = self.score_features(features)
+            scored = finalize_map(
+                combined,
+                out_size=self.config.image_size,
+                smoothing=self.config.smoothing,
+                sigma=self.config.sigma,
+                compat=self.config.compat,
+            )
+            inputs = features.inputs
+            yield Prediction(
+                record=record,
+                pred_score=scored.score,
+                anomaly_map=scored.anomaly_map.numpy(),
+                label=inputs.label,
+                gt_mask=inputs.gt_mask,
+                geometry=inputs,
+                modality_maps={"2d": map_2d.numpy(), "3d": map_3d.numpy()},
+                metric_maps={name: m.numpy() for name, m in scored.metric_maps.items()},
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def get_config(self) -> dict[str, Any]:
+        """Hyperparameters, extractor configuration and training facts."""
+        config: dict[str, Any] = {"method": self.name, "hparams": asdict(self.config)}
+        if getattr(self, "fitted_", False):
+            config["pipeline"] = self.pipeline.config()
+            config["channels"] = [self.map_to_3d_.input.in_features, self.map_to_2d_.input.in_features]
+            config["n_train_samples"] = self.n_train_samples_
+            config["loss_history"] = self.loss_history_
+        return config
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Both MLPs' weights, under ``map_to_3d.`` and ``map_to_2d.``."""
+        self.check_fitted()
+        return {
+            **prefixed(self.map_to_3d_.state_dict(), "map_to_3d"),
+            **prefixed(self.map_to_2d_.state_dict(), "map_to_2d"),
+        }
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> CFM:
+        """Rebuild a fitted CFM; fails clearly when the extractors now available differ from training's."""
+        hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
+        model = cls(CFMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
+        expected = config.get("pipeline")
+        actual = model.pipeline.config()
+        if expected is not None and expected != actual:
+            raise ModelFileError(
+                "this model was trained with other extractors or preprocessing than the ones configured now:\n"
+                f"  trained with: {expected}\n  now:          {actual}\n"
+                "use the same --extractors preset and weights files as for training"
+            )
+        channels_2d_in, channels_from_3d = config["channels"]
+        mapping = model.config.mapping
+        in_3d = channels_2d_in
+        in_2d = channels_from_3d
+        if mapping == "crossmodal":
+            model.map_to_3d_ = FeatureProjectionMLP(in_3d, in_2d)
+            model.map_to_2d_ = FeatureProjectionMLP(in_2d, in_3d)
+        else:
+            model.map_to_3d_ = FeatureProjectionMLP(in_3d, in_3d)
+            model.map_to_2d_ = FeatureProjectionMLP(in_2d, in_2d)
+        model.map_to_3d_.load_state_dict(split_prefixed(tensors, "map_to_3d"))
+        model.map_to_2d_.load_state_dict(split_prefixed(tensors, "map_to_2d"))
+        model.loss_history_ = list(config.get("loss_history", []))
+        model.n_train_samples_ = int(config.get("n_train_samples", 0))
+        model.fitted_ = True
+        return model

@@ -1,0 +1,1 @@
+"""Turning raw per-pixel discrepancies into final maps, scores, thresholds and masks (shared by every method)."""

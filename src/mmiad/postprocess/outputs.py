@@ -1,0 +1,91 @@
+"""What ``predict`` leaves on disk for a line engineer: maps, overlays, masks and a summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmiad.data.io import read_rgb, write_map, write_mask
+from mmiad.data.preprocess import map_to_original
+from mmiad.methods.base import Prediction
+from mmiad.postprocess.threshold import Thresholds
+
+# Anchor colours of a perceptually ordered blue → cyan → yellow → red ramp.
+_RAMP = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 128, 0], [200, 0, 0]], np.float32)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to an RGB heat ramp (uint8)."""
+    positions = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+    low = np.floor(positions).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (positions - low)[..., None]
+    return (_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
+
+
+def overlay(rgb: np.ndarray, anomaly_map: np.ndarray, scale: float, alpha: float = 0.5) -> np.ndarray:
+    """Blend a heat map over the image; ``scale`` maps to full red (2× the pixel threshold by default)."""
+    heat = colorize(anomaly_map / max(scale, 1e-12)).astype(np.float32)
+    weight = alpha * np.clip(anomaly_map / max(scale, 1e-12), 0.0, 1.0)[..., None]
+    return (rgb.astype(np.float32) * (1 - weight) + heat * weight).astype(np.uint8)
+
+
+@dataclass
+class PredictionRow:
+    """One line of the summary table."""
+
+    name: str
+    rgb_path: str
+    xyz_path: str
+    score: float
+    label: int | None
+    threshold: float | None
+    degraded: bool
+    map_path: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON/CSV-ready fields."""
+        return dict(self.__dict__)
+
+
+def write_prediction(prediction: Prediction, out: Path, thresholds: Thresholds | None) -> PredictionRow:
+    """Map (float TIFF, input resolution), overlay PNG and, with thresholds, the binary mask PNG."""
+    record = prediction.record
+    name = record.stem
+    full_map = map_to_original(prediction.anomaly_map, prediction.geometry)
+    map_path = out / "maps" / f"{name}.tiff"
+    write_map(map_path, full_map)
+    scale = 2 * thresholds.pixel if thresholds is not None and thresholds.pixel > 0 else float(full_map.max() or 1)
+    rgb = read_rgb(record.rgb_path)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay(rgb, full_map, scale)).save(out / "overlays" / f"{name}.png")
+    if thresholds is not None:
+        write_mask(out / "masks" / f"{name}.png", full_map > thresholds.pixel)
+    return PredictionRow(
+        name=name,
+        rgb_path=str(record.rgb_path),
+        xyz_path=str(record.xyz_path),
+        score=float(prediction.pred_score),
+        label=prediction.pred_label,
+        threshold=thresholds.image if thresholds is not None else None,
+        degraded=prediction.degraded,
+        map_path=str(map_path),
+    )
+
+
+def write_summary(rows: Sequence[PredictionRow], out: Path) -> tuple[Path, Path]:
+    """``predictions.csv`` and ``predictions.json`` with one row per sample."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = out / "predictions.csv", out / "predictions.json"
+    fields = list(PredictionRow.__dataclass_fields__)
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(row.as_dict() for row in rows)
+    json_path.write_text(json.dumps([row.as_dict() for row in rows], indent=2))
+    return csv_path, json_path

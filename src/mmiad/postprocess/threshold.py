@@ -1,0 +1,67 @@
+"""Decision thresholds calibrated on held-out nominal samples.
+
+A line engineer sets the false-alarm rate they can live with (``max_fpr``); the threshold is the smallest score
+that flags at most that fraction of held-out *nominal* samples. No defective sample is needed, which matches the
+unsupervised setting: defects are rare and unknown at training time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def threshold_for_fpr(nominal_scores: Sequence[float] | np.ndarray, max_fpr: float) -> float:
+    """The smallest threshold t such that the fraction of nominal scores strictly above t is at most ``max_fpr``.
+
+    A score is flagged anomalous when ``score > t``. With n scores, ``floor(max_fpr * n)`` of them may exceed t,
+    so t is the order statistic just below them.
+    """
+    scores = np.sort(np.asarray(nominal_scores, dtype=np.float64).ravel())
+    if scores.size == 0:
+        raise ValueError("cannot calibrate a threshold without nominal scores")
+    if not 0.0 <= max_fpr < 1.0:
+        raise ValueError(f"max_fpr must be in [0, 1), got {max_fpr}")
+    allowed = int(np.floor(max_fpr * scores.size + 1e-9))
+    return float(scores[scores.size - 1 - allowed])
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image and pixel thresholds with the false-positive rate they were calibrated for.
+
+    Attributes:
+        image: Image score above which a sample is flagged anomalous.
+        pixel: Map value above which a pixel is part of the predicted defect mask.
+        max_fpr: The target false-positive rate on nominal held-out data.
+        source: Which samples they were calibrated on (``validation`` or ``train-holdout``).
+    """
+
+    image: float
+    pixel: float
+    max_fpr: float
+    source: str
+
+    def to_dict(self) -> dict[str, float | str]:
+        """JSON-ready form (stored in model files)."""
+        return {"image": self.image, "pixel": self.pixel, "max_fpr": self.max_fpr, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Thresholds:
+        """Inverse of :meth:`to_dict`."""
+        return cls(float(data["image"]), float(data["pixel"]), float(data["max_fpr"]), str(data["source"]))
+
+
+def calibrate(
+    image_scores: Sequence[float], pixel_maps: Sequence[np.ndarray], max_fpr: float, source: str
+) -> Thresholds:
+    """Image threshold from image scores; pixel threshold from all pixels of the nominal maps."""
+    pixels = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in pixel_maps])
+    return Thresholds(
+        image=threshold_for_fpr(image_scores, max_fpr),
+        pixel=threshold_for_fpr(pixels, max_fpr),
+        max_fpr=max_fpr,
+        source=source,
+    )

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmiad.data.mvtec3d import list_records
+from mmiad.engine import calibration_split, evaluate_run, load_trained, model_for, run_models, train_run
+from mmiad.methods.modelfile import ModelFileError
+
+TINY = {"image_size": 64, "grid_size": 32, "epochs": 2, "batch_size": 2}
+
+
+def test_calibration_uses_validation_then_a_holdout(tiny_dataset: Path, tmp_path: Path) -> None:
+    errors: list = []
+    train = list_records(tiny_dataset, "puck", "train")
+    kept, calibration, source = calibration_split(tiny_dataset, "puck", train, errors)
+    assert source == "validation" and kept == train and all(r.split == "validation" for r in calibration)
+    (tmp_path / "none").mkdir()
+    kept, calibration, source = calibration_split(tmp_path, "none", train, errors)
+    assert source == "train-holdout" and len(calibration) == 1 and calibration[0] not in kept
+
+
+def test_unified_run_serves_every_category_and_stores_few_shot_draws(tiny_dataset: Path, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    files, errors = train_run(
+        "cfm", tiny_dataset, tmp_path / "run", unified=True, shots=3, seed=5, hparams=TINY, cache_dir=cache
+    )
+    assert list(files) == ["unified"] and errors == []
+    models = run_models(tmp_path / "run")
+    assert model_for(models, "puck") == model_for(models, "block") == tmp_path / "run" / "unified.safetensors"
+    trained = load_trained(files["unified"], cache_dir=cache)
+    assert trained.info["categories"] == ["block", "puck"]
+    draws = trained.info["few_shot"]
+    assert set(draws) == {"block", "puck"} and all(len(d["indices"]) == 3 for d in draws.values())
+    assert trained.model.n_train_samples_ == 6
+    assert trained.thresholds is not None and trained.thresholds.source == "validation"
+    index = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert index["unified"] is True and index["categories"] == ["block", "puck"]
+    result, _ = evaluate_run(tmp_path / "run", tiny_dataset, cache_dir=cache)
+    assert set(result["per_category"]) == {"block", "puck"}
+
+
+def test_model_for_unknown_category_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="no model for category 'x'"):
+        model_for({"a": tmp_path / "a.safetensors"}, "x")
