@@ -31,7 +31,7 @@ def _write_pair(folder: Path, stem: str, h: int = 8, w: int = 10, gt: np.ndarray
 def test_xyz_nan_becomes_invalid_and_mask_class_ids_are_anomalous(tmp_path) -> None:
     xyz = _cloud()
     xyz[0, 0] = np.nan
-    tifffile.imwrite(tmp_path / "c.tiff", xyz)
+    tifffile.imwrite(tmp_path / "c.tiff", xyz, photometric="rgb")
     loaded = read_xyz(tmp_path / "c.tiff")
     assert np.array_equal(loaded[0, 0], [0, 0, 0]) and loaded.dtype == np.float32
     mask = np.zeros((8, 10), np.uint8)
@@ -49,7 +49,7 @@ def test_xyz_nan_becomes_invalid_and_mask_class_ids_are_anomalous(tmp_path) -> N
 )
 def test_bad_xyz_names_file_and_problem(tmp_path, array, problem) -> None:
     path = tmp_path / "bad.tiff"
-    tifffile.imwrite(path, array)
+    tifffile.imwrite(path, array, photometric="rgb" if array.ndim == 3 else None)
     with pytest.raises(DataError, match=problem) as info:
         read_xyz(path)
     assert info.value.path == path

@@ -8,6 +8,7 @@ import torch
 
 from mmiad.data.mvtec3d import list_records
 from mmiad.engine import TrainedModel, load_trained, save_trained, select_few_shot
+from mmiad.features.weights import MissingWeightsError
 from mmiad.methods.cfm import CFM, CFMConfig
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP, feature_discrepancy
 from mmiad.methods.cfm.scoring import aggregate, finalize_map
@@ -120,3 +121,20 @@ def test_few_shot_draw_is_seeded_and_recorded() -> None:
     assert indices == same and indices != different and first == [records[i] for i in indices]
     assert len(set(indices)) == 5 and indices == sorted(indices)
     assert select_few_shot(records[:3], 5, seed=0)[1] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("preset", "channels"), [("dino-pointmae-t", (768, 384)), ("dino-pointmae-s", (768, 1152))])
+def test_pruned_deep_presets_train_with_random_weights(tiny_dataset: Path, tmp_path: Path, preset, channels) -> None:
+    train = list_records(tiny_dataset, "block", "train")[:2]
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        model = CFM(cache_dir=str(tmp_path), extractors=preset, random_init=True, epochs=1, **SMALL)
+        model.fit(train)
+    assert (model.map_to_3d_.input.in_features, model.map_to_2d_.input.in_features) == channels
+    prediction = next(model.predict(list_records(tiny_dataset, "block", "test")[:1]))
+    assert np.isfinite(prediction.pred_score)
+
+
+def test_deep_preset_without_weights_names_the_missing_file(tiny_dataset: Path, tmp_path: Path) -> None:
+    model = CFM(cache_dir=str(tmp_path), extractors="dino-pointmae", weights_dir=str(tmp_path / "weights"), **SMALL)
+    with pytest.raises(MissingWeightsError, match=r"dino_vitbase8_pretrain\.pth"):
+        model.fit(list_records(tiny_dataset, "block", "train")[:1])
