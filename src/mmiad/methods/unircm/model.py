@@ -1,0 +1,508 @@
+"""Uni-RCM: unified reference-guided crossmodal mapping (Wu & Xie, 2026; seed 000).
+
+CFM's idea (predict each modality's features from the other, score the disagreement) made fit for *one model
+over all categories*: the mapping networks get a learnable reference (:mod:`.blocks`) and an offline residual
+quantizer (:mod:`.orq`) of the nominal features adds a second, memory-like score. Training runs on 56×56 grids
+kept in memory; under ``torchrun`` it is data-parallel (:mod:`.distributed`).
+
+Scoring (eq. 8): ``S = (S2D_map + β2D·S2D_orq) · (S3D_map + β3D·S3D_orq)``. The mapping scores are CFM's
+discrepancy (distance of L2-normalised features, as the official code; eq. 7 writes a raw distance). Every map is
+zero on the background. ``compat=True`` follows the official code: ORQ maps max-normalised per image, β2D=0.05,
+β3D=0.10, PIL-uint8 blur for the pixel maps and the box cascade for the image score, CFM's normalisations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mmiad.data.errors import DataError
+from mmiad.data.sample import SampleRecord
+from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
+from mmiad.features.registry import build_pipeline
+from mmiad.methods.base import AnomalyModel, Prediction, register_method
+from mmiad.methods.cfm.mapping import feature_discrepancy
+from mmiad.methods.cfm.scoring import finalize_map
+from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
+from mmiad.methods.unircm import distributed as ddp
+from mmiad.methods.unircm.blocks import BRANCHES, RefGuidedMapping
+from mmiad.methods.unircm.orq import ResidualQuantizer
+
+# (G·G × C2 2D rows, G·G × C3 3D rows, G·G bool foreground) of one sample.
+Grids = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class UniRCMConfig:
+    """Uni-RCM hyperparameters (paper defaults; the official code's deviations sit behind ``compat``).
+
+    Attributes:
+        extractors: Extractor preset (see :mod:`mmiad.features.registry`).
+        image_size: Model input side.
+        grid_size: Side of the feature grid the networks run on (56).
+        hidden: Hidden size of the reference-guided blocks (512).
+        num_blocks: Number of reference-guided blocks (3).
+        branches: ``rfi+ram`` (full), ``rfi``, ``ram`` or ``none`` (CFM's MLP; paper Tab. III baseline).
+        use_orq: Add the ORQ score (Tab. III "+ORQ").
+        epochs: Training epochs (200).
+        batch_size: Images per global optimisation step (32), split over ranks under torchrun.
+        learning_rate: Adam learning rate (3e-4).
+        mse_weight: λ of the MSE term (0.01).
+        seed: Seed of initialisation, shuffling and k-means (115).
+        beta_2d: ORQ weight for 2D; None → 0.1 (paper) or 0.05 (compat).
+        beta_3d: ORQ weight for 3D; None → 0.1.
+        orq_layers: Cascaded codebooks per modality (4).
+        codebook_size_2d: Codes per 2D layer (4096).
+        codebook_size_3d: Codes per 3D layer (1024).
+        orq_iterations: k-means iterations per layer (20).
+        orq_init: k-means init, ``random`` (official) or ``kmeans++``.
+        orq_max_points: Fit the ORQ on at most this many foreground rows (seeded subsample); None uses all.
+        use_faiss: Use faiss k-means when importable.
+        smoothing: ``gaussian`` (paper, σ=4), ``box_cascade``, ``pil_uint8`` or ``none``; ignored under compat.
+        sigma: Smoothing σ in input pixels.
+        compat: Official behaviour (see the module docstring).
+        weights_dir: Folder with pretrained checkpoints (deep presets).
+        random_init: Allow random extractor weights (tests, smoke runs).
+        store_dtype: dtype of the training grids kept in memory (``float16`` halves the memory of big runs).
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    """
+
+    extractors: str = "weightfree"
+    image_size: int = 224
+    grid_size: int = 56
+    hidden: int = 512
+    num_blocks: int = 3
+    branches: str = "rfi+ram"
+    use_orq: bool = True
+    epochs: int = 200
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    mse_weight: float = 0.01
+    seed: int = 115
+    beta_2d: float | None = None
+    beta_3d: float | None = None
+    orq_layers: int = 4
+    codebook_size_2d: int = 4096
+    codebook_size_3d: int = 1024
+    orq_iterations: int = 20
+    orq_init: str = "random"
+    orq_max_points: int | None = None
+    use_faiss: bool = False
+    smoothing: str = "gaussian"
+    sigma: float = 4.0
+    compat: bool = False
+    weights_dir: str | None = None
+    random_init: bool = False
+    store_dtype: str = "float32"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.branches not in BRANCHES:
+            raise ValueError(f"unknown branches {self.branches!r}; expected one of {BRANCHES}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown store_dtype {self.store_dtype!r}; expected one of {tuple(STORE_DTYPES)}")
+        if self.beta_2d is None:
+            self.beta_2d = 0.05 if self.compat else 0.1
+        if self.beta_3d is None:
+            self.beta_3d = 0.1
+        if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1 or self.orq_layers < 1:
+            raise ValueError("need grid_size <= image_size, epochs >= 0, batch_size >= 1 and orq_layers >= 1")
+
+
+def combine_scores(
+    map_2d: torch.Tensor,
+    map_3d: torch.Tensor,
+    orq_2d: torch.Tensor | None,
+    orq_3d: torch.Tensor | None,
+    beta_2d: float,
+    beta_3d: float,
+) -> torch.Tensor:
+    """Eq. 8: (S2D_map + β2D·S2D_orq) ⊙ (S3D_map + β3D·S3D_orq); without ORQ maps, CFM's product."""
+    if orq_2d is None or orq_3d is None:
+        return map_2d * map_3d
+    return (map_2d + beta_2d * orq_2d) * (map_3d + beta_3d * orq_3d)
+
+
+def direction_loss(
+    predicted: torch.Tensor, target: torch.Tensor, total_rows: torch.Tensor, mse_weight: float
+) -> torch.Tensor:
+    """Σ over rows of (1 − cos) + λ·mean-over-channels squared error, divided by the *global* row count.
+
+    With ``total_rows`` = this batch's row count it equals CFM's ``cosine_loss`` + λ·``mse_loss``; dividing by the
+    count over all ranks instead makes summed per-rank gradients equal the single-process gradient.
+    """
+    cosine = F.cosine_similarity(predicted, target, dim=-1, eps=1e-6)
+    squared = ((predicted - target) ** 2).sum() / target.shape[-1]
+    return ((1.0 - cosine).sum() + mse_weight * squared) / total_rows
+
+
+@register_method("unircm")
+class UniRCM(AnomalyModel):
+    """Uni-RCM; see :class:`UniRCMConfig` for the hyperparameters.
+
+    Learned state: ``map_to_3d_``, ``map_to_2d_`` (:class:`RefGuidedMapping`), ``orq_2d_``/``orq_3d_``
+    (:class:`ResidualQuantizer`, None without ORQ), ``loss_history_``, ``extensions_``.
+    """
+
+    def __init__(self, config: UniRCMConfig | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:
+        self.config = config or UniRCMConfig(**hparams)
+        self.cache_dir = cache_dir
+        self._pipeline: FeaturePipeline | None = None
+
+    @property
+    def pipeline(self) -> FeaturePipeline:
+        """The feature pipeline (CFM's profile and the shared feature cache), built on first use."""
+        if self._pipeline is None:
+            self._pipeline = build_pipeline(
+                self.config.extractors,
+                profile="cfm",
+                image_size=self.config.image_size,
+                weights_dir=self.config.weights_dir,
+                random_init=self.config.random_init,
+                cache_dir=self.cache_dir,
+            )
+        return self._pipeline
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks run (CUDA rank-local device under torchrun with NCCL)."""
+        if self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+
+    # ------------------------------------------------------------------ features
+    def grids_of(self, features: SampleFeatures) -> Grids:
+        """A sample's aligned rows on the G×G grid: (G·G×C2, G·G×C3, G·G foreground)."""
+        grid_2d, grid_3d, foreground = features.on_grid(self.config.grid_size)
+        return grid_2d.flatten(1).T.contiguous(), grid_3d.flatten(1).T.contiguous(), foreground.flatten()
+
+    def _collect(
+        self, records: Sequence[SampleRecord], offset: int, progress: bool, errors: list[DataError] | None
+    ) -> dict[int, Grids]:
+        """Grids of the records this rank owns, keyed by global index (``offset`` + position)."""
+        dtype = STORE_DTYPES[self.config.store_dtype]
+        store: dict[int, Grids] = {}
+        for position, record in enumerate(tqdm(records, desc="features", disable=not progress, leave=False)):
+            if not ddp.owned(offset + position):
+                continue
+            prepared = self.pipeline.preprocess([record], errors=errors)
+            for _, features in self.pipeline.iter_features(prepared, errors=errors):
+                rows_2d, rows_3d, foreground = self.grids_of(features)
+                store[offset + position] = (rows_2d.to(dtype), rows_3d.to(dtype), foreground)
+        return store
+
+    # ------------------------------------------------------------------ training
+    def _build_networks(self, channels_2d: int, channels_3d: int) -> None:
+        torch.manual_seed(self.config.seed)
+        c = self.config
+        shape = {"hidden": c.hidden, "grid": c.grid_size, "num_blocks": c.num_blocks, "branches": c.branches}
+        self.map_to_3d_ = RefGuidedMapping(channels_2d, channels_3d, **shape).to(self.device)
+        self.map_to_2d_ = RefGuidedMapping(channels_3d, channels_2d, **shape).to(self.device)
+
+    def _batch(self, store: Mapping[int, Grids], indices: list[int]) -> Grids:
+        if indices:
+            return tuple(torch.stack([store[i][part] for i in indices]).to(self.device) for part in range(3))  # type: ignore[return-value]
+        # A rank with no sample in this global batch still runs the step so the collectives stay in lockstep.
+        grid_rows = self.config.grid_size**2
+        channels = (self.map_to_3d_.in_features, self.map_to_2d_.in_features)
+        return (
+            torch.zeros(0, grid_rows, channels[0], device=self.device),
+            torch.zeros(0, grid_rows, channels[1], device=self.device),
+            torch.zeros(0, grid_rows, dtype=torch.bool, device=self.device),
+        )
+
+    def _train(
+        self, store: Mapping[int, Grids], kept: list[int], epochs: int, seed: int, progress: bool
+    ) -> list[float]:
+        """Adam on the joint loss of both directions over foreground rows; returns the mean loss per epoch."""
+        networks = torch.nn.ModuleList([self.map_to_3d_, self.map_to_2d_]).train()
+        optimizer = torch.optim.Adam(networks.parameters(), lr=self.config.learning_rate)
+        generator = torch.Generator().manual_seed(seed)
+        history: list[float] = []
+        for _ in tqdm(range(epochs), desc="train unircm", disable=not progress, leave=False):
+            order = [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()]
+            losses = []
+            for start in range(0, len(order), self.config.batch_size):
+                local = [i for i in order[start : start + self.config.batch_size] if i in store]
+                rows_2d, rows_3d, foreground = self._batch(store, local)
+                rows_2d, rows_3d = rows_2d.float(), rows_3d.float()
+                total = ddp.all_reduce_sum(foreground.sum().to(torch.float64)).to(torch.float32)
+                if float(total) == 0:
+                    continue
+                predicted_3d, predicted_2d = self.map_to_3d_(rows_2d), self.map_to_2d_(rows_3d)
+                loss = direction_loss(
+                    predicted_3d[foreground], rows_3d[foreground], total, self.config.mse_weight
+                ) + direction_loss(predicted_2d[foreground], rows_2d[foreground], total, self.config.mse_weight)
+                optimizer.zero_grad()
+                loss.backward()
+                ddp.sum_gradients(networks)
+                global_loss = float(ddp.all_reduce_sum(loss.detach()))
+                if not np.isfinite(global_loss):
+                    raise FloatingPointError("Uni-RCM training diverged (non-finite loss); try a lower learning rate")
+                optimizer.step()
+                losses.append(global_loss)
+            history.append(float(np.mean(losses)) if losses else float("nan"))
+        networks.eval()
+        return history
+
+    def _foreground_rows(self, store: Mapping[int, Grids]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All ranks' foreground rows in global sample order, on rank 0 (None on other ranks)."""
+        local = {i: (g2[fg].float(), g3[fg].float()) for i, (g2, g3, fg) in store.items()}
+        gathered = ddp.gather_to_main(local)
+        if gathered is None:
+            return None
+        merged = {k: v for part in gathered for k, v in part.items()}
+        order = sorted(merged)
+        rows_2d = torch.cat([merged[i][0] for i in order])
+        rows_3d = torch.cat([merged[i][1] for i in order])
+        limit = self.config.orq_max_points
+        if limit is not None and rows_2d.shape[0] > limit:
+            pick = torch.randperm(rows_2d.shape[0], generator=torch.Generator().manual_seed(self.config.seed))[:limit]
+            rows_2d, rows_3d = rows_2d[pick], rows_3d[pick]
+        return rows_2d, rows_3d
+
+    def _new_quantizer(self, size: int) -> ResidualQuantizer:
+        c = self.config
+        return ResidualQuantizer(
+            [size] * c.orq_layers, iterations=c.orq_iterations, seed=c.seed, init=c.orq_init, use_faiss=c.use_faiss
+        )
+
+    def _share_quantizers(self) -> None:
+        """Rank 0's codebooks on every rank."""
+        codebooks = ddp.broadcast_from_main(
+            [self.orq_2d_.codebooks_, self.orq_3d_.codebooks_] if ddp.rank() == 0 else None
+        )
+        self.orq_2d_.codebooks_, self.orq_3d_.codebooks_ = codebooks
+
+    def fit_grids(self, store: Mapping[int, Grids], *, progress: bool = False) -> UniRCM:
+        """Train on in-memory grids keyed by global sample index (under torchrun: this rank's share only)."""
+        kept = sorted({i for part in ddp.all_gather_objects(sorted(store)) for i in part})
+        if not kept:
+            raise ValueError("no usable training sample (all were reported as bad)")
+        shapes = [s for s in ddp.all_gather_objects(self._channels(store)) if s is not None]
+        self._build_networks(*shapes[0])
+        self.loss_history_ = self._train(store, kept, self.config.epochs, self.config.seed, progress)
+        self.orq_2d_: ResidualQuantizer | None = None
+        self.orq_3d_: ResidualQuantizer | None = None
+        if self.config.use_orq:
+            self.orq_2d_ = self._new_quantizer(self.config.codebook_size_2d)
+            self.orq_3d_ = self._new_quantizer(self.config.codebook_size_3d)
+            rows = self._foreground_rows(store)
+            if rows is not None:
+                self.orq_2d_.fit(rows[0].to(self.device))
+                self.orq_3d_.fit(rows[1].to(self.device))
+                self.orq_2d_.codebooks_ = [c.cpu() for c in self.orq_2d_.codebooks_]
+                self.orq_3d_.codebooks_ = [c.cpu() for c in self.orq_3d_.codebooks_]
+            self._share_quantizers()
+        self.n_train_samples_ = len(kept)
+        self.extensions_: list[dict[str, Any]] = []
+        self.fitted_ = True
+        return self
+
+    @staticmethod
+    def _channels(store: Mapping[int, Grids]) -> tuple[int, int] | None:
+        first = next(iter(store.values()), None)
+        return None if first is None else (int(first[0].shape[1]), int(first[1].shape[1]))
+
+    def fit(
+        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
+    ) -> UniRCM:
+        """Train the two mappings on nominal samples (of one or all categories), then fit the ORQ."""
+        if not records:
+            raise ValueError("UniRCM.fit needs at least one nominal training sample")
+        return self.fit_grids(self._collect(records, 0, progress, errors), progress=progress)
+
+    def extend_grids(
+        self,
+        new: Mapping[int, Grids],
+        replay: Mapping[int, Grids],
+        *,
+        epochs: int,
+        codes_per_layer: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> UniRCM:
+        """Add categories: append ORQ codes fitted on ``new`` and fine-tune the mappings on ``new`` + ``replay``.
+
+        ``new`` and ``replay`` must use disjoint keys. Codes are *appended to every existing layer* (not a new
+        codebook set), so one encoding path serves old and new categories and old residuals cannot grow. The
+        default adds a quarter of each layer's original size.
+        """
+        self.check_fitted()
+        if set(new) & set(replay):
+            raise ValueError("new and replay samples need distinct indices")
+        if self.orq_2d_ is not None and self.orq_3d_ is not None:
+            rows = self._foreground_rows(new)
+            if rows is not None:
+                for quantizer, part in ((self.orq_2d_, rows[0]), (self.orq_3d_, rows[1])):
+                    counts = codes_per_layer or [max(1, len(c) // 4) for c in quantizer.codebooks_]
+                    quantizer.extend(part, [min(k, part.shape[0]) for k in counts])
+            self._share_quantizers()
+        store = {**new, **replay}
+        kept = sorted({i for part in ddp.all_gather_objects(sorted(store)) for i in part})
+        seed = self.config.seed + len(self.extensions_) + 1
+        history = self._train(store, kept, epochs, seed, progress)
+        self.loss_history_ = [*self.loss_history_, *history]
+        self.extensions_.append({"new_samples": len({k for k in kept if k in new}), "epochs": epochs})
+        self.n_train_samples_ += self.extensions_[-1]["new_samples"]
+        return self
+
+    def extend(
+        self,
+        new_records: Sequence[SampleRecord],
+        replay_records: Sequence[SampleRecord],
+        *,
+        epochs: int,
+        codes_per_layer: Sequence[int] | None = None,
+        progress: bool = False,
+        errors: list[DataError] | None = None,
+    ) -> UniRCM:
+        """Add new categories to a fitted model (see :meth:`extend_grids`); replay records come from earlier ones."""
+        if not new_records:
+            raise ValueError("extend needs at least one record of the new categories")
+        new = self._collect(new_records, 0, progress, errors)
+        replay = self._collect(replay_records, len(new_records), progress, errors)
+        return self.extend_grids(new, replay, epochs=epochs, codes_per_layer=codes_per_layer, progress=progress)
+
+    # ------------------------------------------------------------------ inference
+    def score_grids(
+        self, rows_2d: torch.Tensor, rows_3d: torch.Tensor, foreground: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """G×G maps of one sample: ``combined``, ``2d``, ``3d`` and (with ORQ) ``orq_2d``, ``orq_3d``."""
+        grid = self.config.grid_size
+        rows_2d, rows_3d = rows_2d.float().to(self.device), rows_3d.float().to(self.device)
+        mask = foreground.to(self.device)
+        with torch.inference_mode():
+            distance_3d = feature_discrepancy(self.map_to_3d_(rows_2d[None])[0], rows_3d)
+            distance_2d = feature_discrepancy(self.map_to_2d_(rows_3d[None])[0], rows_2d)
+            maps = {"2d": distance_2d * mask, "3d": distance_3d * mask}
+            if self.orq_2d_ is not None and self.orq_3d_ is not None:
+                for name, quantizer, rows in (("orq_2d", self.orq_2d_, rows_2d), ("orq_3d", self.orq_3d_, rows_3d)):
+                    scores = torch.zeros(grid * grid, device=self.device)
+                    scores[mask] = quantizer.score(rows[mask])
+                    if self.config.compat and float(scores.max()) > 0:
+                        scores = scores / scores.max()
+                    maps[name] = scores
+            maps["combined"] = (
+                combine_scores(
+                    maps["2d"],
+                    maps["3d"],
+                    maps.get("orq_2d"),
+                    maps.get("orq_3d"),
+                    self.config.beta_2d,
+                    self.config.beta_3d,
+                )
+                * mask
+            )
+        return {name: m.view(grid, grid).cpu() for name, m in maps.items()}
+
+    def predict(
+        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
+    ) -> Iterator[Prediction]:
+        """Anomaly map and score per sample."""
+        self.check_fitted()
+        self.map_to_3d_.eval()
+        self.map_to_2d_.eval()
+        c = self.config
+        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
+        for record, features in self.pipeline.iter_features(
+            prepared, progress=progress, errors=errors, description="predict unircm"
+        ):
+            maps = self.score_grids(*self.grids_of(features))
+            combined = maps.pop("combined")
+            if c.compat:
+                scored = finalize_map(
+                    combined, out_size=c.image_size, smoothing="pil_uint8", sigma=c.sigma, compat=True
+                )
+                score = finalize_map(
+                    combined, out_size=c.image_size, smoothing="box_cascade", sigma=c.sigma, compat=True
+                )
+                pred_score = score.score
+            else:
+                scored = finalize_map(
+                    combined, out_size=c.image_size, smoothing=c.smoothing, sigma=c.sigma, compat=False
+                )
+                pred_score = scored.score
+            inputs = features.inputs
+            yield Prediction(
+                record=record,
+                pred_score=pred_score,
+                anomaly_map=scored.anomaly_map.numpy(),
+                label=inputs.label,
+                gt_mask=inputs.gt_mask,
+                geometry=inputs,
+                modality_maps={name: m.numpy() for name, m in maps.items()},
+                metric_maps={name: m.numpy() for name, m in scored.metric_maps.items()},
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def get_config(self) -> dict[str, Any]:
+        """Hyperparameters, extractor configuration and training facts."""
+        config: dict[str, Any] = {"method": self.name, "hparams": asdict(self.config)}
+        if getattr(self, "fitted_", False):
+            config["pipeline"] = self.pipeline.config()
+            config["channels"] = [self.map_to_3d_.in_features, self.map_to_2d_.in_features]
+            config["n_train_samples"] = self.n_train_samples_
+            config["loss_history"] = self.loss_history_
+            config["extensions"] = self.extensions_
+            if self.orq_2d_ is not None and self.orq_3d_ is not None:
+                config["orq_fit_seconds"] = [self.orq_2d_.fit_time_, self.orq_3d_.fit_time_]
+        return config
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Both networks (``map_to_3d.``/``map_to_2d.``) and the codebooks (``orq_2d.<layer>``/``orq_3d.<layer>``)."""
+        self.check_fitted()
+        tensors = {
+            **prefixed({k: v.cpu() for k, v in self.map_to_3d_.state_dict().items()}, "map_to_3d"),
+            **prefixed({k: v.cpu() for k, v in self.map_to_2d_.state_dict().items()}, "map_to_2d"),
+        }
+        for name, quantizer in (("orq_2d", self.orq_2d_), ("orq_3d", self.orq_3d_)):
+            if quantizer is not None:
+                tensors.update({f"{name}.{layer}": book.cpu() for layer, book in enumerate(quantizer.codebooks_)})
+        return tensors
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> UniRCM:
+        """Rebuild a fitted Uni-RCM; fails clearly when the extractors now available differ from training's."""
+        hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
+        model = cls(UniRCMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
+        expected = config.get("pipeline")
+        actual = model.pipeline.config()
+        if expected is not None and expected != actual:
+            raise ModelFileError(
+                "this model was trained with other extractors or preprocessing than the ones configured now:\n"
+                f"  trained with: {expected}\n  now:          {actual}\n"
+                "use the same --extractors preset and weights files as for training"
+            )
+        model.load_state(config, tensors)
+        return model
+
+    def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Networks and codebooks from :meth:`state_tensors` output (codebook sizes come from the tensors)."""
+        self._build_networks(*config["channels"])
+        self.map_to_3d_.load_state_dict(split_prefixed(tensors, "map_to_3d"))
+        self.map_to_2d_.load_state_dict(split_prefixed(tensors, "map_to_2d"))
+        self.map_to_3d_.eval()
+        self.map_to_2d_.eval()
+        self.orq_2d_ = self.orq_3d_ = None
+        if self.config.use_orq:
+            quantizers = []
+            for name in ("orq_2d", "orq_3d"):
+                books = split_prefixed(tensors, name)
+                if not books:
+                    raise ModelFileError(f"the model file has no {name} codebooks although use_orq is set")
+                quantizer = self._new_quantizer(1)
+                quantizer.codebooks_ = [books[str(layer)] for layer in range(len(books))]
+                quantizer.codebook_sizes = [len(b) for b in quantizer.codebooks_]
+                quantizers.append(quantizer)
+            self.orq_2d_, self.orq_3d_ = quantizers
+        self.loss_history_ = list(config.get("loss_history", []))
+        self.extensions_ = list(config.get("extensions", []))
+        self.n_train_samples_ = int(config.get("n_train_samples", 0))
+        self.fitted_ = True

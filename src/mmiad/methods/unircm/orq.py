@@ -1,0 +1,236 @@
+"""Uni-RCM's offline residual quantizer (ORQ, paper Sec. II-C): cascaded k-means codebooks of nominal features.
+
+Each layer quantises what the previous layers left over (eq. 4), so L small codebooks cover the nominal feature
+space finely; a defect's feature is far from every code path and keeps a large residual, whose norm is the ORQ
+anomaly score. Choices, following the official code where the paper is silent:
+
+* Layer 1 clusters the **L2-normalised** features (direction decides the coarse category/part) but stores the
+  mean of the **raw** features of each cluster as its code; later layers cluster raw residuals.
+* Encoding (fit and inference alike) always follows eq. 4: the nearest code in raw space at every layer, so the
+  residuals a layer is fitted on are exactly the residuals it sees at test time.
+* Empty clusters are re-seeded with the points farthest from their assigned centre.
+
+k-means is chunked full-batch Lloyd in torch (the N×K distance matrix never exists whole), so it runs on a
+2-core CPU; ``faiss`` is used instead when installed and asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+INITS = ("kmeans++", "random")
+
+
+def _nearest(points: torch.Tensor, centres: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of the nearest centre, squared distance to it) per point, computed chunk by chunk."""
+    centre_norms = (centres * centres).sum(dim=1)
+    indices = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+    distances = torch.empty(points.shape[0], dtype=points.dtype, device=points.device)
+    for start in range(0, points.shape[0], chunk):
+        block = points[start : start + chunk]
+        squared = (block * block).sum(dim=1, keepdim=True) - 2 * block @ centres.T + centre_norms
+        best, index = squared.min(dim=1)
+        indices[start : start + chunk] = index
+        distances[start : start + chunk] = best.clamp_min(0.0)
+    return indices, distances
+
+
+def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator, chunk: int) -> torch.Tensor:
+    """k-means++ seeding: each new centre drawn with probability ∝ squared distance to the chosen ones."""
+    first = int(torch.randint(points.shape[0], (1,), generator=generator))
+    centres = [points[first]]
+    _, closest = _nearest(points, points[first : first + 1], chunk)
+    for _ in range(1, k):
+        weights = closest.double().cpu()
+        if float(weights.sum()) <= 0:
+            pick = int(torch.randint(points.shape[0], (1,), generator=generator))
+        else:
+            pick = int(torch.multinomial(weights, 1, generator=generator))
+        centres.append(points[pick])
+        _, to_new = _nearest(points, points[pick : pick + 1], chunk)
+        closest = torch.minimum(closest, to_new)
+    return torch.stack(centres)
+
+
+def kmeans(
+    points: torch.Tensor,
+    k: int,
+    *,
+    iterations: int = 20,
+    seed: int = 0,
+    init: str = "random",
+    chunk: int = 8192,
+    use_faiss: bool = False,
+) -> torch.Tensor:
+    """Lloyd's k-means; returns the (k, D) centres.
+
+    Args:
+        points: (N, D) float points, N >= k.
+        k: Number of clusters.
+        iterations: Lloyd iterations (official: 20).
+        seed: Seeds the initialisation (the result is deterministic for a seed).
+        init: ``random`` (k distinct data points, official) or ``kmeans++``.
+        chunk: Points per distance block; bounds memory to chunk·k floats.
+        use_faiss: Use ``faiss.Kmeans`` when it is importable (same init idea; results agree within tolerance,
+            not bit for bit).
+    """
+    if points.dim() != 2 or points.shape[0] < k or k < 1:
+        raise ValueError(f"k-means needs (N, D) points with N >= k >= 1; got {tuple(points.shape)} and k={k}")
+    if init not in INITS:
+        raise ValueError(f"unknown k-means init {init!r}; expected one of {INITS}")
+    points = points.float()
+    if use_faiss:
+        try:
+            import faiss
+        except ImportError:
+            faiss = None
+        if faiss is not None:
+            model = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed, spherical=False, verbose=False)
+            model.train(points.cpu().numpy())
+            return torch.from_numpy(model.centroids).to(points.device)
+    generator = torch.Generator().manual_seed(seed)
+    if init == "random":
+        centres = points[torch.randperm(points.shape[0], generator=generator)[:k].to(points.device)].clone()
+    else:
+        centres = _kmeans_plus_plus(points, k, generator, chunk)
+    for _ in range(iterations):
+        assignment, distances = _nearest(points, centres, chunk)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
+        counts = torch.bincount(assignment, minlength=k)
+        nonempty = counts > 0
+        centres[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(points.dtype)
+        empty = torch.nonzero(~nonempty).flatten()
+        if empty.numel():
+            # Re-seed dead clusters with the worst-fitted points so every code keeps covering data.
+            farthest = torch.argsort(distances, descending=True)[: empty.numel()]
+            centres[empty] = points[farthest]
+    return centres
+
+
+class ResidualQuantizer:
+    """L cascaded codebooks fitted offline on nominal features of one modality.
+
+    Args:
+        codebook_sizes: K per layer (paper: [4096]*4 for 2D, [1024]*4 for 3D); a layer with more codes than
+            training points is clipped to the number of points.
+        iterations: k-means iterations per layer.
+        seed: Seed of every layer's k-means (layer l uses seed + l).
+        init: k-means init (``random`` as official, or ``kmeans++``).
+        normalize_first: Cluster layer 1 on L2-normalised features (official) while storing raw means.
+        chunk: Distance block size.
+        use_faiss: Use faiss k-means when importable.
+
+    Learned state: ``codebooks_`` (list of (K_l, D) tensors), ``fit_time_`` (seconds).
+    """
+
+    def __init__(
+        self,
+        codebook_sizes: Sequence[int],
+        *,
+        iterations: int = 20,
+        seed: int = 0,
+        init: str = "random",
+        normalize_first: bool = True,
+        chunk: int = 8192,
+        use_faiss: bool = False,
+    ) -> None:
+        if not codebook_sizes or min(codebook_sizes) < 1:
+            raise ValueError(f"need at least one codebook of positive size, got {list(codebook_sizes)}")
+        self.codebook_sizes = [int(k) for k in codebook_sizes]
+        self.iterations, self.seed, self.init = iterations, seed, init
+        self.normalize_first, self.chunk, self.use_faiss = normalize_first, chunk, use_faiss
+        self.codebooks_: list[torch.Tensor] = []
+        self.fit_time_ = 0.0
+
+    def _fit_layer(self, residual: torch.Tensor, k: int, layer: int, first: bool) -> torch.Tensor:
+        k = min(k, residual.shape[0])
+        seed = self.seed + layer
+        if not (first and self.normalize_first):
+            return kmeans(
+                residual,
+                k,
+                iterations=self.iterations,
+                seed=seed,
+                init=self.init,
+                chunk=self.chunk,
+                use_faiss=self.use_faiss,
+            )
+        directions = F.normalize(residual, dim=1)
+        centres = kmeans(
+            directions,
+            k,
+            iterations=self.iterations,
+            seed=seed,
+            init=self.init,
+            chunk=self.chunk,
+            use_faiss=self.use_faiss,
+        )
+        assignment, _ = _nearest(directions, centres, self.chunk)
+        counts = torch.bincount(assignment, minlength=k)
+        sums = torch.zeros(k, residual.shape[1], dtype=residual.dtype, device=residual.device)
+        sums.index_add_(0, assignment, residual)
+        # k-means leaves no cluster empty, but keep the normalised centre as a fallback anyway.
+        return torch.where((counts > 0).unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), centres)
+
+    def fit(self, features: torch.Tensor) -> ResidualQuantizer:
+        """Fit all layers on (N, D) nominal features."""
+        if features.dim() != 2 or features.shape[0] == 0:
+            raise ValueError(f"ORQ needs (N, D) features with N > 0, got {tuple(features.shape)}")
+        started = time.perf_counter()
+        residual = features.float()
+        self.codebooks_ = []
+        for layer, k in enumerate(self.codebook_sizes):
+            codebook = self._fit_layer(residual, k, layer, first=layer == 0)
+            self.codebooks_.append(codebook)
+            index, _ = _nearest(residual, codebook, self.chunk)
+            residual = residual - codebook[index]
+        self.fit_time_ = time.perf_counter() - started
+        return self
+
+    def extend(self, features: torch.Tensor, codes_per_layer: Sequence[int]) -> ResidualQuantizer:
+        """Append codes fitted on new categories' features to every layer (existing codes stay untouched).
+
+        The new features are encoded layer by layer with the codebook extended so far; at layer l, k-means on
+        their current residuals gives ``codes_per_layer[l]`` new codes, which are appended. Old categories keep
+        their codes, so their residuals can only shrink (a nearest-code search over a superset).
+        """
+        if not self.codebooks_:
+            raise ValueError("extend() needs a fitted quantizer")
+        if len(codes_per_layer) != len(self.codebooks_):
+            raise ValueError(f"need one new-code count per layer ({len(self.codebooks_)}), got {list(codes_per_layer)}")
+        started = time.perf_counter()
+        residual = features.float()
+        for layer, k in enumerate(codes_per_layer):
+            if k > 0:
+                new = self._fit_layer(residual, k, layer + 1000, first=layer == 0)
+                self.codebooks_[layer] = torch.cat([self.codebooks_[layer], new])
+            index, _ = _nearest(residual, self.codebooks_[layer], self.chunk)
+            residual = residual - self.codebooks_[layer][index]
+        self.fit_time_ += time.perf_counter() - started
+        return self
+
+    def residual(self, features: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+        """(N, D) residual after encoding through the first ``layers`` codebooks (all by default), eq. 4."""
+        if not self.codebooks_:
+            raise ValueError("the quantizer is not fitted")
+        residual = features.float()
+        for codebook in self.codebooks_[: layers if layers is not None else len(self.codebooks_)]:
+            index, _ = _nearest(residual, codebook.to(residual.device), self.chunk)
+            residual = residual - codebook.to(residual.device)[index]
+        return residual
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """ORQ anomaly score per row: the norm of the final residual (S_orq = ||F − F̂||₂)."""
+        return torch.linalg.vector_norm(self.residual(features), dim=1)
+
+
+def time_orq_fit(
+    n: int = 100_000, dim: int = 768, k: int = 4096, layers: int = 4, *, iterations: int = 20, seed: int = 0
+) -> float:
+    """Seconds to fit an ORQ at the given sizes on N random Gaussian features (for the benchmark)."""
+    features = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    return ResidualQuantizer([k] * layers, iterations=iterations, seed=seed).fit(features).fit_time_

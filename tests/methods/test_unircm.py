@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmiad.methods.unircm import UniRCM, UniRCMConfig
+from mmiad.methods.unircm.model import combine_scores, direction_loss
+
+GRID = 8
+TINY = {
+    "grid_size": GRID,
+    "image_size": 16,
+    "hidden": 16,
+    "num_blocks": 1,
+    "epochs": 4,
+    "batch_size": 2,
+    "learning_rate": 3e-3,
+    "orq_layers": 2,
+    "codebook_size_2d": 8,
+    "codebook_size_3d": 8,
+    "orq_iterations": 5,
+    "device": "cpu",
+    "seed": 3,
+}
+
+
+def category(
+    n: int, shift: float, seed: int, offset: int = 0
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Synthetic grids: 3D = smooth random field, 2D = a fixed linear map of it (+shift), a foreground square."""
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(4, 6, generator=torch.Generator().manual_seed(99))
+    foreground = torch.zeros(GRID, GRID, dtype=torch.bool)
+    foreground[1:7, 1:7] = True
+    store = {}
+    for i in range(n):
+        rows_3d = torch.randn(GRID * GRID, 4, generator=generator) * 0.3 + shift
+        rows_2d = rows_3d @ mixing + 0.05 * torch.randn(GRID * GRID, 6, generator=generator)
+        mask = foreground.flatten()
+        store[offset + i] = (rows_2d * mask[:, None], rows_3d * mask[:, None], mask)
+    return store
+
+
+def test_score_formula_by_hand() -> None:
+    map_2d, map_3d = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 0.5])
+    orq_2d, orq_3d = torch.tensor([10.0, 0.0]), torch.tensor([2.0, 4.0])
+    result = combine_scores(map_2d, map_3d, orq_2d, orq_3d, 0.05, 0.1)
+    torch.testing.assert_close(result, torch.tensor([(1 + 0.5) * (3 + 0.2), (2 + 0.0) * (0.5 + 0.4)]))
+    torch.testing.assert_close(combine_scores(map_2d, map_3d, None, None, 0.1, 0.1), torch.tensor([3.0, 1.0]))
+
+
+def test_loss_equals_cosine_plus_lambda_mse_on_one_rank() -> None:
+    predicted, target = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    # cos = [0, 1] → mean(1−cos) = 0.5; squared errors (1+4)+(0) over 4 elements = 1.25.
+    assert float(direction_loss(predicted, target, torch.tensor(2.0), 0.01)) == pytest.approx(0.5 + 0.01 * 1.25)
+
+
+def test_config_defaults_and_compat() -> None:
+    assert (UniRCMConfig().beta_2d, UniRCMConfig().beta_3d) == (0.1, 0.1)
+    assert (UniRCMConfig(compat=True).beta_2d, UniRCMConfig(compat=True).beta_3d) == (0.05, 0.1)
+    assert UniRCMConfig().grid_size == 56 and UniRCMConfig().learning_rate == 3e-4
+    with pytest.raises(ValueError, match="branches"):
+        UniRCMConfig(branches="both")
+
+
+@pytest.fixture(scope="module")
+def fitted() -> UniRCM:
+    return UniRCM(**TINY).fit_grids(category(6, 0.0, seed=0))
+
+
+def test_training_is_deterministic_and_reduces_loss(fitted: UniRCM) -> None:
+    again = UniRCM(**TINY).fit_grids(category(6, 0.0, seed=0))
+    first, second = fitted.state_tensors(), again.state_tensors()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert {"orq_2d.0", "orq_2d.1", "orq_3d.0", "orq_3d.1"} <= set(first)
+    assert first["orq_2d.0"].shape == (8, 6) and first["orq_3d.1"].shape == (8, 4)
+    assert len(fitted.loss_history_) == 4 and fitted.loss_history_[-1] < fitted.loss_history_[0]
+
+
+def test_score_maps_zero_background_and_combine(fitted: UniRCM) -> None:
+    rows_2d, rows_3d, mask = category(1, 0.0, seed=5)[0]
+    maps = fitted.score_grids(rows_2d, rows_3d, mask)
+    assert set(maps) == {"combined", "2d", "3d", "orq_2d", "orq_3d"}
+    background = ~mask.view(GRID, GRID)
+    assert all(float(m[background].abs().sum()) == 0 for m in maps.values())
+    expected = (maps["2d"] + 0.1 * maps["orq_2d"]) * (maps["3d"] + 0.1 * maps["orq_3d"])
+    torch.testing.assert_close(maps["combined"], expected)
+    # ORQ map = norm of the quantizer residual of each foreground feature.
+    torch.testing.assert_close(maps["orq_3d"].flatten()[mask], fitted.orq_3d_.score(rows_3d[mask]))
+
+
+def test_compat_max_normalises_orq_maps(fitted: UniRCM) -> None:
+    compat = UniRCM(**{**TINY, "compat": True})
+    compat.load_state(_config(fitted), fitted.state_tensors())
+    maps = compat.score_grids(*category(1, 0.0, seed=5)[0])
+    assert float(maps["orq_2d"].max()) == pytest.approx(1.0) and float(maps["orq_3d"].max()) == pytest.approx(1.0)
+    expected = (maps["2d"] + 0.05 * maps["orq_2d"]) * (maps["3d"] + 0.1 * maps["orq_3d"])
+    torch.testing.assert_close(maps["combined"], expected)
+
+
+def _config(model: UniRCM) -> dict:
+    return {"channels": [6, 4], "loss_history": model.loss_history_, "n_train_samples": model.n_train_samples_}
+
+
+def test_state_round_trip_scores_identically(fitted: UniRCM) -> None:
+    loaded = UniRCM(**TINY)
+    loaded.load_state(_config(fitted), fitted.state_tensors())
+    sample = category(1, 0.0, seed=7)[0]
+    for name, value in fitted.score_grids(*sample).items():
+        torch.testing.assert_close(loaded.score_grids(*sample)[name], value)
+
+
+def test_extend_learns_new_category_and_keeps_old_scores() -> None:
+    old, new = category(6, 0.0, seed=0), category(6, 2.0, seed=1, offset=100)
+    old_test, new_test = category(2, 0.0, seed=10), category(2, 2.0, seed=11)
+
+    def mean_score(model: UniRCM, store: dict) -> float:
+        return sum(float(model.score_grids(*g)["combined"].max()) for g in store.values()) / len(store)
+
+    model = UniRCM(**{**TINY, "epochs": 10}).fit_grids(old)
+    old_before, new_before = mean_score(model, old_test), mean_score(model, new_test)
+    model.extend_grids(new, old, epochs=10)
+    assert [len(b) for b in model.orq_2d_.codebooks_] == [10, 10]  # 8 + 8 // 4 codes per layer
+    assert model.extensions_ == [{"new_samples": 6, "epochs": 10}] and model.n_train_samples_ == 12
+    assert mean_score(model, new_test) < 0.7 * new_before
+    # No forgetting: replayed old categories keep (or, trained longer, lower) their nominal scores.
+    assert mean_score(model, old_test) <= 1.3 * old_before
+    with pytest.raises(ValueError, match="distinct"):
+        model.extend_grids(new, new, epochs=1)
