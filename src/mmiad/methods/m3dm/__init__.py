@@ -1,0 +1,6 @@
+"""M3DM: three PatchCore banks (RGB, point, UFF-fused) with decision-layer fusion."""
+
+from mmiad.methods.m3dm.fusion import FeatureFusionBlock
+from mmiad.methods.m3dm.model import M3DM, M3DMConfig, patch_sets
+
+__all__ = ["M3DM", "FeatureFusionBlock", "M3DMConfig", "patch_sets"]
