@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 
 from mmiad.data.mvtec3d import list_records
-from mmiad.engine import calibration_split, evaluate_run, load_trained, model_for, run_models, train_run
+from mmiad.engine import (
+    calibration_split,
+    evaluate_run,
+    extend_run,
+    load_trained,
+    model_for,
+    run_models,
+    train_run,
+)
 from mmiad.methods.modelfile import ModelFileError
 
 TINY = {"image_size": 64, "grid_size": 32, "epochs": 2, "batch_size": 2}
@@ -45,3 +53,43 @@ def test_unified_run_serves_every_category_and_stores_few_shot_draws(tiny_datase
 def test_model_for_unknown_category_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="no model for category 'x'"):
         model_for({"a": tmp_path / "a.safetensors"}, "x")
+
+
+UNIRCM_TINY = {
+    "image_size": 64,
+    "grid_size": 8,
+    "hidden": 16,
+    "num_blocks": 1,
+    "epochs": 2,
+    "batch_size": 2,
+    "orq_layers": 2,
+    "codebook_size_2d": 8,
+    "codebook_size_3d": 8,
+    "orq_iterations": 3,
+}
+
+
+def test_add_categories_extends_a_unified_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    run = tmp_path / "run"
+    train_run("unircm", tiny_dataset, run, categories=["puck"], unified=True, hparams=UNIRCM_TINY, cache_dir=cache)
+    before = load_trained(run / "unified.safetensors", cache_dir=cache)
+    codes_before = before.model.state_tensors()["orq_2d.0"].shape[0]
+    path, errors = extend_run(run, tiny_dataset, ["block"], epochs=1, cache_dir=cache)
+    after = load_trained(path, cache_dir=cache)
+    assert errors == [] and after.info["categories"] == ["puck", "block"]
+    assert after.model.state_tensors()["orq_2d.0"].shape[0] > codes_before
+    assert json.loads((run / "run.json").read_text())["categories"] == ["puck", "block"]
+    with pytest.raises(ValueError, match="nothing to add"):
+        extend_run(run, tiny_dataset, ["block"], epochs=1, cache_dir=cache)
+
+
+def test_adding_categories_needs_a_unified_run(tiny_dataset: Path, tmp_path: Path) -> None:
+    train_run("cfm", tiny_dataset, tmp_path / "run", categories=["puck"], hparams=TINY, cache_dir=str(tmp_path))
+    with pytest.raises(ModelFileError, match="needs a unified run"):
+        extend_run(tmp_path / "run", tiny_dataset, ["block"], epochs=1, cache_dir=str(tmp_path))
+
+
+def test_option_that_does_not_apply_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not apply to method 'btf'"):
+        train_run("btf", tiny_dataset, tmp_path / "run", hparams={"mapping": "intramodal"})

@@ -22,6 +22,7 @@ from mmiad.methods.base import AnomalyModel, Prediction, get_method
 from mmiad.methods.modelfile import ModelFileError, load_model_file, save_model_file
 from mmiad.metrics import aupro_many, image_auroc, pixel_auroc, summarize
 from mmiad.postprocess.threshold import Thresholds, calibrate
+from mmiad.utils import distributed as ddp
 
 RUN_INDEX = "run.json"
 UNIFIED = "unified"
@@ -146,7 +147,8 @@ def train_run(
     if not names:
         raise DataError(root, "no category found (expected <root>/<category>/train/good/{rgb,xyz})")
     errors: list[DataError] = []
-    method_class = get_method(method)
+    build_model(method, cache_dir, hparams)  # fail on a bad option before any work
+    distributed = ddp.init_from_env()
     splits = _category_splits(root, names, shots, seed, errors)
     groups = {UNIFIED: names} if unified else {category: [category] for category in names}
     files: dict[str, Path] = {}
@@ -159,15 +161,86 @@ def train_run(
         if unified and shots:
             info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
         log(f"[{key}] training {method} on {len(train)} nominal samples")
-        model = method_class(cache_dir=cache_dir, **(hparams or {}))
+        model = build_model(method, cache_dir, hparams)
         thresholds = fit_and_calibrate(
             model, train, calibration, max_fpr=max_fpr, source=", ".join(sources), progress=progress, errors=errors
         )
-        files[key] = save_trained(out / f"{key}.safetensors", TrainedModel(model, thresholds, info))
-        log(f"[{key}] saved {files[key]} (image threshold {thresholds.image:.4g} from {thresholds.source})")
-    index = {"method": method, "unified": unified, "categories": names, "models": {k: v.name for k, v in files.items()}}
-    (out / RUN_INDEX).write_text(json.dumps(index, indent=2))
+        files[key] = out / f"{key}.safetensors"
+        if ddp.is_main_process():
+            save_trained(files[key], TrainedModel(model, thresholds, info))
+            log(f"[{key}] saved {files[key]} (image threshold {thresholds.image:.4g} from {thresholds.source})")
+    if ddp.is_main_process():
+        write_run_index(out, method, unified, names, files)
+    if distributed:
+        ddp.barrier()
     return files, errors
+
+
+def write_run_index(out: Path, method: str, unified: bool, categories: Sequence[str], files: dict[str, Path]) -> None:
+    """``run.json``: which model file serves which category."""
+    index = {
+        "method": method,
+        "unified": unified,
+        "categories": list(categories),
+        "models": {k: v.name for k, v in files.items()},
+    }
+    (out / RUN_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def build_model(method: str, cache_dir: str | None, hparams: dict[str, Any] | None) -> AnomalyModel:
+    """An unfitted model; an option the method does not take is a clear error, not a TypeError."""
+    method_class = get_method(method)
+    try:
+        return method_class(cache_dir=cache_dir, **(hparams or {}))
+    except TypeError as error:
+        raise ValueError(f"an option does not apply to method {method!r}: {error}") from error
+
+
+def extend_run(
+    run: str | Path,
+    data_root: str | Path,
+    new_categories: Sequence[str],
+    *,
+    epochs: int,
+    max_fpr: float = 0.01,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    log: Log = _quiet,
+) -> tuple[Path, list[DataError]]:
+    """Add categories to a trained unified model in place (``mmiad train --resume RUN --add-categories ...``).
+
+    The method extends what it learned (Uni-RCM: new ORQ codes, fine-tuning with replay of the earlier
+    categories' training samples, whose features come from the feature cache) and the thresholds are
+    recalibrated on the held-out nominal samples of all categories.
+    """
+    root, run = Path(data_root), Path(run)
+    models = run_models(run)
+    if UNIFIED not in models:
+        raise ModelFileError(f"{run}: --add-categories needs a unified run (train it with --unified)")
+    trained = load_trained(models[UNIFIED], cache_dir=cache_dir)
+    extend = getattr(trained.model, "extend", None)
+    if extend is None:
+        raise ValueError(f"method {trained.model.name!r} cannot add categories to a trained model; retrain it")
+    known = list(trained.info.get("categories", []))
+    added = [c for c in new_categories if c not in known]
+    if not added:
+        raise ValueError(f"nothing to add: the model already serves {', '.join(known)}")
+    errors: list[DataError] = []
+    splits = _category_splits(root, [*known, *added], None, 0, errors)
+    new = [r for c in added for r in splits[c][0]]
+    replay = [r for c in known for r in splits[c][0]]
+    log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replay)} replayed samples")
+    extend(new, replay, epochs=epochs, progress=progress, errors=errors)
+    calibration = [r for c in [*known, *added] for r in splits[c][1]]
+    held_out = list(trained.model.predict(calibration, progress=progress, errors=errors))
+    thresholds = calibrate(
+        [p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, "validation (after extend)"
+    )
+    info = {**trained.info, "categories": [*known, *added]}
+    path = save_trained(models[UNIFIED], TrainedModel(trained.model, thresholds, info))
+    index = json.loads((run / RUN_INDEX).read_text())
+    write_run_index(run, index["method"], True, [*known, *added], {UNIFIED: path})
+    return path, errors
 
 
 def run_models(run: str | Path) -> dict[str, Path]:

@@ -50,6 +50,12 @@ def test_synth_train_test_evaluate_predict(tmp_path: Path, capsys) -> None:
         ours, theirs = result["per_category"][category], evaluated["per_category"][category]
         assert theirs["image_auroc"] == pytest.approx(ours["image_auroc"], abs=1e-9)
 
+    markdown = tmp_path / "compare.md"
+    compare_args = ["compare", "--data", str(data), "--runs", str(run), "--markdown", str(markdown)]
+    assert main([*compare_args, "--cache-dir", cache]) == 0
+    table = markdown.read_text()
+    assert "I-AUROC" in table and f"{result['mean']['image_auroc']:.3f}" in table
+
     defect = next(p for p in (data / categories[0] / "test").iterdir() if p.name != "good")
     out = tmp_path / "pred"
     predict_args = ["predict", "--run", str(run), "--input", str(defect), "--out", str(out)]
@@ -68,3 +74,20 @@ def test_user_errors_exit_1_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["test", "--run", str(tmp_path), "--data", str(tmp_path)]) == 1
     assert "not a run folder" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--extractors", "nope"]) == 1
+
+
+def test_bad_files_are_reported_and_the_rest_carry_on(tmp_path: Path, capsys) -> None:
+    data, cache = tmp_path / "data", str(tmp_path / "cache")
+    assert main(["synth", "--out", str(data), "--preset", "tiny", "--categories", "puck"]) == 0
+    broken = data / "puck" / "train" / "good" / "xyz" / "001.tiff"
+    broken.write_bytes(broken.read_bytes()[:64])
+    (data / "puck" / "test" / "stain" / "xyz" / "000.tiff").unlink()
+    train_args = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"]
+    assert main([*train_args, "--image-size", "64", "--grid-size", "32", "--cache-dir", cache]) == 0
+    err = capsys.readouterr().err
+    assert "1 file(s) skipped" in err and "001.tiff" in err and "truncated" in err
+    test_args = ["test", "--run", str(tmp_path / "run"), "--data", str(data), "--json", str(tmp_path / "m.json")]
+    assert main([*test_args, "--cache-dir", cache]) == 0
+    err = capsys.readouterr().err
+    assert "no matching point cloud" in err and "stain" in err
+    assert json.loads((tmp_path / "m.json").read_text())["per_category"]["puck"]["image_auroc"] is not None

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmiad.methods.unircm import UniRCM
-from mmiad.methods.unircm import distributed as ddp
+from mmiad.utils import distributed as ddp
 
 GRID = 8
 CONFIG = {

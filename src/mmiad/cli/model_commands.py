@@ -36,9 +36,27 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mmiad.engine import train_run
+    from mmiad.engine import extend_run, train_run
 
     started = time.perf_counter()
+    if args.resume or args.add_categories:
+        if not (args.resume and args.add_categories):
+            raise ValueError("--resume RUN and --add-categories a,b go together")
+        path, errors = extend_run(
+            args.resume,
+            args.data,
+            split_list(args.add_categories) or [],
+            epochs=args.epochs or 20,
+            max_fpr=args.max_fpr,
+            cache_dir=args.cache_dir,
+            progress=True,
+            log=log,
+        )
+        report_errors(errors)
+        log(f"extended {path} in {time.perf_counter() - started:.1f} s")
+        return 0
+    if not args.out:
+        raise ValueError("--out RUN is required (or --resume RUN --add-categories ...)")
     files, errors = train_run(
         args.method,
         args.data,
@@ -111,6 +129,20 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from mmiad.compare import compare_runs, comparison_markdown
+
+    rows = compare_runs(args.data, args.runs, cache_dir=args.cache_dir)
+    markdown = comparison_markdown(rows)
+    print(markdown)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown + "\n")
+    if args.json:
+        write_json(args.json, rows)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mmiad.data.synthetic import generate_dataset
     from mmiad.engine import evaluate_run, train_run
@@ -165,9 +197,11 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the model sub-commands to the top-level parser."""
     train = commands.add_parser("train", help="train one model per category on nominal samples")
-    train.add_argument("--method", default="cfm", help="method (cfm)")
+    train.add_argument("--method", default="cfm", help="cfm (default), unircm, btf, m3dm")
     train.add_argument("--data", required=True, help="dataset root (MVTec 3D-AD layout)")
-    train.add_argument("--out", required=True, help="run folder to write")
+    train.add_argument("--out", help="run folder to write")
+    train.add_argument("--resume", help="a trained unified run to extend (with --add-categories)")
+    train.add_argument("--add-categories", help="comma-separated new categories to add to --resume RUN")
     train.add_argument("--categories", help="comma-separated subset of categories")
     train.add_argument("--unified", action="store_true", help="one model for all categories (no category labels)")
     train.add_argument("--shots", type=int, help="few-shot: k nominal samples per category, drawn with --seed")
@@ -197,6 +231,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--threshold", type=float, help="override the calibrated image threshold")
     predict.add_argument("--cache-dir", help="cache folder")
     predict.set_defaults(handler=_predict)
+
+    compare = commands.add_parser("compare", help="one table comparing trained runs: metrics, speed, memory")
+    compare.add_argument("--data", required=True, help="dataset root")
+    compare.add_argument("--runs", required=True, nargs="+", help="run folders to compare")
+    compare.add_argument("--markdown", help="write the tables as markdown here")
+    compare.add_argument("--json", help="write the rows as JSON here")
+    compare.add_argument(
+        "--cache-dir", help="shared feature cache (default: a fresh one per run, so timings include feature extraction)"
+    )
+    compare.set_defaults(handler=_compare)
 
     demo = commands.add_parser("demo", help="the main job: synthetic data → train CFM → test → predict")
     demo.add_argument("--out", default="demo_out", help="output folder")

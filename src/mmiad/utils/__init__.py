@@ -1,0 +1,1 @@
+"""Small shared utilities (data-parallel helpers)."""

@@ -30,9 +30,9 @@ from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.cfm.scoring import finalize_map
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
-from mmiad.methods.unircm import distributed as ddp
 from mmiad.methods.unircm.blocks import BRANCHES, RefGuidedMapping
 from mmiad.methods.unircm.orq import ResidualQuantizer
+from mmiad.utils import distributed as ddp
 
 # (G·G × C2 2D rows, G·G × C3 3D rows, G·G bool foreground) of one sample.
 Grids = tuple[torch.Tensor, torch.Tensor, torch.Tensor]

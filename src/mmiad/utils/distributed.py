@@ -111,3 +111,9 @@ def broadcast_from_main(value: Any) -> Any:
     holder = [value if rank() == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process), e.g. before rank 0's files are read by others."""
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,246 @@
+"""Speed and memory benchmarks, written to ``BENCHMARKS.md`` (never timed tests).
+
+``python -m mmiad.bench stages`` times every stage of the inference pipeline per sample (read, preprocess, resize,
+2D forward, FPS + grouping, 3D forward, interpolation, projection, CFM mapping and scoring) for each extractor
+preset, in a fresh subprocess per preset so its peak memory (max RSS) is its own. Deep presets run with random
+weights: their speed does not depend on the weights' values. Timings are medians over samples; ratios compare
+numbers from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STAGES = (
+    "read",
+    "preprocess",
+    "resize",
+    "2d_forward",
+    "fps_grouping",
+    "3d_forward",
+    "interpolation",
+    "projection",
+    "mapping",
+    "scoring",
+)
+BACKBONE_STAGES = ("2d_forward", "3d_forward")
+OVERHEAD_STAGES = ("resize", "fps_grouping", "interpolation", "projection", "mapping", "scoring")
+
+
+def machine_description() -> str:
+    """CPU model, cores, memory, Python and torch versions: the context every number needs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        memory_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in x)
+        memory = f"{memory_kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        memory = "unknown RAM"
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, {memory}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def _timed(timings: dict[str, list[float]], stage: str, fn: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    result = fn()
+    timings[stage].append(time.perf_counter() - started)
+    return result
+
+
+def run_stages(preset: str, samples: int, image_size: int, data_root: Path) -> dict[str, Any]:
+    """Per-stage timings of one preset (run inside the worker subprocess)."""
+    from mmiad.data.io import load_sample
+    from mmiad.data.mvtec3d import list_categories, list_records
+    from mmiad.data.preprocess import get_profile, prepare_input, preprocess_sample
+    from mmiad.features.base import PointFeatures
+    from mmiad.features.grouping import group_points, three_nn_weights
+    from mmiad.features.registry import build_extractors
+    from mmiad.methods.cfm.mapping import FeatureProjectionMLP, feature_discrepancy
+    from mmiad.methods.cfm.scoring import finalize_map
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image_extractor, point_extractor = build_extractors(preset, random_init=True)
+    profile = get_profile("cfm")
+    records = [r for c in list_categories(data_root) for r in list_records(data_root, c, "test")][:samples]
+    torch.manual_seed(0)
+    map_to_3d = FeatureProjectionMLP(image_extractor.out_channels, point_extractor.out_channels).eval()
+    map_to_2d = FeatureProjectionMLP(point_extractor.out_channels, image_extractor.out_channels).eval()
+    timings: dict[str, list[float]] = defaultdict(list)
+    points_per_sample = []
+
+    def one_sample(record: Any) -> None:
+        sample = _timed(timings, "read", lambda: load_sample(record))
+        cleaned = _timed(timings, "preprocess", lambda s=sample: preprocess_sample(s, profile))
+        inputs = _timed(timings, "resize", lambda c=cleaned: prepare_input(c, size=image_size))
+        with torch.inference_mode():
+            image = _timed(timings, "2d_forward", lambda i=inputs: image_extractor.extract(i.rgb.unsqueeze(0))[0])
+            if hasattr(point_extractor, "model"):  # Point-MAE: time grouping, forward and interpolation apart
+                pixel_index = torch.from_numpy(inputs.valid.reshape(-1).nonzero()[0])
+                points = torch.from_numpy(inputs.xyz.reshape(-1, 3)[pixel_index.numpy()].copy())
+                preset_ = point_extractor.preset
+                groups, centres = _timed(
+                    timings, "fps_grouping", lambda: group_points(points, preset_.num_group, preset_.group_size)
+                )
+                features = _timed(timings, "3d_forward", lambda: point_extractor.model(groups, centres))
+                neighbors, weights = _timed(timings, "interpolation", lambda: three_nn_weights(points, centres))
+                point_features = PointFeatures(features, pixel_index, neighbors, weights, image_size)
+            else:
+                point_features = _timed(timings, "3d_forward", lambda i=inputs: point_extractor.extract(i.xyz, i.valid))
+            points_per_sample.append(int(point_features.pixel_index.numel()))
+            grid_3d = _timed(timings, "projection", lambda pf=point_features: pf.to_grid(image_size))
+            foreground = point_features.foreground(image_size).flatten()
+
+            def mapping(im: torch.Tensor = image, g3: torch.Tensor = grid_3d) -> torch.Tensor:
+                grid_2d = torch.nn.functional.interpolate(im[None], size=(image_size, image_size), mode="bilinear")[0]
+                rows_2d, rows_3d = grid_2d.flatten(1).T[foreground], g3.flatten(1).T[foreground]
+                return feature_discrepancy(map_to_3d(rows_2d), rows_3d) * feature_discrepancy(
+                    map_to_2d(rows_3d), rows_2d
+                )
+
+            distances = _timed(timings, "mapping", mapping)
+
+            def scoring(d: torch.Tensor = distances) -> float:
+                combined = torch.zeros(image_size * image_size)
+                combined[foreground] = d
+                return finalize_map(
+                    combined.view(image_size, image_size),
+                    out_size=image_size,
+                    smoothing="gaussian",
+                    sigma=4.0,
+                    compat=False,
+                ).score
+
+            _timed(timings, "scoring", scoring)
+
+    for index, record in enumerate([records[0], *records]):  # the first sample warms up and is dropped
+        one_sample(record)
+        if index == 0:
+            for values in timings.values():
+                values.clear()
+            points_per_sample.clear()
+    medians = {stage: statistics.median(timings[stage]) for stage in STAGES if timings.get(stage)}
+    return {
+        "preset": preset,
+        "samples": len(records),
+        "points_median": int(statistics.median(points_per_sample)),
+        "medians_s": medians,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def stages_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table: one row per preset, one column per stage (ms), plus totals and overhead ratio."""
+    header = "| preset | points | " + " | ".join(STAGES) + " | total | samples/s | overhead / backbones | peak RSS |"
+    lines = [header, "|" + "---|" * (len(STAGES) + 7)]
+    for result in results:
+        medians = result["medians_s"]
+        total = sum(medians.values())
+        backbones = sum(medians.get(s, 0.0) for s in BACKBONE_STAGES)
+        overhead = sum(medians.get(s, 0.0) for s in OVERHEAD_STAGES)
+        cells = " | ".join(f"{medians[s] * 1000:.1f}" if s in medians else "—" for s in STAGES)
+        lines.append(
+            f"| {result['preset']} | {result['points_median']} | {cells} | {total * 1000:.0f} | {1 / total:.2f} | "
+            f"{overhead / backbones:.0%} | {result['peak_rss_mb']:.0f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the block between ``<!-- bench:name -->`` markers of a markdown file."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def _stages_command(args: argparse.Namespace) -> int:
+    from mmiad.data.synthetic import generate_dataset
+
+    with tempfile.TemporaryDirectory() as temp:
+        data = generate_dataset(Path(temp) / "data", preset="demo", seed=args.seed, image_size=args.source_size)
+        results = []
+        for preset in args.presets.split(","):
+            command = [
+                sys.executable,
+                "-m",
+                "mmiad.bench",
+                "worker",
+                preset,
+                str(args.samples),
+                str(data),
+                str(args.image_size),
+            ]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            results.append(json.loads(output.strip().splitlines()[-1]))
+            print(f"{preset}: {results[-1]['medians_s']}", file=sys.stderr)
+    body = (
+        f"### Inference stages per sample (median of {args.samples} samples, milliseconds)\n\n"
+        f"Command: `python -m mmiad.bench stages --samples {args.samples} --presets {args.presets}`  \n"
+        f"Machine: {machine_description()}  \n"
+        f"Input: synthetic `demo` samples rendered at {args.source_size}×{args.source_size}, model input "
+        f"{args.image_size}×{args.image_size}; deep presets with random weights. `overhead / backbones` is the time "
+        "of resize, grouping, interpolation, projection, mapping and scoring over the two backbone forwards; "
+        "read and preprocess are excluded (preprocessing is cached on disk after the first run). "
+        "Peak RSS is that of a fresh process running only that preset.\n\n" + stages_table(results)
+    )
+    replace_section(Path(args.out), "stages", body)
+    print(body)
+    return 0
+
+
+def _worker_command(args: argparse.Namespace) -> int:
+    result = run_stages(args.preset, args.samples, args.image_size, Path(args.data))
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mmiad.bench {stages,worker}``."""
+    parser = argparse.ArgumentParser(prog="python -m mmiad.bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stages = commands.add_parser("stages", help="per-stage inference timings and peak memory per preset")
+    stages.add_argument("--out", default="BENCHMARKS.md")
+    stages.add_argument("--presets", default="weightfree,dino-pointmae,dino-pointmae-s,dino-pointmae-t")
+    stages.add_argument("--samples", type=int, default=5)
+    stages.add_argument("--image-size", type=int, default=224)
+    stages.add_argument("--source-size", type=int, default=400)
+    stages.add_argument("--seed", type=int, default=0)
+    stages.set_defaults(handler=_stages_command)
+    worker = commands.add_parser("worker")
+    worker.add_argument("preset")
+    worker.add_argument("samples", type=int)
+    worker.add_argument("data")
+    worker.add_argument("image_size", type=int)
+    worker.set_defaults(handler=_worker_command)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
