@@ -28,7 +28,8 @@ lint: env
 	$(BIN)/ruff format --check src tests
 
 bench: env
-	$(BIN)/python -m mmiad.bench --out BENCHMARKS.md
+	$(BIN)/python -m mmiad.bench stages --out BENCHMARKS.md
+	$(BIN)/python -m mmiad.bench accuracy --out BENCHMARKS.md
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -93,3 +93,11 @@ def test_adding_categories_needs_a_unified_run(tiny_dataset: Path, tmp_path: Pat
 def test_option_that_does_not_apply_is_a_clear_error(tiny_dataset: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not apply to method 'btf'"):
         train_run("btf", tiny_dataset, tmp_path / "run", hparams={"mapping": "intramodal"})
+
+
+def test_overrides_rescore_without_retraining(tiny_dataset: Path, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    train_run("cfm", tiny_dataset, tmp_path / "run", categories=["puck"], hparams=TINY, cache_dir=cache)
+    product, _ = evaluate_run(tmp_path / "run", tiny_dataset, cache_dir=cache)
+    only_2d, _ = evaluate_run(tmp_path / "run", tiny_dataset, cache_dir=cache, overrides={"aggregation": "2d"})
+    assert product["per_category"]["puck"]["pixel_auroc"] != only_2d["per_category"]["puck"]["pixel_auroc"]

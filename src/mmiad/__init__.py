@@ -1,5 +1,62 @@
-"""mmiad: unsupervised multimodal (RGB + 3D point cloud) industrial anomaly detection."""
+"""mmiad: unsupervised multimodal (RGB + 3D point cloud) industrial anomaly detection.
+
+The public API is what this module exports (``__all__``); everything else may change between versions.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "BTF",
+    "CFM",
+    "M3DM",
+    "CategoryMetrics",
+    "DataError",
+    "Metrics",
+    "Prediction",
+    "Run",
+    "UniRCM",
+    "__version__",
+    "evaluate",
+    "generate_dataset",
+    "predict",
+    "train",
+]
+
+# Imported on first use so that `import mmiad` (and `mmiad --help`) stays fast.
+_LAZY = {
+    "train": "mmiad.api",
+    "evaluate": "mmiad.api",
+    "predict": "mmiad.api",
+    "Run": "mmiad.api",
+    "Metrics": "mmiad.api",
+    "CategoryMetrics": "mmiad.api",
+    "Prediction": "mmiad.methods.base",
+    "DataError": "mmiad.data.errors",
+    "generate_dataset": "mmiad.data.synthetic",
+    "CFM": "mmiad.methods.cfm",
+    "UniRCM": "mmiad.methods.unircm",
+    "BTF": "mmiad.methods.btf",
+    "M3DM": "mmiad.methods.m3dm",
+}
+
+if TYPE_CHECKING:
+    from mmiad.api import CategoryMetrics, Metrics, Run, evaluate, predict, train
+    from mmiad.data.errors import DataError
+    from mmiad.data.synthetic import generate_dataset
+    from mmiad.methods.base import Prediction
+    from mmiad.methods.btf import BTF
+    from mmiad.methods.cfm import CFM
+    from mmiad.methods.m3dm import M3DM
+    from mmiad.methods.unircm import UniRCM
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mmiad' has no attribute {name!r}")

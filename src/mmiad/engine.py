@@ -8,17 +8,19 @@ end of training on held-out nominal samples and stored in the model file, so a r
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
 from mmiad.data.mvtec3d import list_categories, list_records
 from mmiad.data.sample import SampleRecord
 from mmiad.methods.base import AnomalyModel, Prediction, get_method
+from mmiad.methods.fallback import ModalityFallback, missing_modality, predict_degraded
 from mmiad.methods.modelfile import ModelFileError, load_model_file, save_model_file
 from mmiad.metrics import aupro_many, image_auroc, pixel_auroc, summarize
 from mmiad.postprocess.threshold import Thresholds, calibrate
@@ -35,11 +37,21 @@ def _quiet(_: str) -> None:
 
 @dataclass
 class TrainedModel:
-    """A fitted model with its calibrated thresholds and the facts stored beside it."""
+    """A fitted model with its calibrated thresholds and the facts stored beside it.
+
+    Attributes:
+        model: The fitted method.
+        thresholds: Calibrated image and pixel thresholds of the full (multimodal) model.
+        info: Category, few-shot draw, data root.
+        fallback: Single-modality models for sensor drop-outs, or None.
+        fallback_thresholds: Their thresholds, per present modality (``2d``, ``3d``).
+    """
 
     model: AnomalyModel
     thresholds: Thresholds | None
     info: dict[str, Any] = field(default_factory=dict)
+    fallback: ModalityFallback | None = None
+    fallback_thresholds: dict[str, Thresholds] = field(default_factory=dict)
 
 
 def select_few_shot(records: Sequence[SampleRecord], shots: int, seed: int) -> tuple[list[SampleRecord], list[int]]:
@@ -74,31 +86,107 @@ def fit_and_calibrate(
     source: str,
     progress: bool,
     errors: list[DataError],
-) -> Thresholds:
-    """Fit on nominal samples, then set thresholds so at most ``max_fpr`` of held-out nominal samples alarm."""
+    with_fallback: bool = True,
+) -> TrainedModel:
+    """Fit on nominal samples, then set thresholds so at most ``max_fpr`` of held-out nominal samples alarm.
+
+    With ``with_fallback`` the single-modality fallback models are fitted on the same (cached) features and
+    calibrated the same way, so a degraded prediction still gets a meaningful label.
+    """
     model.fit(train, progress=progress, errors=errors)
     held_out = list(model.predict(calibration, progress=progress, errors=errors))
     if not held_out:
         raise ValueError("no usable held-out nominal sample to calibrate thresholds on")
-    return calibrate([p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, source)
+    thresholds = calibrate([p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, source)
+    trained = TrainedModel(model, thresholds)
+    if with_fallback and getattr(model, "pipeline", None) is not None:
+        fit_fallback(trained, train, calibration, max_fpr=max_fpr, source=source)
+    return trained
+
+
+def fit_fallback(
+    trained: TrainedModel,
+    train: Sequence[SampleRecord],
+    calibration: Sequence[SampleRecord],
+    *,
+    max_fpr: float,
+    source: str,
+) -> None:
+    """Fit and calibrate the single-modality fallback models on the model's (cached) nominal features."""
+    pipeline = trained.model.pipeline  # type: ignore[attr-defined]
+    prepared = pipeline.preprocess(train, errors=[])
+    trained.fallback = ModalityFallback().fit(f for _, f in pipeline.iter_features(prepared, errors=[]))
+    for missing, present in (("3d", "2d"), ("2d", "3d")):
+        degraded = []
+        for record in calibration:
+            try:
+                degraded.append(predict_degraded(pipeline, trained.fallback, record, missing))
+            except DataError:
+                continue
+        if degraded:
+            trained.fallback_thresholds[present] = calibrate(
+                [p.pred_score for p in degraded], [p.anomaly_map for p in degraded], max_fpr, source
+            )
 
 
 def save_trained(path: Path, trained: TrainedModel) -> Path:
-    """Write one model file: weights + config + thresholds + training facts."""
+    """Write one model file: weights + config + thresholds + training facts (+ the fallback models)."""
     config = {**trained.model.get_config(), **trained.info}
+    tensors = trained.model.state_tensors()
     if trained.thresholds is not None:
         config["thresholds"] = trained.thresholds.to_dict()
-    return save_model_file(path, trained.model.state_tensors(), config)
+    if trained.fallback is not None:
+        thresholds = {m: t.to_dict() for m, t in trained.fallback_thresholds.items()}
+        config["fallback"] = {**trained.fallback.config(), "thresholds": thresholds}
+        tensors = {**tensors, **trained.fallback.state_tensors()}
+    return save_model_file(path, tensors, config)
 
 
 def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
     """Read one model file back into a fitted model."""
     tensors, config = load_model_file(path)
     method = get_method(config.get("method", ""))
-    model = method.from_state(config, tensors, **overrides)
+    own = {k: v for k, v in tensors.items() if not k.startswith("fallback.")}
+    model = method.from_state(config, own, **overrides)
     thresholds = Thresholds.from_dict(config["thresholds"]) if "thresholds" in config else None
     info = {k: config[k] for k in ("category", "categories", "few_shot", "data_root") if k in config}
-    return TrainedModel(model, thresholds, info)
+    trained = TrainedModel(model, thresholds, info)
+    if "fallback" in config:
+        trained.fallback = ModalityFallback.from_state(config["fallback"], tensors)
+        trained.fallback_thresholds = {
+            m: Thresholds.from_dict(t) for m, t in config["fallback"].get("thresholds", {}).items()
+        }
+    return trained
+
+
+def predict_records(
+    trained: TrainedModel,
+    records: Sequence[SampleRecord],
+    *,
+    progress: bool = False,
+    errors: list[DataError] | None = None,
+) -> Iterator[Prediction]:
+    """Predictions with thresholds applied; a sample missing one modality is scored by the fallback.
+
+    A sample whose point cloud is unreadable or empty (or whose RGB is unreadable) is scored from the other
+    modality and flagged ``degraded``; a sample with neither, or any sample when the model has no fallback, is
+    reported in ``errors`` (or raised) and skipped.
+    """
+    found: list[DataError] = [] if errors is None else errors
+    for record in tqdm(records, desc="predict", disable=not progress, leave=False):
+        try:
+            missing = missing_modality(record) if trained.fallback is not None else None
+            if missing is None:
+                for prediction in trained.model.predict([record], errors=found):
+                    yield apply_thresholds(prediction, trained.thresholds)
+                continue
+            prediction = predict_degraded(trained.model.pipeline, trained.fallback, record, missing)
+            present = "2d" if missing == "3d" else "3d"
+            yield apply_thresholds(prediction, trained.fallback_thresholds.get(present))
+        except DataError as error:
+            if errors is None:
+                raise
+            errors.append(error)
 
 
 def _category_splits(
@@ -131,6 +219,7 @@ def train_run(
     max_fpr: float = 0.01,
     hparams: dict[str, Any] | None = None,
     cache_dir: str | None = None,
+    fallback: bool = True,
     progress: bool = False,
     log: Log = _quiet,
 ) -> tuple[dict[str, Path], list[DataError]]:
@@ -162,13 +251,22 @@ def train_run(
             info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
         log(f"[{key}] training {method} on {len(train)} nominal samples")
         model = build_model(method, cache_dir, hparams)
-        thresholds = fit_and_calibrate(
-            model, train, calibration, max_fpr=max_fpr, source=", ".join(sources), progress=progress, errors=errors
+        trained = fit_and_calibrate(
+            model,
+            train,
+            calibration,
+            max_fpr=max_fpr,
+            source=", ".join(sources),
+            progress=progress,
+            errors=errors,
+            with_fallback=fallback,
         )
+        trained.info = info
         files[key] = out / f"{key}.safetensors"
         if ddp.is_main_process():
-            save_trained(files[key], TrainedModel(model, thresholds, info))
-            log(f"[{key}] saved {files[key]} (image threshold {thresholds.image:.4g} from {thresholds.source})")
+            save_trained(files[key], trained)
+            threshold = trained.thresholds.image if trained.thresholds else float("nan")
+            log(f"[{key}] saved {files[key]} (image threshold {threshold:.4g} from {', '.join(sources)})")
     if ddp.is_main_process():
         write_run_index(out, method, unified, names, files)
     if distributed:
@@ -236,8 +334,11 @@ def extend_run(
     thresholds = calibrate(
         [p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, "validation (after extend)"
     )
-    info = {**trained.info, "categories": [*known, *added]}
-    path = save_trained(models[UNIFIED], TrainedModel(trained.model, thresholds, info))
+    trained.thresholds = thresholds
+    trained.info = {**trained.info, "categories": [*known, *added]}
+    if trained.fallback is not None:
+        fit_fallback(trained, [*replay, *new], calibration, max_fpr=max_fpr, source="validation (after extend)")
+    path = save_trained(models[UNIFIED], trained)
     index = json.loads((run / RUN_INDEX).read_text())
     write_run_index(run, index["method"], True, [*known, *added], {UNIFIED: path})
     return path, errors
@@ -302,10 +403,15 @@ def evaluate_run(
     aupro_mode: str = "exact",
     num_thresholds: int = 99,
     cache_dir: str | None = None,
+    overrides: dict[str, Any] | None = None,
     progress: bool = False,
     log: Log = _quiet,
 ) -> tuple[dict[str, Any], list[DataError]]:
-    """Metrics per category and their mean for a trained run on a dataset's test split."""
+    """Metrics per category and their mean for a trained run on a dataset's test split.
+
+    ``overrides`` replaces inference-time hyperparameters of the loaded models (e.g. ``{"aggregation": "sum"}``
+    rescores a CFM run without retraining).
+    """
     from mmiad.data.io import write_map
     from mmiad.data.preprocess import map_to_original
 
@@ -318,7 +424,7 @@ def evaluate_run(
     for category in names:
         path = model_for(models, category)
         if path not in loaded:
-            loaded[path] = load_trained(path, cache_dir=cache_dir)
+            loaded[path] = load_trained(path, cache_dir=cache_dir, **(overrides or {}))
         trained = loaded[path]
         records = list_records(root, category, "test", errors=errors)
         predictions = []

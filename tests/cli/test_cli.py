@@ -91,3 +91,15 @@ def test_bad_files_are_reported_and_the_rest_carry_on(tmp_path: Path, capsys) ->
     err = capsys.readouterr().err
     assert "no matching point cloud" in err and "stain" in err
     assert json.loads((tmp_path / "m.json").read_text())["per_category"]["puck"]["image_auroc"] is not None
+
+
+def test_set_passes_typed_hyperparameters(tmp_path: Path, capsys) -> None:
+    from mmiad.cli.model_commands import _hparams
+
+    args = build_parser().parse_args(
+        ["train", "--data", "d", "--out", "o", "--epochs", "3", "--set", "use_orq=false", "--set", "branches=rfi"]
+    )
+    assert _hparams(args) == {"epochs": 3, "use_orq": False, "branches": "rfi"}
+    bad = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--set", "novalue"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _hparams(bad)

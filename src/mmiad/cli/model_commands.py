@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
     hparams = {k: v for k, v in hparams.items() if v not in (None, False)}
     if args.seed is not None:
         hparams["seed"] = args.seed
+    for assignment in args.set or []:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
+        try:
+            hparams[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            hparams[key.replace("-", "_")] = value
     return hparams
 
 
@@ -67,6 +76,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed is not None else 0,
         max_fpr=args.max_fpr,
         hparams=_hparams(args),
+        fallback=not args.no_fallback,
         cache_dir=args.cache_dir,
         progress=True,
         log=log,
@@ -100,7 +110,7 @@ def _test(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from mmiad.data.folder import list_folder_records
-    from mmiad.engine import apply_thresholds, load_trained, model_for, run_models
+    from mmiad.engine import load_trained, model_for, predict_records, run_models
     from mmiad.postprocess.outputs import write_prediction, write_summary
     from mmiad.postprocess.threshold import Thresholds
 
@@ -119,14 +129,22 @@ def _predict(args: argparse.Namespace) -> int:
     records = list_folder_records(args.input, xyz_path=args.xyz, category=category, errors=errors)
     out = Path(args.out)
     rows = []
-    for prediction in trained.model.predict(records, progress=True, errors=errors):
-        apply_thresholds(prediction, thresholds)
-        rows.append(write_prediction(prediction, out, thresholds))
+    trained.thresholds = thresholds
+    for prediction in predict_records(trained, records, progress=True, errors=errors):
+        used = thresholds if not prediction.degraded else trained.fallback_thresholds.get(_present(prediction))
+        rows.append(write_prediction(prediction, out, used))
+        if prediction.degraded:
+            log(f"  {prediction.record.stem}: DEGRADED, scored from {_present(prediction)} only (a sensor dropped out)")
     csv_path, _ = write_summary(rows, out)
     report_errors(errors)
     flagged = sum(1 for row in rows if row.label == 1)
     log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
     return 0 if rows else 1
+
+
+def _present(prediction: Any) -> str:
+    """The modality a degraded prediction was scored from."""
+    return next(iter(prediction.modality_maps)).removesuffix("_only")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -192,6 +210,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
     parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other hyperparameter of the method, e.g. --set hidden=128 --set use_orq=false (JSON values)",
+    )
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -208,6 +232,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, help="seed of the few-shot draw and of training")
     train.add_argument("--max-fpr", type=float, default=0.01, help="false-alarm rate the thresholds allow")
     train.add_argument("--cache-dir", help="cache folder (default $MMIAD_CACHE or ~/.cache/mmiad)")
+    train.add_argument(
+        "--no-fallback", action="store_true", help="skip the single-modality models used when a sensor drops out"
+    )
     _add_training_options(train)
     train.set_defaults(handler=_train)
 

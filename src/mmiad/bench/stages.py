@@ -1,4 +1,4 @@
-"""Speed and memory benchmarks, written to ``BENCHMARKS.md`` (never timed tests).
+"""Per-stage inference timings and peak memory per extractor preset.
 
 ``python -m mmiad.bench stages`` times every stage of the inference pipeline per sample (read, preprocess, resize,
 2D forward, FPS + grouping, 3D forward, interpolation, projection, CFM mapping and scoring) for each extractor
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmiad.bench.common import machine_description, replace_section
 
 STAGES = (
     "read",
@@ -40,24 +41,6 @@ STAGES = (
 )
 BACKBONE_STAGES = ("2d_forward", "3d_forward")
 OVERHEAD_STAGES = ("resize", "fps_grouping", "interpolation", "projection", "mapping", "scoring")
-
-
-def machine_description() -> str:
-    """CPU model, cores, memory, Python and torch versions: the context every number needs."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        memory_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if "MemTotal" in x)
-        memory = f"{memory_kb / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        memory = "unknown RAM"
-    return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, {memory}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
-    )
 
 
 def _timed(timings: dict[str, list[float]], stage: str, fn: Callable[[], Any]) -> Any:
@@ -166,19 +149,6 @@ def stages_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the block between ``<!-- bench:name -->`` markers of a markdown file."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.strip()}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        text = before + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def _stages_command(args: argparse.Namespace) -> int:
     from mmiad.data.synthetic import generate_dataset
 
@@ -220,10 +190,8 @@ def _worker_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mmiad.bench {stages,worker}``."""
-    parser = argparse.ArgumentParser(prog="python -m mmiad.bench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``stages`` (and its per-preset ``worker``) to ``python -m mmiad.bench``."""
     stages = commands.add_parser("stages", help="per-stage inference timings and peak memory per preset")
     stages.add_argument("--out", default="BENCHMARKS.md")
     stages.add_argument("--presets", default="weightfree,dino-pointmae,dino-pointmae-s,dino-pointmae-t")
@@ -232,15 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     stages.add_argument("--source-size", type=int, default=400)
     stages.add_argument("--seed", type=int, default=0)
     stages.set_defaults(handler=_stages_command)
-    worker = commands.add_parser("worker")
+    worker = commands.add_parser("worker", help="(internal) one preset in a fresh process")
     worker.add_argument("preset")
     worker.add_argument("samples", type=int)
     worker.add_argument("data")
     worker.add_argument("image_size", type=int)
     worker.set_defaults(handler=_worker_command)
-    args = parser.parse_args(argv)
-    return int(args.handler(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,22 @@
+"""``python -m mmiad.bench {stages,accuracy}``: see the sub-commands' help."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmiad.bench import accuracy, stages
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the sub-command and run it."""
+    parser = argparse.ArgumentParser(prog="python -m mmiad.bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    stages.register(commands)
+    accuracy.register(commands)
+    args = parser.parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``manifest.json``: everything a runtime needs besides the graphs themselves.
+
+It records the graphs' names and shapes, the extractor preset and the pipeline configuration (so the Python
+side rebuilds the same preprocessing and FPFH/grouping and can refuse a mismatch), the calibrated thresholds and
+the model file's full configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmiad.methods.modelfile import ModelFileError
+
+MANIFEST = "manifest.json"
+FORMAT = "mmiad-onnx"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Manifest:
+    """Contents of ``manifest.json``.
+
+    Attributes:
+        method: Method name (``cfm``).
+        opset: ONNX opset of every graph.
+        image_size: Model input side S.
+        grid_size: Side G of the grid the scorer reads.
+        extractors: Extractor preset name.
+        pipeline: ``FeaturePipeline.config()`` at export (extractor configs, preprocessing profile).
+        graphs: Per graph (``image_extractor``, ``point_extractor``, ``scorer``): file, inputs, outputs.
+        thresholds: Calibrated thresholds (``Thresholds.to_dict()``), or None.
+        model_config: The model file's configuration (hyperparameters, training facts, category).
+        versions: Library versions at export, for bug reports.
+    """
+
+    method: str
+    opset: int
+    image_size: int
+    grid_size: int
+    extractors: str
+    pipeline: dict[str, Any]
+    graphs: dict[str, dict[str, Any]]
+    thresholds: dict[str, Any] | None
+    model_config: dict[str, Any]
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``<directory>/manifest.json``."""
+        path = Path(directory) / MANIFEST
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2))
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Manifest:
+        """Read and check ``<directory>/manifest.json``; a missing graph file is an error here, not at run time."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise ModelFileError(f"{directory}: not an ONNX export (no {MANIFEST}); create one with `mmiad export`")
+        data = json.loads(path.read_text())
+        if data.pop("format", None) != FORMAT:
+            raise ModelFileError(f"{path}: not an mmiad ONNX manifest")
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ModelFileError(f"{path}: manifest format {version} is not supported (expected {FORMAT_VERSION})")
+        manifest = cls(**data)
+        for name, graph in manifest.graphs.items():
+            if not (directory / graph["file"]).is_file():
+                raise ModelFileError(f"{directory}: graph {name!r} is missing its file {graph['file']}")
+        return manifest

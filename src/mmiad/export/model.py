@@ -1,0 +1,142 @@
+"""Export a trained model (or every model of a run folder) to a folder of ONNX graphs plus a manifest.
+
+Layout of ``mmiad export --run RUN --out DIR``::
+
+    DIR/index.json                       which export folder serves which category (like run.json)
+    DIR/<key>/manifest.json              see :mod:`mmiad.export.manifest`
+    DIR/<key>/image_extractor.onnx       2D extractor
+    DIR/<key>/point_extractor.onnx       Point-MAE encoder (deep presets only; FPFH stays in Python)
+    DIR/<key>/scorer.onnx                the method's scoring head
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmiad import __version__
+from mmiad.engine import TrainedModel, load_trained, model_for, run_models
+from mmiad.export._deps import require_onnx, require_onnxruntime
+from mmiad.export.extractors import export_image_extractor, export_point_extractor
+from mmiad.export.graphs import OPSET, CfmScorer, GraphSpec, export_graph
+from mmiad.export.manifest import MANIFEST, Manifest
+from mmiad.features.pointmae import PointMaeExtractor
+from mmiad.methods.cfm import CFM
+from mmiad.methods.modelfile import ModelFileError
+
+SCORER_GRAPH = "scorer.onnx"
+EXPORT_INDEX = "index.json"
+
+
+def export_cfm_scorer(model: CFM, out_dir: str | Path) -> dict[str, Any]:
+    """``scorer.onnx`` of a fitted CFM: grid_2d, grid_3d, foreground → anomaly_map, map_2d, map_3d, score."""
+    model.check_fitted()
+    config = model.config
+    scorer = CfmScorer(
+        model.map_to_3d_,
+        model.map_to_2d_,
+        crossmodal=config.mapping == "crossmodal",
+        aggregation=config.aggregation,
+        out_size=config.image_size,
+        smoothing=config.smoothing,
+        sigma=config.sigma,
+        compat=config.compat,
+    )
+    grid, size = config.grid_size, config.image_size
+    # Whatever the mapping, each network predicts its own modality, so its output width is that modality's.
+    in_2d, in_3d = model.map_to_2d_.output.out_features, model.map_to_3d_.output.out_features
+    generator = torch.Generator().manual_seed(0)
+    example = (
+        torch.randn(in_2d, grid, grid, generator=generator),
+        torch.randn(in_3d, grid, grid, generator=generator),
+        torch.ones(grid, grid, dtype=torch.bool),
+    )
+    spec = GraphSpec(
+        inputs={"grid_2d": [in_2d, grid, grid], "grid_3d": [in_3d, grid, grid], "foreground": [grid, grid]},
+        outputs={"anomaly_map": [size, size], "map_2d": [grid, grid], "map_3d": [grid, grid], "score": []},
+    )
+    export_graph(scorer, example, Path(out_dir) / SCORER_GRAPH, spec)
+    return {"file": SCORER_GRAPH, **spec.to_dict({"foreground": "bool"})}
+
+
+def export_model(trained: TrainedModel, out_dir: str | Path) -> Manifest:
+    """Write the graphs and ``manifest.json`` of one fitted model into ``out_dir``.
+
+    Only CFM is exported so far: memory-bank methods (BTF, M3DM) search a bank of millions of rows, which ONNX
+    does not express well, and Uni-RCM's export is not written yet.
+    """
+    model = trained.model
+    if not isinstance(model, CFM):
+        raise ValueError(f"ONNX export supports CFM models only, not {model.name!r}")
+    require_onnx()
+    out_dir = Path(out_dir)
+    pipeline = model.pipeline
+    graphs = {
+        "image_extractor": export_image_extractor(pipeline.image_extractor, out_dir, model.config.image_size),
+        "scorer": export_cfm_scorer(model, out_dir),
+    }
+    if isinstance(pipeline.point_extractor, PointMaeExtractor):
+        graphs["point_extractor"] = export_point_extractor(pipeline.point_extractor, out_dir)
+    onnx = require_onnx()
+    manifest = Manifest(
+        method=model.name,
+        opset=OPSET,
+        image_size=model.config.image_size,
+        grid_size=model.config.grid_size,
+        extractors=model.config.extractors,
+        pipeline=pipeline.config(),
+        graphs=graphs,
+        thresholds=trained.thresholds.to_dict() if trained.thresholds is not None else None,
+        model_config={**model.get_config(), **trained.info},
+        versions={
+            "mmiad": __version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": require_onnxruntime().__version__,
+        },
+    )
+    manifest.write(out_dir)
+    return manifest
+
+
+def export_run(
+    run: str | Path, out: str | Path, *, category: str | None = None, cache_dir: str | None = None
+) -> dict[str, Path]:
+    """Export every model of a run folder (or only the one serving ``category``) under ``out``.
+
+    Returns:
+        Export folder per model key (category or ``unified``).
+    """
+    models = run_models(run)
+    if category is not None:
+        path = model_for(models, category)
+        models = {key: p for key, p in models.items() if p == path}
+    out = Path(out)
+    folders: dict[str, Path] = {}
+    for key, path in models.items():
+        trained = load_trained(path, cache_dir=cache_dir)
+        export_model(trained, out / key)
+        folders[key] = out / key
+    index_path = out / EXPORT_INDEX
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {"models": {}}
+    index["models"].update({key: folder.name for key, folder in folders.items()})
+    index_path.write_text(json.dumps(index, indent=2))
+    return folders
+
+
+def resolve_export(path: str | Path, category: str | None = None) -> Path:
+    """The model export folder to use: ``path`` itself, or the one serving ``category`` in an export of a run."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    if not (path / EXPORT_INDEX).is_file():
+        raise ModelFileError(f"{path}: not an ONNX export (no {MANIFEST} or {EXPORT_INDEX}); use `mmiad export`")
+    models = {key: path / name for key, name in json.loads((path / EXPORT_INDEX).read_text())["models"].items()}
+    if category is None:
+        if len(models) != 1:
+            raise ValueError(f"the export has several models ({', '.join(sorted(models))}); choose one with --category")
+        return next(iter(models.values()))
+    return model_for(models, category)

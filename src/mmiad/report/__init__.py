@@ -1,0 +1,7 @@
+"""A self-contained HTML report of a trained run: metrics, ROC/PRO curves, worst samples and a 3D view."""
+
+from __future__ import annotations
+
+from mmiad.report.build import CategoryReport, Report, ReportOptions, SampleView, build_report, collect_report
+
+__all__ = ["CategoryReport", "Report", "ReportOptions", "SampleView", "build_report", "collect_report"]
