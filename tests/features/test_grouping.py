@@ -123,3 +123,17 @@ def test_three_nn_with_fewer_centres_uses_all() -> None:
     neighbors, weights = three_nn_weights(torch.tensor([[0.5, 0, 0]]), centres)
     assert neighbors.tolist() == [[0, 1]]
     np.testing.assert_allclose(weights[0].numpy(), [0.9, 0.1], rtol=1e-6)  # ∝ 1/0.25, 1/2.25
+
+
+@pytest.mark.parametrize("k", [1, 3, 16])
+def test_kdtree_knn_equals_the_brute_force(k: int) -> None:
+
+    rng = np.random.default_rng(k)
+    random_cloud = torch.from_numpy(rng.random((3000, 3), dtype=np.float32) * 0.05)
+    lattice = torch.from_numpy(np.stack(np.meshgrid(*[np.arange(12)] * 3), -1).reshape(-1, 3).astype(np.float32))
+    for points in (random_cloud, lattice, torch.cat([random_cloud[:500], random_cloud[:500]])):
+        queries = points[torch.from_numpy(rng.choice(len(points), 200, replace=False))] + 1e-4
+        fast_idx, fast_dist = knn_indices(points, queries, k, backend="kdtree")
+        slow_idx, slow_dist = knn_indices(points, queries, k, backend="brute")
+        assert torch.equal(fast_idx, slow_idx)
+        assert torch.equal(fast_dist, slow_dist)

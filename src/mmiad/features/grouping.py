@@ -115,12 +115,8 @@ def _squared_distances(queries: torch.Tensor, refs: torch.Tensor) -> torch.Tenso
     return dist
 
 
-def knn_indices(points: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every query, its k nearest points: (Q,k) indices and (Q,k) squared distances, nearest first."""
-    _check_points(points)
-    _check_points(queries)
-    if not 1 <= k <= points.shape[0]:
-        raise ValueError(f"k={k} must be in [1, {points.shape[0]}]")
+def _knn_brute(points: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact kNN by chunked distance matrices: the reference the k-d tree path must reproduce."""
     chunk = max(1, _CHUNK_ELEMENTS // max(1, points.shape[0]))
     indices, distances = [], []
     for start in range(0, queries.shape[0], chunk):
@@ -131,6 +127,70 @@ def knn_indices(points: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[to
     if not indices:
         return torch.empty(0, k, dtype=torch.long), torch.empty(0, k, dtype=points.dtype)
     return torch.cat(indices), torch.cat(distances)
+
+
+def _candidate_distances(points: torch.Tensor, queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Squared distances to candidate points with the same float32 arithmetic as :func:`_squared_distances`."""
+    gathered = points[candidates]
+    dist = queries[:, None, 0] - gathered[..., 0]
+    dist.mul_(dist)
+    for axis in (1, 2):
+        diff = queries[:, None, axis] - gathered[..., axis]
+        dist.addcmul_(diff, diff)
+    return dist
+
+
+def _knn_kdtree(points: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kNN through a k-d tree, returning exactly what :func:`_knn_brute` returns.
+
+    The tree proposes k+1 candidates per query; their distances are recomputed in float32 as the brute force does
+    and ordered by (distance, index). A row whose k-th and (k+1)-th candidates are tied, or so close that float32
+    rounding could reorder them against a point outside the candidates, is redone by brute force.
+    """
+    from scipy.spatial import cKDTree
+
+    extra = min(k + 1, points.shape[0])
+    tree = cKDTree(points.double().numpy())
+    tree_dist, found = tree.query(queries.double().numpy(), k=extra)
+    found = torch.from_numpy(np.asarray(found).reshape(len(queries), extra)).long()
+    tree_dist = torch.from_numpy(np.asarray(tree_dist).reshape(len(queries), extra))
+    found = torch.sort(found, dim=1).values
+    dist = _candidate_distances(points, queries, found)
+    order = torch.argsort(dist, dim=1, stable=True)
+    found, dist = torch.gather(found, 1, order), torch.gather(dist, 1, order)
+    indices, distances = found[:, :k].contiguous(), dist[:, :k].contiguous()
+    if extra > k:
+        kth, next_ = tree_dist[:, k - 1] ** 2, tree_dist[:, k] ** 2
+        unsafe = (dist[:, k - 1] >= dist[:, k]) | (next_ <= kth * (1 + 1e-5) + 1e-20)
+        rows = torch.nonzero(unsafe)[:, 0]
+        if rows.numel():
+            exact_idx, exact_dist = _knn_brute(points, queries[rows], k)
+            indices[rows], distances[rows] = exact_idx, exact_dist
+    return indices, distances
+
+
+def knn_indices(
+    points: torch.Tensor, queries: torch.Tensor, k: int, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every query, its k nearest points: (Q,k) indices and (Q,k) squared distances, nearest first.
+
+    Args:
+        points: (N,3) reference points.
+        queries: (Q,3) query points.
+        k: Neighbours per query, 1 ≤ k ≤ N.
+        backend: ``brute`` (chunked distance matrices), ``kdtree`` (scipy; same results, much faster on large
+            clouds) or ``auto`` (k-d tree when the brute force would compute more than a few million distances).
+    """
+    _check_points(points)
+    _check_points(queries)
+    if not 1 <= k <= points.shape[0]:
+        raise ValueError(f"k={k} must be in [1, {points.shape[0]}]")
+    if backend not in ("auto", "brute", "kdtree"):
+        raise ValueError(f"unknown kNN backend {backend!r}; expected auto, brute or kdtree")
+    large = points.shape[0] * queries.shape[0] > _CHUNK_ELEMENTS
+    if backend == "kdtree" or (backend == "auto" and large):
+        return _knn_kdtree(points.float(), queries.float(), k)
+    return _knn_brute(points, queries, k)
 
 
 def group_points(
