@@ -19,7 +19,7 @@ def test_help_lists_the_subcommands(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for command in ("synth", "preprocess", "train", "test", "evaluate", "predict", "cache", "demo"):
+    for command in ("synth", "preprocess", "train", "test", "evaluate", "predict", "cache", "demo", "export"):
         assert command in text
 
 
@@ -66,6 +66,18 @@ def test_synth_train_test_evaluate_predict(tmp_path: Path, capsys) -> None:
     stem = rows[0]["name"]
     assert (out / "overlays" / f"{stem}.png").is_file() and (out / "masks" / f"{stem}.png").is_file()
     assert np.isfinite(read_map(out / "maps" / f"{stem}.tiff")).all()
+
+    # The same prediction through the exported ONNX graphs gives the same scores.
+    pytest.importorskip("onnxruntime")
+    exported, onnx_out = tmp_path / "export", tmp_path / "pred_onnx"
+    assert main(["export", "--run", str(run), "--out", str(exported), "--category", categories[0]]) == 0
+    onnx_args = ["predict", "--onnx", str(exported), "--input", str(defect), "--out", str(onnx_out)]
+    assert main([*onnx_args, "--category", categories[0], "--cache-dir", cache]) == 0
+    onnx_rows = list(csv.DictReader((onnx_out / "predictions.csv").open()))
+    assert [r["name"] for r in onnx_rows] == [r["name"] for r in rows]
+    for torch_row, onnx_row in zip(rows, onnx_rows, strict=True):
+        assert float(onnx_row["score"]) == pytest.approx(float(torch_row["score"]), rel=1e-4, abs=1e-6)
+        assert onnx_row["label"] == torch_row["label"]
 
 
 def test_user_errors_exit_1_with_a_message(tmp_path: Path, capsys) -> None:

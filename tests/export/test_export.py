@@ -21,6 +21,7 @@ from mmiad.export import Manifest, OnnxPredictor, export_run, predict_with_onnx 
 from mmiad.export._deps import require_onnxruntime  # noqa: E402
 from mmiad.export.extractors import export_image_extractor, export_point_extractor  # noqa: E402
 from mmiad.export.model import export_cfm_scorer  # noqa: E402
+from mmiad.export.runtime import OnnxPointMaeExtractor  # noqa: E402
 from mmiad.features.pointmae import PointMaeEncoder, PointMaeExtractor, PointMaePreset  # noqa: E402
 from mmiad.features.texture import TextureExtractor  # noqa: E402
 from mmiad.features.vit import VisionTransformer, VitExtractor, VitPreset  # noqa: E402
@@ -46,8 +47,13 @@ def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return model, category, cache
 
 
+def _test_records(root: Path, category: str) -> list:
+    """Every second test sample (a defect of each kind and a nominal one), to keep FPFH time down."""
+    return list_records(root, category, "test")[::2]
+
+
 def _test_features(model: CFM, root: Path, category: str) -> list:
-    records = model.pipeline.preprocess(list_records(root, category, "test"))
+    records = model.pipeline.preprocess(_test_records(root, category))
     return [model.pipeline.extract(r) for r in records]
 
 
@@ -102,11 +108,12 @@ def test_vit_export_matches_extract_with_dynamic_batch(tmp_path: Path, pos_grid:
 def test_texture_export_matches_extract(tmp_path: Path) -> None:
     extractor = TextureExtractor()
     entry = export_image_extractor(extractor, tmp_path, 32)
-    rgb = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    (got,) = _run(tmp_path / entry["file"], {"rgb": rgb.numpy()})
-    expected = extractor.extract(rgb).numpy()
-    assert got.shape == expected.shape == (2, extractor.out_channels, 4, 4)
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    for batch in (1, 3):
+        rgb = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        (got,) = _run(tmp_path / entry["file"], {"rgb": rgb.numpy()})
+        expected = extractor.extract(rgb).numpy()
+        assert got.shape == expected.shape == (batch, extractor.out_channels, 4, 4)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_pointmae_encoder_export_has_dynamic_groups(tmp_path: Path) -> None:
@@ -127,6 +134,16 @@ def test_pointmae_encoder_export_has_dynamic_groups(tmp_path: Path) -> None:
             expected = encoder.eval()(neighborhoods, centres).numpy()
         assert got.shape == (groups, 64)
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    # The runtime's extractor (Python grouping + ONNX encoder) against the PyTorch extractor on a whole cloud.
+    rng = np.random.default_rng(3)
+    xyz = rng.normal(size=(16, 16, 3)).astype(np.float32)
+    valid = rng.random((16, 16)) > 0.3
+    runtime = OnnxPointMaeExtractor(tmp_path / entry["file"], extractor.config(), extractor.out_channels)
+    got_points, expected_points = runtime.extract(xyz, valid), extractor.extract(xyz, valid)
+    assert got_points.features.shape == (16, 64)
+    np.testing.assert_allclose(got_points.features.numpy(), expected_points.features.numpy(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(got_points.neighbors, expected_points.neighbors)
+    assert torch.equal(got_points.pixel_index, expected_points.pixel_index)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +180,7 @@ def test_onnx_predictions_equal_torch_predictions(
     trained: tuple[CFM, str, Path], exported: tuple[Path, Path], tiny_dataset: Path
 ) -> None:
     model, category, cache = trained
-    records = list_records(tiny_dataset, category, "test")
+    records = _test_records(tiny_dataset, category)
     thresholds = Thresholds(image=0.05, pixel=0.04, max_fpr=0.01, source="test")
     expected = [apply_thresholds(p, thresholds) for p in model.predict(records)]
     got = list(predict_with_onnx(exported[1], records, category=category, cache_dir=cache))

@@ -110,28 +110,39 @@ def _test(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from mmiad.data.folder import list_folder_records
-    from mmiad.engine import load_trained, model_for, predict_records, run_models
+    from mmiad.engine import apply_thresholds, load_trained, model_for, predict_records, run_models
     from mmiad.postprocess.outputs import write_prediction, write_summary
-    from mmiad.postprocess.threshold import Thresholds
 
-    models = run_models(args.run)
-    category = args.category
-    if category is None:
-        if len(models) != 1:
-            raise ValueError(f"the run has several models ({', '.join(sorted(models))}); choose one with --category")
-        category = next(iter(models))
-    trained = load_trained(model_for(models, category), cache_dir=args.cache_dir)
-    thresholds = trained.thresholds
-    if args.threshold is not None:
-        base = thresholds or Thresholds(args.threshold, args.threshold, float("nan"), "user")
-        thresholds = Thresholds(args.threshold, base.pixel, base.max_fpr, "user")
+    if (args.run is None) == (args.onnx is None):
+        raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
     errors: list[DataError] = []
-    records = list_folder_records(args.input, xyz_path=args.xyz, category=category, errors=errors)
+    if args.onnx is not None:
+        from mmiad.export.runtime import OnnxPredictor
+
+        predictor = OnnxPredictor.from_export(args.onnx, args.category, cache_dir=args.cache_dir)
+        category = args.category or predictor.manifest.model_config.get("category", "custom")
+        thresholds = _override(predictor.thresholds, args.threshold)
+        records = list_folder_records(args.input, xyz_path=args.xyz, category=category, errors=errors)
+        predictions = (
+            apply_thresholds(p, thresholds) for p in predictor.predict(records, progress=True, errors=errors)
+        )
+        fallback_thresholds = {}
+    else:
+        models = run_models(args.run)
+        category = args.category
+        if category is None:
+            if len(models) != 1:
+                raise ValueError(f"the run has several models ({', '.join(sorted(models))}); choose with --category")
+            category = next(iter(models))
+        trained = load_trained(model_for(models, category), cache_dir=args.cache_dir)
+        trained.thresholds = thresholds = _override(trained.thresholds, args.threshold)
+        records = list_folder_records(args.input, xyz_path=args.xyz, category=category, errors=errors)
+        predictions = predict_records(trained, records, progress=True, errors=errors)
+        fallback_thresholds = trained.fallback_thresholds
     out = Path(args.out)
     rows = []
-    trained.thresholds = thresholds
-    for prediction in predict_records(trained, records, progress=True, errors=errors):
-        used = thresholds if not prediction.degraded else trained.fallback_thresholds.get(_present(prediction))
+    for prediction in predictions:
+        used = thresholds if not prediction.degraded else fallback_thresholds.get(_present(prediction))
         rows.append(write_prediction(prediction, out, used))
         if prediction.degraded:
             log(f"  {prediction.record.stem}: DEGRADED, scored from {_present(prediction)} only (a sensor dropped out)")
@@ -140,6 +151,17 @@ def _predict(args: argparse.Namespace) -> int:
     flagged = sum(1 for row in rows if row.label == 1)
     log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
     return 0 if rows else 1
+
+
+def _override(thresholds: Any, image_threshold: float | None) -> Any:
+    """Calibrated thresholds with the image threshold replaced by ``--threshold`` when given."""
+    from mmiad.postprocess.threshold import Thresholds
+
+    if image_threshold is None:
+        return thresholds
+    pixel = thresholds.pixel if thresholds is not None else image_threshold
+    max_fpr = thresholds.max_fpr if thresholds is not None else float("nan")
+    return Thresholds(image_threshold, pixel, max_fpr, "user")
 
 
 def _present(prediction: Any) -> str:
@@ -185,6 +207,7 @@ def _demo(args: argparse.Namespace) -> int:
         folders = sorted(p for p in (data / category / "test").iterdir() if p.is_dir() and p.name != "good")
         predict_args = argparse.Namespace(
             run=str(run),
+            onnx=None,
             input=str(folders[0]),
             xyz=None,
             out=str(out / "predictions" / category),
@@ -250,7 +273,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     test.set_defaults(handler=_test)
 
     predict = commands.add_parser("predict", help="score new samples: maps, overlays, masks, summary")
-    predict.add_argument("--run", required=True, help="run folder written by train")
+    predict.add_argument("--run", help="run folder written by train")
+    predict.add_argument("--onnx", help="an `mmiad export` folder: run the exported ONNX graphs instead of PyTorch")
     predict.add_argument("--input", required=True, help="folder with rgb/ + xyz/, a flat folder of pairs, or an RGB")
     predict.add_argument("--xyz", help="the xyz TIFF when --input is a single RGB file")
     predict.add_argument("--out", required=True, help="output folder")

@@ -145,6 +145,7 @@ class TextureExtractor:
         A 1-D filter along an axis of a 224-pixel image is one small dense matrix product, which BLAS runs many
         times faster than torch's grouped depthwise convolutions on a CPU.
         """
+        size = int(size)  # under ONNX tracing a shape is a tensor; the cache must key on the plain number
         key = (size, sigma, norm_sigma)
         if key not in self._matrices:
             kernels = _gaussian_kernels(sigma, norm_sigma)
