@@ -19,7 +19,7 @@ def test_help_lists_the_subcommands(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     text = capsys.readouterr().out
-    for command in ("synth", "preprocess", "train", "test", "evaluate", "predict", "cache", "demo", "export"):
+    for command in ("synth", "preprocess", "train", "test", "evaluate", "predict", "cache", "demo", "export", "report"):
         assert command in text
 
 

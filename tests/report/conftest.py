@@ -31,7 +31,19 @@ def tiny_report(tiny_run: tuple[Path, Path, str], tmp_path_factory: pytest.TempP
     parser = argparse.ArgumentParser()
     report_command.register(parser.add_subparsers())
     args = parser.parse_args(
-        ["report", "--run", str(run), "--data", str(data), "--out", str(out), "--cache-dir", cache, "--max-samples", "4"]
+        [
+            "report",
+            "--run",
+            str(run),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--cache-dir",
+            cache,
+            "--max-samples",
+            "4",
+        ]
     )
     assert args.handler(args) == 0
     return out / "index.html"

@@ -13,6 +13,8 @@ from mmiad.engine import evaluate_run, load_trained, run_models
 from mmiad.metrics import METRIC_KEYS
 from mmiad.report import ReportOptions, collect_report
 
+pytestmark = pytest.mark.slow
+
 
 def test_metrics_table_matches_evaluate_run(tiny_run: tuple[Path, Path, str], tiny_report: Path) -> None:
     data, run, cache = tiny_run

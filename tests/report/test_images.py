@@ -15,7 +15,9 @@ from mmiad.report import images
 
 def test_unnormalize_inverts_the_imagenet_transform() -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    normalised = (rgb.astype(np.float32) / 255 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    normalised = (rgb.astype(np.float32) / 255 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
+        IMAGENET_STD, np.float32
+    )
     back = images.unnormalize_rgb(normalised.transpose(2, 0, 1))
     np.testing.assert_array_equal(back, rgb)
     with pytest.raises(ValueError, match="normalised image"):

@@ -39,7 +39,8 @@ def test_pro_frame_spans_fpr_0_to_0_3() -> None:
     svg = svg_curve(np.array([0.0, 0.3]), np.array([0.0, 1.0]), title="p", x_label="x", y_label="y", x_max=0.3)
     frame = Frame(x_max=0.3)
     np.testing.assert_allclose(
-        _points(svg, "curve"), [(MARGIN_LEFT, MARGIN_TOP + frame.plot_height), (MARGIN_LEFT + frame.plot_width, MARGIN_TOP)]
+        _points(svg, "curve"),
+        [(MARGIN_LEFT, MARGIN_TOP + frame.plot_height), (MARGIN_LEFT + frame.plot_width, MARGIN_TOP)],
     )
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from mmiad.features.base import PointFeatures
 from mmiad.features.checkpoints import CheckpointError, load_strict, read_checkpoint, strip_prefixes
 from mmiad.features.grouping import group_points, three_nn_weights
+from mmiad.features.layers import Attention, Mlp
 
 _GROUP_CHUNK = 128  # groups per Mini-PointNet pass: bounds activations to ~32 MB for 128-point groups
 
@@ -116,42 +117,13 @@ class MiniPointNet(nn.Module):
         return torch.cat(outputs) if outputs else groups.new_zeros(0, conv3.out_channels)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention, qkv without bias as in Point-MAE."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Mlp(nn.Module):
-    """fc1 → GELU → fc2."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-LN block with PyTorch's default LayerNorm eps (1e-5), as Point-MAE."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qkv_bias=False)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmiad.features.checkpoints import load_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from mmiad.features.layers import Attention, Mlp
 
 
 @dataclass(frozen=True)
@@ -74,36 +75,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (the checkpoints store it fused)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        # SDPA's default scale is head_dim**-0.5, the scale every official model uses.
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class Mlp(nn.Module):
-    """fc1 → exact GELU → fc2."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class LayerScale(nn.Module):

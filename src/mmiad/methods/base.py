@@ -10,13 +10,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
+
+if TYPE_CHECKING:
+    from mmiad.features.pipeline import FeaturePipeline
 
 
 @dataclass
@@ -62,6 +65,8 @@ class AnomalyModel(ABC):
     """Base class of every method (CFM, Uni-RCM, M3DM, BTF)."""
 
     name: ClassVar[str]
+    config: Any
+    _pipeline: FeaturePipeline | None = None
 
     @abstractmethod
     def fit(
@@ -87,6 +92,31 @@ class AnomalyModel(ABC):
     @abstractmethod
     def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> AnomalyModel:
         """Rebuild a fitted model from :meth:`get_config` and :meth:`state_tensors`."""
+
+    def preprocess_profile(self) -> str:
+        """The offline preprocessing profile: the config's ``profile`` if it has one, else ``cfm``."""
+        return str(getattr(self.config, "profile", "cfm"))
+
+    @property
+    def pipeline(self) -> FeaturePipeline:
+        """The feature pipeline, built on first use (building deep extractors loads their weights).
+
+        Every method reads the same config fields for it (``extractors``, ``image_size``, ``weights_dir``,
+        ``random_init``) and shares one feature cache under ``cache_dir``.
+        """
+        if getattr(self, "_pipeline", None) is None:
+            from mmiad.features.registry import build_pipeline
+
+            config = self.config
+            self._pipeline = build_pipeline(
+                config.extractors,
+                profile=self.preprocess_profile(),
+                image_size=config.image_size,
+                weights_dir=config.weights_dir,
+                random_init=config.random_init,
+                cache_dir=getattr(self, "cache_dir", None),
+            )
+        return self._pipeline
 
     def check_fitted(self) -> None:
         """Raise :class:`NotFittedError` unless ``fit`` has run."""

@@ -36,7 +36,9 @@ def metrics_table(summary: Mapping[str, Any]) -> str:
         )
         return f'<tr class="{css}" data-category="{escape(name)}"><td>{escape(name)}</td>{cells}</tr>'
 
-    head = "".join(f'<th data-key="{escape(k)}">{escape(t)}</th>' for k, t in zip(METRIC_KEYS, COLUMN_TITLES, strict=True))
+    head = "".join(
+        f'<th data-key="{escape(k)}">{escape(t)}</th>' for k, t in zip(METRIC_KEYS, COLUMN_TITLES, strict=True)
+    )
     rows = [row(name, metrics, "category") for name, metrics in summary["per_category"].items()]
     rows.append(row("mean", summary["mean"], "mean"))
     return f'<table class="metrics" id="metrics"><tr><th>category</th>{head}</tr>{"".join(rows)}</table>'
@@ -92,7 +94,7 @@ def category_section(category: CategoryReport, cloud_indices: Mapping[int, int])
     cards = [sample_card(view, cloud_indices.get(id(view))) for view in category.gallery]
     return (
         f'<section class="category" id="category-{escape(category.name)}" data-category="{escape(category.name)}">'
-        f"<h2>{escape(category.name)}</h2><p class=\"meta\">{_thresholds_line(category)}</p>"
+        f'<h2>{escape(category.name)}</h2><p class="meta">{_thresholds_line(category)}</p>'
         f'<div class="plots">{roc}{pro}</div>'
         f"<h3>Samples, worst first</h3>"
         f'<div class="gallery">{"".join(cards) or "<p>no sample to show</p>"}</div></section>'

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 BACKGROUND = (17, 17, 17)
 
-VIEWER_JS = r"""
+_VIEWER_TEMPLATE = r"""
 (function () {
   "use strict";
-  var BG = [%(bg_r)d, %(bg_g)d, %(bg_b)d];
+  var BG = __BACKGROUND__;
   var data = JSON.parse(document.getElementById("mmiad-clouds").textContent);
   var canvas = document.getElementById("mmiad-viewer");
   var select = document.getElementById("mmiad-cloud-select");
@@ -34,7 +34,7 @@ VIEWER_JS = r"""
     var extent = Math.max(span[0], span[1], span[2]) || 1;
     var points = new Float32Array(cloud.count * 3);
     for (var i = 0; i < cloud.count * 3; i++) {
-      var a = i %% 3;
+      var a = i % 3;
       // Centre the box and scale its longest side to 2, keeping the true aspect ratio of the part.
       points[i] = ((q[i] / 65535 - 0.5) * span[a]) / extent * 2;
     }
@@ -48,7 +48,9 @@ VIEWER_JS = r"""
   function render() {
     var w = canvas.width, h = canvas.height;
     var image = ctx.createImageData(w, h), px = image.data;
-    for (var i = 0; i < w * h; i++) { px[4 * i] = BG[0]; px[4 * i + 1] = BG[1]; px[4 * i + 2] = BG[2]; px[4 * i + 3] = 255; }
+    for (var i = 0; i < w * h; i++) {
+      px[4 * i] = BG[0]; px[4 * i + 1] = BG[1]; px[4 * i + 2] = BG[2]; px[4 * i + 3] = 255;
+    }
     var depth = new Float32Array(w * h).fill(Infinity);
     var cy = Math.cos(view.yaw), sy = Math.sin(view.yaw), cp = Math.cos(view.pitch), sp = Math.sin(view.pitch);
     var scale = 0.45 * Math.min(w, h) * view.zoom, p = view.points, drawn = 0;
@@ -78,7 +80,10 @@ VIEWER_JS = r"""
   }
 
   var drag = null;
-  canvas.addEventListener("pointerdown", function (e) { drag = [e.clientX, e.clientY]; canvas.setPointerCapture(e.pointerId); });
+  canvas.addEventListener("pointerdown", function (e) {
+    drag = [e.clientX, e.clientY];
+    canvas.setPointerCapture(e.pointerId);
+  });
   canvas.addEventListener("pointerup", function () { drag = null; });
   canvas.addEventListener("pointermove", function (e) {
     if (!drag) { return; }
@@ -103,7 +108,8 @@ VIEWER_JS = r"""
   window.mmiadViewer = { load: load, view: view };
   load(0);
 })();
-""" % {"bg_r": BACKGROUND[0], "bg_g": BACKGROUND[1], "bg_b": BACKGROUND[2]}
+"""
+VIEWER_JS = _VIEWER_TEMPLATE.replace("__BACKGROUND__", str(list(BACKGROUND)))
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.features.registry import build_pipeline
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map, resolve_device
@@ -91,20 +90,6 @@ class BTF(AnomalyModel):
         self.config = config or BTFConfig(**hparams)
         self.cache_dir = cache_dir
         self._pipeline: FeaturePipeline | None = None
-
-    @property
-    def pipeline(self) -> FeaturePipeline:
-        """The feature pipeline, built on first use."""
-        if self._pipeline is None:
-            self._pipeline = build_pipeline(
-                self.config.extractors,
-                profile=self.config.profile,
-                image_size=self.config.image_size,
-                weights_dir=self.config.weights_dir,
-                random_init=self.config.random_init,
-                cache_dir=self.cache_dir,
-            )
-        return self._pipeline
 
     def _new_bank(self) -> MemoryBank:
         spill = Path(self.cache_dir) / "spill" if self.cache_dir else None

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.features.registry import build_pipeline
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss, feature_discrepancy
 from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
@@ -87,20 +86,6 @@ class CFM(AnomalyModel):
         self.config = config or CFMConfig(**hparams)
         self.cache_dir = cache_dir
         self._pipeline: FeaturePipeline | None = None
-
-    @property
-    def pipeline(self) -> FeaturePipeline:
-        """The feature pipeline, built on first use (building deep extractors loads weights)."""
-        if self._pipeline is None:
-            self._pipeline = build_pipeline(
-                self.config.extractors,
-                profile="cfm",
-                image_size=self.config.image_size,
-                weights_dir=self.config.weights_dir,
-                random_init=self.config.random_init,
-                cache_dir=self.cache_dir,
-            )
-        return self._pipeline
 
     # ------------------------------------------------------------------ training
     def _build_networks(self, channels_2d: int, channels_3d: int) -> None:

@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.features.registry import build_pipeline
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.btf.model import check_pipeline
 from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr
@@ -146,20 +145,6 @@ class M3DM(AnomalyModel):
         self.config = config or M3DMConfig(**hparams)
         self.cache_dir = cache_dir
         self._pipeline: FeaturePipeline | None = None
-
-    @property
-    def pipeline(self) -> FeaturePipeline:
-        """The feature pipeline, built on first use."""
-        if self._pipeline is None:
-            self._pipeline = build_pipeline(
-                self.config.extractors,
-                profile=self.config.profile,
-                image_size=self.config.image_size,
-                weights_dir=self.config.weights_dir,
-                random_init=self.config.random_init,
-                cache_dir=self.cache_dir,
-            )
-        return self._pipeline
 
     def _sets(self, features: SampleFeatures) -> PatchSets:
         return patch_sets(features, self.config.rgb_grid, self.config.point_grid)

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.features.registry import build_pipeline
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.cfm.scoring import finalize_map
@@ -155,20 +154,6 @@ class UniRCM(AnomalyModel):
         self.config = config or UniRCMConfig(**hparams)
         self.cache_dir = cache_dir
         self._pipeline: FeaturePipeline | None = None
-
-    @property
-    def pipeline(self) -> FeaturePipeline:
-        """The feature pipeline (CFM's profile and the shared feature cache), built on first use."""
-        if self._pipeline is None:
-            self._pipeline = build_pipeline(
-                self.config.extractors,
-                profile="cfm",
-                image_size=self.config.image_size,
-                weights_dir=self.config.weights_dir,
-                random_init=self.config.random_init,
-                cache_dir=self.cache_dir,
-            )
-        return self._pipeline
 
     @property
     def device(self) -> torch.device:
