@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
-	-$(BIN)/pip install -q -c constraints.txt "fpsample==1.0.2" || echo "optional fast path fpsample not installed"
+	-$(BIN)/pip install -q -c constraints.txt -e ".[fast]" || echo "optional fast paths (fpsample, faiss-cpu) not installed"
 	touch $@
 
 env: $(VENV)/.installed

@@ -1,11 +1,11 @@
-"""``python -m mmiad.bench {stages,accuracy}``: see the sub-commands' help."""
+"""``python -m mmiad.bench {stages,accuracy,fallback,orq,extend}``: see the sub-commands' help."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, stages
+from mmiad.bench import accuracy, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     stages.register(commands)
     accuracy.register(commands)
+    unified.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 
