@@ -1,0 +1,51 @@
+"""Train, test and predict over a dataset: the loop every method shares, behind the CLI and the Python API.
+
+A *run* is a folder with one self-describing model file per trained model (``<category>.safetensors``, or
+``unified.safetensors`` for a model of all categories) and a ``run.json`` index. Thresholds are calibrated at the
+end of training on held-out nominal samples and stored in the model file, so a run folder is all a line PC needs.
+"""
+
+from mmiad.engine.evaluation import evaluate_predictions, evaluate_run
+from mmiad.engine.runs import (
+    RUN_INDEX,
+    UNIFIED,
+    calibration_split,
+    extend_run,
+    model_for,
+    run_models,
+    select_few_shot,
+    train_run,
+    write_run_index,
+)
+from mmiad.engine.trained import (
+    TrainedModel,
+    apply_thresholds,
+    build_model,
+    fit_and_calibrate,
+    fit_fallback,
+    load_trained,
+    predict_records,
+    save_trained,
+)
+
+__all__ = [
+    "RUN_INDEX",
+    "UNIFIED",
+    "TrainedModel",
+    "apply_thresholds",
+    "build_model",
+    "calibration_split",
+    "evaluate_predictions",
+    "evaluate_run",
+    "extend_run",
+    "fit_and_calibrate",
+    "fit_fallback",
+    "load_trained",
+    "model_for",
+    "predict_records",
+    "run_models",
+    "save_trained",
+    "select_few_shot",
+    "train_run",
+    "write_run_index",
+]

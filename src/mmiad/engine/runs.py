@@ -1,0 +1,214 @@
+"""Run folders: training one model per category (or a unified one), extending it, and finding its models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmiad.data.errors import DataError
+from mmiad.data.mvtec3d import list_categories, list_records
+from mmiad.data.sample import SampleRecord
+from mmiad.engine.trained import build_model, fit_and_calibrate, fit_fallback, load_trained, save_trained
+from mmiad.methods.modelfile import ModelFileError
+from mmiad.postprocess.threshold import calibrate
+from mmiad.utils import distributed as ddp
+
+RUN_INDEX = "run.json"
+UNIFIED = "unified"
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def select_few_shot(records: Sequence[SampleRecord], shots: int, seed: int) -> tuple[list[SampleRecord], list[int]]:
+    """k nominal samples drawn without replacement by a seeded generator; the indices are recorded in the model."""
+    if shots <= 0:
+        raise ValueError(f"--shots must be positive, got {shots}")
+    if shots >= len(records):
+        return list(records), list(range(len(records)))
+    indices = sorted(np.random.default_rng(seed).choice(len(records), size=shots, replace=False).tolist())
+    return [records[i] for i in indices], indices
+
+
+def calibration_split(
+    root: Path, category: str, train: list[SampleRecord], errors: list[DataError]
+) -> tuple[list[SampleRecord], list[SampleRecord], str]:
+    """(training records, calibration records, source): the validation split, else a held-out tenth of train."""
+    validation = list_records(root, category, "validation", errors=errors)
+    if validation:
+        return train, validation, "validation"
+    if len(train) >= 5:
+        held_out = max(1, len(train) // 10)
+        return train[:-held_out], train[-held_out:], "train-holdout"
+    return train, train, "train (no held-out nominal samples; thresholds are optimistic)"
+
+
+def _category_splits(
+    root: Path, names: Sequence[str], shots: int | None, seed: int, errors: list[DataError]
+) -> dict[str, tuple[list[SampleRecord], list[SampleRecord], str, dict[str, Any]]]:
+    """Per category: (training records, calibration records, calibration source, facts for the model file)."""
+    splits = {}
+    for category in names:
+        train = list_records(root, category, "train", errors=errors)
+        if not train:
+            raise DataError(root / category / "train", "no training samples found")
+        train, calibration, source = calibration_split(root, category, train, errors)
+        info: dict[str, Any] = {}
+        if shots:
+            train, indices = select_few_shot(train, shots, seed)
+            info["few_shot"] = {"shots": shots, "seed": seed, "indices": indices, "stems": [r.stem for r in train]}
+        splits[category] = (train, calibration, source, info)
+    return splits
+
+
+def train_run(
+    method: str,
+    data_root: str | Path,
+    out: str | Path,
+    *,
+    categories: Sequence[str] | None = None,
+    unified: bool = False,
+    shots: int | None = None,
+    seed: int = 0,
+    max_fpr: float = 0.01,
+    hparams: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    fallback: bool = True,
+    progress: bool = False,
+    log: Log = _quiet,
+) -> tuple[dict[str, Path], list[DataError]]:
+    """Train one model per category (or one ``unified`` model on all of them) and write the run folder.
+
+    A unified model sees the union of the categories' nominal samples with no category label, as Uni-RCM's
+    multi-class setting; its thresholds are calibrated on the union of the held-out nominal samples.
+
+    Returns:
+        (model file per category key, the bad samples that were skipped).
+    """
+    root, out = Path(data_root), Path(out)
+    names = list(categories) if categories else list_categories(root)
+    if not names:
+        raise DataError(root, "no category found (expected <root>/<category>/train/good/{rgb,xyz})")
+    errors: list[DataError] = []
+    build_model(method, cache_dir, hparams)  # fail on a bad option before any work
+    distributed = ddp.init_from_env()
+    splits = _category_splits(root, names, shots, seed, errors)
+    groups = {UNIFIED: names} if unified else {category: [category] for category in names}
+    files: dict[str, Path] = {}
+    for key, members in groups.items():
+        train = [r for c in members for r in splits[c][0]]
+        calibration = [r for c in members for r in splits[c][1]]
+        sources = sorted({splits[c][2] for c in members})
+        info: dict[str, Any] = {"data_root": str(root.resolve())}
+        info.update({"categories": members} if unified else {"category": key, **splits[key][3]})
+        if unified and shots:
+            info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
+        log(f"[{key}] training {method} on {len(train)} nominal samples")
+        model = build_model(method, cache_dir, hparams)
+        trained = fit_and_calibrate(
+            model,
+            train,
+            calibration,
+            max_fpr=max_fpr,
+            source=", ".join(sources),
+            progress=progress,
+            errors=errors,
+            with_fallback=fallback,
+        )
+        trained.info = info
+        files[key] = out / f"{key}.safetensors"
+        if ddp.is_main_process():
+            save_trained(files[key], trained)
+            threshold = trained.thresholds.image if trained.thresholds else float("nan")
+            log(f"[{key}] saved {files[key]} (image threshold {threshold:.4g} from {', '.join(sources)})")
+    if ddp.is_main_process():
+        write_run_index(out, method, unified, names, files)
+    if distributed:
+        ddp.barrier()
+    return files, errors
+
+
+def write_run_index(out: Path, method: str, unified: bool, categories: Sequence[str], files: dict[str, Path]) -> None:
+    """``run.json``: which model file serves which category."""
+    index = {
+        "method": method,
+        "unified": unified,
+        "categories": list(categories),
+        "models": {k: v.name for k, v in files.items()},
+    }
+    (out / RUN_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def extend_run(
+    run: str | Path,
+    data_root: str | Path,
+    new_categories: Sequence[str],
+    *,
+    epochs: int,
+    max_fpr: float = 0.01,
+    cache_dir: str | None = None,
+    progress: bool = False,
+    log: Log = _quiet,
+) -> tuple[Path, list[DataError]]:
+    """Add categories to a trained unified model in place (``mmiad train --resume RUN --add-categories ...``).
+
+    The method extends what it learned (Uni-RCM: new ORQ codes, fine-tuning with replay of the earlier
+    categories' training samples, whose features come from the feature cache) and the thresholds are
+    recalibrated on the held-out nominal samples of all categories.
+    """
+    root, run = Path(data_root), Path(run)
+    models = run_models(run)
+    if UNIFIED not in models:
+        raise ModelFileError(f"{run}: --add-categories needs a unified run (train it with --unified)")
+    trained = load_trained(models[UNIFIED], cache_dir=cache_dir)
+    extend = getattr(trained.model, "extend", None)
+    if extend is None:
+        raise ValueError(f"method {trained.model.name!r} cannot add categories to a trained model; retrain it")
+    known = list(trained.info.get("categories", []))
+    added = [c for c in new_categories if c not in known]
+    if not added:
+        raise ValueError(f"nothing to add: the model already serves {', '.join(known)}")
+    errors: list[DataError] = []
+    splits = _category_splits(root, [*known, *added], None, 0, errors)
+    new = [r for c in added for r in splits[c][0]]
+    replay = [r for c in known for r in splits[c][0]]
+    log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replay)} replayed samples")
+    extend(new, replay, epochs=epochs, progress=progress, errors=errors)
+    calibration = [r for c in [*known, *added] for r in splits[c][1]]
+    held_out = list(trained.model.predict(calibration, progress=progress, errors=errors))
+    thresholds = calibrate(
+        [p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, "validation (after extend)"
+    )
+    trained.thresholds = thresholds
+    trained.info = {**trained.info, "categories": [*known, *added]}
+    if trained.fallback is not None:
+        fit_fallback(trained, [*replay, *new], calibration, max_fpr=max_fpr, source="validation (after extend)")
+    path = save_trained(models[UNIFIED], trained)
+    index = json.loads((run / RUN_INDEX).read_text())
+    write_run_index(run, index["method"], True, [*known, *added], {UNIFIED: path})
+    return path, errors
+
+
+def run_models(run: str | Path) -> dict[str, Path]:
+    """Model file per category key of a run folder (``unified`` for a model of all categories)."""
+    run = Path(run)
+    index_path = run / RUN_INDEX
+    if not index_path.is_file():
+        raise ModelFileError(f"{run}: not a run folder (no {RUN_INDEX}); train one with `mmiad train`")
+    index = json.loads(index_path.read_text())
+    return {key: run / name for key, name in index["models"].items()}
+
+
+def model_for(models: dict[str, Path], category: str) -> Path:
+    """The model that serves ``category``: its own, or the unified one."""
+    if category in models:
+        return models[category]
+    if UNIFIED in models:
+        return models[UNIFIED]
+    raise ModelFileError(f"the run has no model for category {category!r}; it has: {', '.join(sorted(models))}")
