@@ -23,9 +23,11 @@ from mmiad.export._deps import require_onnx, require_onnxruntime
 from mmiad.export.extractors import export_image_extractor, export_point_extractor
 from mmiad.export.graphs import OPSET, CfmScorer, GraphSpec, export_graph
 from mmiad.export.manifest import MANIFEST, Manifest
+from mmiad.export.unircm import export_unircm_scorer
 from mmiad.features.pointmae import PointMaeExtractor
 from mmiad.methods.cfm import CFM
 from mmiad.methods.modelfile import ModelFileError
+from mmiad.methods.unircm.model import UniRCM
 
 SCORER_GRAPH = "scorer.onnx"
 EXPORT_INDEX = "index.json"
@@ -65,18 +67,18 @@ def export_cfm_scorer(model: CFM, out_dir: str | Path) -> dict[str, Any]:
 def export_model(trained: TrainedModel, out_dir: str | Path) -> Manifest:
     """Write the graphs and ``manifest.json`` of one fitted model into ``out_dir``.
 
-    Only CFM is exported so far: memory-bank methods (BTF, M3DM) search a bank of millions of rows, which ONNX
-    does not express well, and Uni-RCM's export is not written yet.
+    CFM and Uni-RCM are exported: memory-bank methods (BTF, M3DM) search a bank of millions of rows, which ONNX
+    does not express well.
     """
     model = trained.model
-    if not isinstance(model, CFM):
-        raise ValueError(f"ONNX export supports CFM models only, not {model.name!r}")
+    if not isinstance(model, CFM | UniRCM):
+        raise ValueError(f"ONNX export supports CFM and Uni-RCM models only, not {model.name!r}")
     require_onnx()
     out_dir = Path(out_dir)
     pipeline = model.pipeline
     graphs = {
         "image_extractor": export_image_extractor(pipeline.image_extractor, out_dir, model.config.image_size),
-        "scorer": export_cfm_scorer(model, out_dir),
+        "scorer": export_cfm_scorer(model, out_dir) if isinstance(model, CFM) else export_unircm_scorer(model, out_dir),
     }
     if isinstance(pipeline.point_extractor, PointMaeExtractor):
         graphs["point_extractor"] = export_point_extractor(pipeline.point_extractor, out_dir)

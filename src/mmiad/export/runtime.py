@@ -121,8 +121,10 @@ class OnnxPredictor:
     def __init__(self, directory: str | Path, *, cache_dir: str | Path | None = None) -> None:
         directory = Path(directory)
         self.manifest = Manifest.read(directory)
-        if self.manifest.method != "cfm":
-            raise ModelFileError(f"{directory}: ONNX prediction supports CFM exports, not {self.manifest.method!r}")
+        if self.manifest.method not in ("cfm", "unircm"):
+            raise ModelFileError(
+                f"{directory}: ONNX prediction supports CFM and Uni-RCM exports, not {self.manifest.method!r}"
+            )
         stored = self.manifest.thresholds
         self.thresholds = Thresholds.from_dict(stored) if stored is not None else None
         self.hparams: dict[str, Any] = self.manifest.model_config["hparams"]
