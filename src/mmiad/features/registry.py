@@ -43,7 +43,6 @@ EXTRACTOR_PRESETS: dict[str, ExtractorPreset] = {
         ExtractorPreset("dino-pointmae-s", "dino_vitb8_keep4", "pointmae_keep4", "CFM-S: both pruned to 4 blocks"),
         ExtractorPreset("dino-pointmae-t", "dino_vitb8_keep1", "pointmae_keep1", "CFM-T: both pruned to 1 block"),
         ExtractorPreset("wrn50-fpfh", "wrn50", "fpfh", "Wide-ResNet-50-2 layers 2+3 + FPFH (BTF paper)"),
-        ExtractorPreset("texture-fpfh", "texture", "fpfh", "same as weightfree (named for BTF comparisons)"),
         ExtractorPreset("wrn50-pointmae", "wrn50", "pointmae", "Wide-ResNet-50-2 layers 2+3 + Point-MAE"),
     )
 }
