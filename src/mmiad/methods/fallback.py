@@ -3,8 +3,8 @@
 Every trained model carries two small single-modality PatchCore models fitted on the same nominal features: one
 on the 2D features, one on the 3D features. When a sample arrives without a usable point cloud (or without its
 RGB image), the engine scores it with the model of the modality that is present and flags the prediction as
-``degraded``, instead of stopping. Cross-modal defects are invisible to a single modality, so degraded scores
-are weaker by construction; BENCHMARKS.md reports how much weaker on the synthetic data.
+``degraded``, instead of stopping. Cross-modal defects are invisible to a single modality, so a degraded verdict
+can miss them; BENCHMARKS.md compares the fallbacks with the full model on the synthetic data.
 """
 
 from __future__ import annotations
