@@ -118,6 +118,22 @@ class AnomalyModel(ABC):
             )
         return self._pipeline
 
+    def check_pipeline(self, trained_with: dict[str, Any] | None) -> None:
+        """Refuse to load a model whose features would now come from other extractors or preprocessing.
+
+        Raises:
+            ModelFileError: naming both configurations (e.g. another weights file or extractor preset).
+        """
+        from mmiad.methods.modelfile import ModelFileError
+
+        now = self.pipeline.config()
+        if trained_with is not None and trained_with != now:
+            raise ModelFileError(
+                "this model was trained with other extractors or preprocessing than the ones configured now:\n"
+                f"  trained with: {trained_with}\n  now:          {now}\n"
+                "use the same --extractors preset and weights files as for training"
+            )
+
     def check_fitted(self) -> None:
         """Raise :class:`NotFittedError` unless ``fit`` has run."""
         if not getattr(self, "fitted_", False):

@@ -172,7 +172,7 @@ class BTF(AnomalyModel):
         """Rebuild a fitted BTF; fails clearly when the configured extractors differ from training's."""
         hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
         model = cls(BTFConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        check_pipeline(config.get("pipeline"), model.pipeline.config())
+        model.check_pipeline(config.get("pipeline"))
         if "bank.patch" not in tensors:
             raise ModelFileError("BTF model file without a 'bank.patch' tensor")
         model.bank_ = model._new_bank()
@@ -181,13 +181,3 @@ class BTF(AnomalyModel):
         model.n_collected_ = int(config.get("banks", {}).get("patch", {}).get("collected", 0))
         model.fitted_ = True
         return model
-
-
-def check_pipeline(expected: dict[str, Any] | None, actual: dict[str, Any]) -> None:
-    """Refuse a model whose features would come from other extractors or preprocessing than at training."""
-    if expected is not None and expected != actual:
-        raise ModelFileError(
-            "this model was trained with other extractors or preprocessing than the ones configured now:\n"
-            f"  trained with: {expected}\n  now:          {actual}\n"
-            "use the same --extractors preset and weights files as for training"
-        )

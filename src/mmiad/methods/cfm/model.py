@@ -21,7 +21,7 @@ from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss, feature_discrepancy
 from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
-from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
+from mmiad.methods.modelfile import prefixed, split_prefixed
 
 MAPPINGS = ("crossmodal", "intramodal")
 
@@ -249,14 +249,7 @@ class CFM(AnomalyModel):
         """Rebuild a fitted CFM; fails clearly when the extractors now available differ from training's."""
         hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
         model = cls(CFMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        expected = config.get("pipeline")
-        actual = model.pipeline.config()
-        if expected is not None and expected != actual:
-            raise ModelFileError(
-                "this model was trained with other extractors or preprocessing than the ones configured now:\n"
-                f"  trained with: {expected}\n  now:          {actual}\n"
-                "use the same --extractors preset and weights files as for training"
-            )
+        model.check_pipeline(config.get("pipeline"))
         channels_2d_in, channels_from_3d = config["channels"]
         mapping = model.config.mapping
         in_3d = channels_2d_in

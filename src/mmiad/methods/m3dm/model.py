@@ -23,7 +23,6 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
-from mmiad.methods.btf.model import check_pipeline
 from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map, resolve_device
@@ -358,7 +357,7 @@ class M3DM(AnomalyModel):
         """Rebuild a fitted M3DM; fails clearly when the configured extractors differ from training's."""
         hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
         model = cls(M3DMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        check_pipeline(config.get("pipeline"), model.pipeline.config())
+        model.check_pipeline(config.get("pipeline"))
         missing = [f"bank.{n}" for n in BANKS if f"bank.{n}" not in tensors]
         if missing or "dlf.detect_coef" not in tensors:
             raise ModelFileError(f"M3DM model file lacks tensors: {missing or ['dlf.detect_coef']}")

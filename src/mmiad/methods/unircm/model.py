@@ -457,14 +457,7 @@ class UniRCM(AnomalyModel):
         """Rebuild a fitted Uni-RCM; fails clearly when the extractors now available differ from training's."""
         hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
         model = cls(UniRCMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        expected = config.get("pipeline")
-        actual = model.pipeline.config()
-        if expected is not None and expected != actual:
-            raise ModelFileError(
-                "this model was trained with other extractors or preprocessing than the ones configured now:\n"
-                f"  trained with: {expected}\n  now:          {actual}\n"
-                "use the same --extractors preset and weights files as for training"
-            )
+        model.check_pipeline(config.get("pipeline"))
         model.load_state(config, tensors)
         return model
 
