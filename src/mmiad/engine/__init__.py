@@ -9,6 +9,7 @@ from mmiad.engine.evaluation import evaluate_predictions, evaluate_run
 from mmiad.engine.runs import (
     RUN_INDEX,
     UNIFIED,
+    Log,
     calibration_split,
     extend_run,
     model_for,
@@ -31,6 +32,7 @@ from mmiad.engine.trained import (
 __all__ = [
     "RUN_INDEX",
     "UNIFIED",
+    "Log",
     "TrainedModel",
     "apply_thresholds",
     "build_model",
