@@ -132,6 +132,12 @@ def test_pruned_deep_presets_train_with_random_weights(tiny_dataset: Path, tmp_p
     assert (model.map_to_3d_.input.in_features, model.map_to_2d_.input.in_features) == channels
     prediction = next(model.predict(list_records(tiny_dataset, "block", "test")[:1]))
     assert np.isfinite(prediction.pred_score)
+    # The model file round-trips with a deep preset too (its config holds tuples that JSON turns into lists).
+    path = save_trained(tmp_path / "deep.safetensors", TrainedModel(model, None, {}))
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        reloaded = load_trained(path, cache_dir=str(tmp_path)).model
+    again = next(reloaded.predict(list_records(tiny_dataset, "block", "test")[:1]))
+    assert again.pred_score == pytest.approx(prediction.pred_score, rel=1e-5)
 
 
 def test_deep_preset_without_weights_names_the_missing_file(tiny_dataset: Path, tmp_path: Path) -> None:

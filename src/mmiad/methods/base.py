@@ -7,6 +7,7 @@ to run before ``fit``. Every registered method is exercised by one shared confor
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -126,7 +127,8 @@ class AnomalyModel(ABC):
         """
         from mmiad.methods.modelfile import ModelFileError
 
-        now = self.pipeline.config()
+        # Compare JSON forms: the stored config went through JSON (tuples became lists).
+        now = json.loads(json.dumps(self.pipeline.config()))
         if trained_with is not None and trained_with != now:
             raise ModelFileError(
                 "this model was trained with other extractors or preprocessing than the ones configured now:\n"
