@@ -29,6 +29,15 @@ OPSET = 17
 EXPORTABLE_SMOOTHINGS = ("gaussian", "box_cascade", "none")
 
 
+def check_exportable_smoothing(smoothing: str) -> None:
+    """Refuse a smoothing that ONNX cannot reproduce (PIL's uint8 blur), naming the ones it can."""
+    if smoothing not in EXPORTABLE_SMOOTHINGS:
+        raise ValueError(
+            f"smoothing {smoothing!r} cannot be exported (it quantises through PIL); "
+            f"exportable: {', '.join(EXPORTABLE_SMOOTHINGS)}"
+        )
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """Names and shapes of one graph's inputs and outputs (``-1`` or a string marks a dynamic axis)."""
@@ -76,11 +85,7 @@ class CfmScorer(nn.Module):
         compat: bool,
     ) -> None:
         super().__init__()
-        if smoothing not in EXPORTABLE_SMOOTHINGS:
-            raise ValueError(
-                f"smoothing {smoothing!r} cannot be exported (it quantises through PIL); "
-                f"exportable: {', '.join(EXPORTABLE_SMOOTHINGS)}"
-            )
+        check_exportable_smoothing(smoothing)
         self.map_to_3d = map_to_3d
         self.map_to_2d = map_to_2d
         self.crossmodal = crossmodal

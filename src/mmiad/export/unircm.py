@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmiad.export.graphs import EXPORTABLE_SMOOTHINGS, GraphSpec, export_graph
+from mmiad.export.graphs import GraphSpec, check_exportable_smoothing, export_graph
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.unircm.model import UniRCM
 from mmiad.methods.unircm.orq import ResidualQuantizer
@@ -91,11 +91,7 @@ class UniRcmScorer(nn.Module):
         sigma: float,
     ) -> None:
         super().__init__()
-        if smoothing not in EXPORTABLE_SMOOTHINGS:
-            raise ValueError(
-                f"smoothing {smoothing!r} cannot be exported (it quantises through PIL); "
-                f"exportable: {', '.join(EXPORTABLE_SMOOTHINGS)}"
-            )
+        check_exportable_smoothing(smoothing)
         self.map_to_3d = map_to_3d
         self.map_to_2d = map_to_2d
         use_orq = orq_2d is not None and orq_3d is not None
