@@ -160,3 +160,32 @@ def export_graph(module: nn.Module, example: tuple[torch.Tensor, ...], path: str
         )
     onnx.checker.check_model(str(path))
     return path
+
+
+SCORER_GRAPH = "scorer.onnx"
+
+
+def export_scorer_graph(
+    scorer: nn.Module, channels_2d: int, channels_3d: int, grid: int, size: int, out_dir: str | Path
+) -> dict[str, Any]:
+    """Export a scorer under the contract every method's scorer shares, so one ONNX runtime serves them all.
+
+    Inputs ``grid_2d`` (C2,G,G), ``grid_3d`` (C3,G,G), ``foreground`` (G,G) bool; outputs ``anomaly_map`` (S,S),
+    ``map_2d`` and ``map_3d`` (G,G) and the image ``score``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    example = (
+        torch.randn(channels_2d, grid, grid, generator=generator),
+        torch.randn(channels_3d, grid, grid, generator=generator),
+        torch.ones(grid, grid, dtype=torch.bool),
+    )
+    spec = GraphSpec(
+        inputs={
+            "grid_2d": [channels_2d, grid, grid],
+            "grid_3d": [channels_3d, grid, grid],
+            "foreground": [grid, grid],
+        },
+        outputs={"anomaly_map": [size, size], "map_2d": [grid, grid], "map_3d": [grid, grid], "score": []},
+    )
+    export_graph(scorer, example, Path(out_dir) / SCORER_GRAPH, spec)
+    return {"file": SCORER_GRAPH, **spec.to_dict({"foreground": "bool"})}

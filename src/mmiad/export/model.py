@@ -21,7 +21,7 @@ from mmiad import __version__
 from mmiad.engine import TrainedModel, load_trained, model_for, run_models
 from mmiad.export._deps import require_onnx, require_onnxruntime
 from mmiad.export.extractors import export_image_extractor, export_point_extractor
-from mmiad.export.graphs import OPSET, CfmScorer, GraphSpec, export_graph
+from mmiad.export.graphs import OPSET, CfmScorer, export_scorer_graph
 from mmiad.export.manifest import MANIFEST, Manifest
 from mmiad.export.unircm import export_unircm_scorer
 from mmiad.features.pointmae import PointMaeExtractor
@@ -29,7 +29,6 @@ from mmiad.methods.cfm import CFM
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.methods.unircm.model import UniRCM
 
-SCORER_GRAPH = "scorer.onnx"
 EXPORT_INDEX = "index.json"
 
 
@@ -50,18 +49,7 @@ def export_cfm_scorer(model: CFM, out_dir: str | Path) -> dict[str, Any]:
     grid, size = config.grid_size, config.image_size
     # Whatever the mapping, each network predicts its own modality, so its output width is that modality's.
     in_2d, in_3d = model.map_to_2d_.output.out_features, model.map_to_3d_.output.out_features
-    generator = torch.Generator().manual_seed(0)
-    example = (
-        torch.randn(in_2d, grid, grid, generator=generator),
-        torch.randn(in_3d, grid, grid, generator=generator),
-        torch.ones(grid, grid, dtype=torch.bool),
-    )
-    spec = GraphSpec(
-        inputs={"grid_2d": [in_2d, grid, grid], "grid_3d": [in_3d, grid, grid], "foreground": [grid, grid]},
-        outputs={"anomaly_map": [size, size], "map_2d": [grid, grid], "map_3d": [grid, grid], "score": []},
-    )
-    export_graph(scorer, example, Path(out_dir) / SCORER_GRAPH, spec)
-    return {"file": SCORER_GRAPH, **spec.to_dict({"foreground": "bool"})}
+    return export_scorer_graph(scorer, in_2d, in_3d, grid, size, out_dir)
 
 
 def export_model(trained: TrainedModel, out_dir: str | Path) -> Manifest:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmiad.export.graphs import GraphSpec, check_exportable_smoothing, export_graph
+from mmiad.export.graphs import check_exportable_smoothing, export_scorer_graph
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.unircm.model import UniRCM
 from mmiad.methods.unircm.orq import ResidualQuantizer
@@ -160,20 +160,7 @@ def unircm_scorer(model: UniRCM) -> UniRcmScorer:
 
 def export_unircm_scorer(model: UniRCM, out_dir: str | Path) -> dict[str, Any]:
     """``scorer.onnx`` of a fitted Uni-RCM: grid_2d, grid_3d, foreground → anomaly_map, map_2d, map_3d, score."""
-    from mmiad.export.model import SCORER_GRAPH  # model.py dispatches here, so import it only when called
-
     scorer = unircm_scorer(model)
     grid, size = model.config.grid_size, model.config.image_size
     in_2d, in_3d = model.map_to_3d_.in_features, model.map_to_2d_.in_features
-    generator = torch.Generator().manual_seed(0)
-    example = (
-        torch.randn(in_2d, grid, grid, generator=generator),
-        torch.randn(in_3d, grid, grid, generator=generator),
-        torch.ones(grid, grid, dtype=torch.bool),
-    )
-    spec = GraphSpec(
-        inputs={"grid_2d": [in_2d, grid, grid], "grid_3d": [in_3d, grid, grid], "foreground": [grid, grid]},
-        outputs={"anomaly_map": [size, size], "map_2d": [grid, grid], "map_3d": [grid, grid], "score": []},
-    )
-    export_graph(scorer, example, Path(out_dir) / SCORER_GRAPH, spec)
-    return {"file": SCORER_GRAPH, **spec.to_dict({"foreground": "bool"})}
+    return export_scorer_graph(scorer, in_2d, in_3d, grid, size, out_dir)
