@@ -55,24 +55,12 @@ def test_model_for_unknown_category_is_a_clear_error(tmp_path: Path) -> None:
         model_for({"a": tmp_path / "a.safetensors"}, "x")
 
 
-UNIRCM_TINY = {
-    "image_size": 64,
-    "grid_size": 8,
-    "hidden": 16,
-    "num_blocks": 1,
-    "epochs": 2,
-    "batch_size": 2,
-    "orq_layers": 2,
-    "codebook_size_2d": 8,
-    "codebook_size_3d": 8,
-    "orq_iterations": 3,
-}
-
-
-def test_add_categories_extends_a_unified_run(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_add_categories_extends_a_unified_run(tiny_dataset: Path, tmp_path: Path, tiny_hparams: dict) -> None:
     cache = str(tmp_path / "cache")
     run = tmp_path / "run"
-    train_run("unircm", tiny_dataset, run, categories=["puck"], unified=True, hparams=UNIRCM_TINY, cache_dir=cache)
+    train_run(
+        "unircm", tiny_dataset, run, categories=["puck"], unified=True, hparams=tiny_hparams["unircm"], cache_dir=cache
+    )
     before = load_trained(run / "unified.safetensors", cache_dir=cache)
     codes_before = before.model.state_tensors()["orq_2d.0"].shape[0]
     path, errors = extend_run(run, tiny_dataset, ["block"], epochs=1, cache_dir=cache)

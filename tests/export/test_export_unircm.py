@@ -21,19 +21,6 @@ from mmiad.methods.unircm import UniRCM  # noqa: E402
 from mmiad.methods.unircm.orq import ResidualQuantizer  # noqa: E402
 
 ATOL = 1e-5
-TINY = {
-    "image_size": 64,
-    "grid_size": 8,
-    "hidden": 16,
-    "num_blocks": 1,
-    "epochs": 2,
-    "batch_size": 2,
-    "orq_layers": 2,
-    "codebook_size_2d": 8,
-    "codebook_size_3d": 8,
-    "orq_iterations": 3,
-    "device": "cpu",
-}
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -41,13 +28,14 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def setup(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory, tiny_hparams: dict) -> dict:
     category = list_categories(tiny_dataset)[0]
     cache = str(tmp_path_factory.mktemp("cache"))
+    tiny = {k: v for k, v in tiny_hparams["unircm"].items() if k not in ("branches", "use_orq")}
     train = list_records(tiny_dataset, category, "train")
     models = {
-        "rfi+ram": UniRCM(cache_dir=cache, branches="rfi+ram", use_orq=True, **TINY).fit(train),
-        "none": UniRCM(cache_dir=cache, branches="none", use_orq=False, **TINY).fit(train),
+        "rfi+ram": UniRCM(cache_dir=cache, branches="rfi+ram", use_orq=True, **tiny).fit(train),
+        "none": UniRCM(cache_dir=cache, branches="none", use_orq=False, **tiny).fit(train),
     }
     # Every second test sample: defects of each kind and a nominal one, at half the FPFH time.
     return {"models": models, "records": list_records(tiny_dataset, category, "test")[::2], "cache": cache}

@@ -12,25 +12,6 @@ from mmiad.data.mvtec3d import list_records
 from mmiad.engine import TrainedModel, load_trained, save_trained
 from mmiad.methods.base import NotFittedError, available_methods, get_method
 
-TINY_HPARAMS = {
-    "cfm": {"image_size": 64, "grid_size": 32, "epochs": 3, "batch_size": 2},
-    "btf": {"image_size": 64, "grid_size": 8},
-    "m3dm": {"image_size": 64, "rgb_grid": 8, "point_grid": 16, "epochs": 2, "batch_size": 2},
-    "unircm": {
-        "image_size": 64,
-        "grid_size": 8,
-        "hidden": 16,
-        "num_blocks": 1,
-        "epochs": 2,
-        "batch_size": 2,
-        "orq_layers": 2,
-        "codebook_size_2d": 8,
-        "codebook_size_3d": 8,
-        "orq_iterations": 3,
-        "device": "cpu",
-    },
-}
-
 
 @pytest.fixture(scope="module")
 def records(tiny_dataset: Path) -> tuple[list, list]:
@@ -38,10 +19,10 @@ def records(tiny_dataset: Path) -> tuple[list, list]:
 
 
 @pytest.mark.parametrize("name", available_methods())
-def test_method_contract(name: str, records, tmp_path: Path) -> None:
+def test_method_contract(name: str, records, tmp_path: Path, tiny_hparams: dict) -> None:
     train, test = records
     method = get_method(name)
-    model = method(cache_dir=str(tmp_path / "cache"), **TINY_HPARAMS.get(name, {}))
+    model = method(cache_dir=str(tmp_path / "cache"), **tiny_hparams.get(name, {}))
     with pytest.raises(NotFittedError):
         list(model.predict(test))
     assert model.fit(train) is model
@@ -52,7 +33,7 @@ def test_method_contract(name: str, records, tmp_path: Path) -> None:
         assert np.isfinite(prediction.pred_score) and np.isfinite(prediction.anomaly_map).all()
         assert prediction.label in (0, 1) and prediction.gt_mask is not None
     # Same seed, same data → identical learned state.
-    again = method(cache_dir=str(tmp_path / "cache"), **TINY_HPARAMS.get(name, {})).fit(train)
+    again = method(cache_dir=str(tmp_path / "cache"), **tiny_hparams.get(name, {})).fit(train)
     first_state, second_state = model.state_tensors(), again.state_tensors()
     assert first_state.keys() == second_state.keys()
     assert all(torch.equal(first_state[k], second_state[k]) for k in first_state)
