@@ -13,6 +13,7 @@ from mmiad.engine import (
     load_trained,
     model_for,
     run_models,
+    served_categories,
     train_run,
 )
 from mmiad.methods.modelfile import ModelFileError
@@ -63,11 +64,15 @@ def test_add_categories_extends_a_unified_run(tiny_dataset: Path, tmp_path: Path
     )
     before = load_trained(run / "unified.safetensors", cache_dir=cache)
     codes_before = before.model.state_tensors()["orq_2d.0"].shape[0]
+    # A unified model is tested on the categories it learnt, not on every category of the dataset.
+    assert served_categories(run, tiny_dataset) == ["puck"]
+    assert served_categories(run, tiny_dataset, ["block"]) == ["block"]
     path, errors = extend_run(run, tiny_dataset, ["block"], epochs=1, cache_dir=cache)
     after = load_trained(path, cache_dir=cache)
     assert errors == [] and after.info["categories"] == ["puck", "block"]
     assert after.model.state_tensors()["orq_2d.0"].shape[0] > codes_before
     assert json.loads((run / "run.json").read_text())["categories"] == ["puck", "block"]
+    assert served_categories(run, tiny_dataset) == ["block", "puck"]
     with pytest.raises(ValueError, match="nothing to add"):
         extend_run(run, tiny_dataset, ["block"], epochs=1, cache_dir=cache)
 

@@ -15,6 +15,7 @@ from mmiad.engine.runs import (
     model_for,
     run_models,
     select_few_shot,
+    served_categories,
     train_run,
     write_run_index,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "run_models",
     "save_trained",
     "select_few_shot",
+    "served_categories",
     "train_run",
     "write_run_index",
 ]

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from mmiad.data.errors import DataError
-from mmiad.data.mvtec3d import list_categories, list_records
-from mmiad.engine.runs import UNIFIED, Log, _quiet, model_for, run_models
+from mmiad.data.mvtec3d import list_records
+from mmiad.engine.runs import Log, _quiet, model_for, run_models, served_categories
 from mmiad.engine.trained import TrainedModel, apply_thresholds, load_trained
 from mmiad.methods.base import Prediction
 from mmiad.metrics import aupro_many, image_auroc, pixel_auroc, summarize
@@ -63,7 +63,7 @@ def evaluate_run(
 
     root = Path(data_root)
     models = run_models(run)
-    names = list(categories) if categories else [c for c in list_categories(root) if c in models or UNIFIED in models]
+    names = served_categories(run, root, categories)
     errors: list[DataError] = []
     per_category: dict[str, dict[str, float]] = {}
     loaded: dict[Path, TrainedModel] = {}

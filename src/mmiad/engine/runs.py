@@ -205,6 +205,20 @@ def run_models(run: str | Path) -> dict[str, Path]:
     return {key: run / name for key, name in index["models"].items()}
 
 
+def served_categories(run: str | Path, data_root: str | Path, requested: Sequence[str] | None = None) -> list[str]:
+    """The categories to test a run on: ``requested`` as given, else the dataset's categories the run was trained on.
+
+    A unified model can score any category, but by default it is only tested on those it learnt: an unseen product
+    is a different question (and averaging it in would hide how well the model does on its own categories).
+    """
+    if requested:
+        return list(requested)
+    models = run_models(run)
+    index = json.loads((Path(run) / RUN_INDEX).read_text())
+    trained = set(index.get("categories") or [k for k in models if k != UNIFIED])
+    return [c for c in list_categories(Path(data_root)) if c in trained or (UNIFIED in models and not trained)]
+
+
 def model_for(models: dict[str, Path], category: str) -> Path:
     """The model that serves ``category``: its own, or the unified one."""
     if category in models:

@@ -16,9 +16,8 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from mmiad.data.errors import DataError
-from mmiad.data.mvtec3d import list_categories, list_records
+from mmiad.data.mvtec3d import list_records
 from mmiad.engine import (
-    UNIFIED,
     Log,
     TrainedModel,
     apply_thresholds,
@@ -26,6 +25,7 @@ from mmiad.engine import (
     load_trained,
     model_for,
     run_models,
+    served_categories,
 )
 from mmiad.methods.base import Prediction
 from mmiad.metrics import pro_curve, summarize
@@ -225,7 +225,7 @@ def collect_report(
         raise ValueError(f"report sizes must be non-negative (thumbnail at least 1 px), got {options}")
     root = Path(data_root)
     models = run_models(run)
-    names = list(categories) if categories else [c for c in list_categories(root) if c in models or UNIFIED in models]
+    names = served_categories(run, root, categories)
     if not names:
         raise DataError(root, "no category of the run found in the dataset")
     errors: list[DataError] = []
