@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from mmiad.methods.unircm import UniRCM, UniRCMConfig
-from mmiad.methods.unircm.model import combine_scores, direction_loss
+from mmiad.methods.unircm.model import combine_scores
+from mmiad.methods.unircm.training import direction_loss, feature_mean_squares, mse_scales
 
 GRID = 8
 TINY = {
@@ -53,6 +56,42 @@ def test_loss_equals_cosine_plus_lambda_mse_on_one_rank() -> None:
     predicted, target = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 2.0], [1.0, 1.0]])
     # cos = [0, 1] → mean(1−cos) = 0.5; squared errors (1+4)+(0) over 4 elements = 1.25.
     assert float(direction_loss(predicted, target, torch.tensor(2.0), 0.01)) == pytest.approx(0.5 + 0.01 * 1.25)
+
+
+def test_mse_scale_divides_only_the_squared_error() -> None:
+    predicted, target = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    loss = direction_loss(predicted, target, torch.tensor(2.0), 0.01, mse_scale=4.0)
+    assert float(loss) == pytest.approx(0.5 + 0.01 * 1.25 / 4.0)
+
+
+def test_feature_mean_squares_count_foreground_only() -> None:
+    mask = torch.tensor([True, True, False])
+    rows_2d = torch.tensor([[1.0, 3.0], [2.0, 2.0], [100.0, 100.0]])  # per-row mean squares 5, 4 (third ignored)
+    rows_3d = torch.tensor([[10.0], [0.0], [100.0]])  # 100, 0
+    second = (torch.tensor([[0.0, 0.0], [3.0, 3.0], [1.0, 1.0]]), torch.tensor([[1.0], [2.0], [4.0]]), mask)
+    squares = feature_mean_squares({0: (rows_2d, rows_3d, mask), 7: second})  # 2D rows: 5, 4, 0, 9; 3D: 100, 0, 1, 4
+    assert squares == pytest.approx((18 / 4, 105 / 4))
+
+
+def test_raw_mse_on_large_features_warns_and_rms_normalises() -> None:
+    with pytest.warns(UserWarning, match="3D features are large"):
+        assert mse_scales((1.0, 1000.0), "none", 0.01) == (1.0, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mse_scales((1.0, 50.0), "none", 0.01) == (1.0, 1.0)  # λ·50 = 0.5: the paper's balance, no warning
+        assert mse_scales((0.5, 1000.0), "feature_rms", 0.01) == (0.5, 1000.0)
+    with pytest.raises(ValueError, match="mse_normalization"):
+        UniRCMConfig(mse_normalization="l2")
+
+
+def test_rms_scales_are_measured_on_the_training_store_and_saved() -> None:
+    store = category(4, 0.0, seed=0)
+    settings = {**TINY, "use_orq": False, "epochs": 1, "mse_normalization": "feature_rms"}
+    model = UniRCM(**settings).fit_grids(store)
+    assert model.mse_scale_ == pytest.approx(feature_mean_squares(store))
+    loaded = UniRCM(**settings)
+    loaded.load_state(model.get_config(), model.state_tensors())
+    assert loaded.mse_scale_ == pytest.approx(model.mse_scale_)  # extend() after a reload trains with the same λ
 
 
 def test_config_defaults_and_compat() -> None:

@@ -14,12 +14,10 @@ zero on the background. ``compat=True`` follows the official code: ORQ maps max-
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
@@ -29,90 +27,11 @@ from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.cfm.scoring import finalize_map
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
-from mmiad.methods.unircm.blocks import BRANCHES, RefGuidedMapping
+from mmiad.methods.unircm.blocks import RefGuidedMapping
+from mmiad.methods.unircm.config import STORE_DTYPES, UniRCMConfig
 from mmiad.methods.unircm.orq import ResidualQuantizer
+from mmiad.methods.unircm.training import Grids, feature_mean_squares, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
-
-# (G·G × C2 2D rows, G·G × C3 3D rows, G·G bool foreground) of one sample.
-Grids = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class UniRCMConfig:
-    """Uni-RCM hyperparameters (paper defaults; the official code's deviations sit behind ``compat``).
-
-    Attributes:
-        extractors: Extractor preset (see :mod:`mmiad.features.registry`).
-        image_size: Model input side.
-        grid_size: Side of the feature grid the networks run on (56).
-        hidden: Hidden size of the reference-guided blocks (512).
-        num_blocks: Number of reference-guided blocks (3).
-        branches: ``rfi+ram`` (full), ``rfi``, ``ram`` or ``none`` (CFM's MLP; paper Tab. III baseline).
-        use_orq: Add the ORQ score (Tab. III "+ORQ").
-        epochs: Training epochs (200).
-        batch_size: Images per global optimisation step (32), split over ranks under torchrun.
-        learning_rate: Adam learning rate (3e-4).
-        mse_weight: λ of the MSE term (0.01).
-        seed: Seed of initialisation, shuffling and k-means (115).
-        beta_2d: ORQ weight for 2D; None → 0.1 (paper) or 0.05 (compat).
-        beta_3d: ORQ weight for 3D; None → 0.1.
-        orq_layers: Cascaded codebooks per modality (4).
-        codebook_size_2d: Codes per 2D layer (4096).
-        codebook_size_3d: Codes per 3D layer (1024).
-        orq_iterations: k-means iterations per layer (20).
-        orq_init: k-means init, ``random`` (official) or ``kmeans++``.
-        orq_max_points: Fit the ORQ on at most this many foreground rows (seeded subsample); None uses all.
-        use_faiss: Use faiss k-means when importable.
-        smoothing: ``gaussian`` (paper, σ=4), ``box_cascade``, ``pil_uint8`` or ``none``; ignored under compat.
-        sigma: Smoothing σ in input pixels.
-        compat: Official behaviour (see the module docstring).
-        weights_dir: Folder with pretrained checkpoints (deep presets).
-        random_init: Allow random extractor weights (tests, smoke runs).
-        store_dtype: dtype of the training grids kept in memory (``float16`` halves the memory of big runs).
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    """
-
-    extractors: str = "weightfree"
-    image_size: int = 224
-    grid_size: int = 56
-    hidden: int = 512
-    num_blocks: int = 3
-    branches: str = "rfi+ram"
-    use_orq: bool = True
-    epochs: int = 200
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-    mse_weight: float = 0.01
-    seed: int = 115
-    beta_2d: float | None = None
-    beta_3d: float | None = None
-    orq_layers: int = 4
-    codebook_size_2d: int = 4096
-    codebook_size_3d: int = 1024
-    orq_iterations: int = 20
-    orq_init: str = "random"
-    orq_max_points: int | None = None
-    use_faiss: bool = False
-    smoothing: str = "gaussian"
-    sigma: float = 4.0
-    compat: bool = False
-    weights_dir: str | None = None
-    random_init: bool = False
-    store_dtype: str = "float32"
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.branches not in BRANCHES:
-            raise ValueError(f"unknown branches {self.branches!r}; expected one of {BRANCHES}")
-        if self.store_dtype not in STORE_DTYPES:
-            raise ValueError(f"unknown store_dtype {self.store_dtype!r}; expected one of {tuple(STORE_DTYPES)}")
-        if self.beta_2d is None:
-            self.beta_2d = 0.05 if self.compat else 0.1
-        if self.beta_3d is None:
-            self.beta_3d = 0.1
-        if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1 or self.orq_layers < 1:
-            raise ValueError("need grid_size <= image_size, epochs >= 0, batch_size >= 1 and orq_layers >= 1")
 
 
 def combine_scores(
@@ -127,19 +46,6 @@ def combine_scores(
     if orq_2d is None or orq_3d is None:
         return map_2d * map_3d
     return (map_2d + beta_2d * orq_2d) * (map_3d + beta_3d * orq_3d)
-
-
-def direction_loss(
-    predicted: torch.Tensor, target: torch.Tensor, total_rows: torch.Tensor, mse_weight: float
-) -> torch.Tensor:
-    """Σ over rows of (1 − cos) + λ·mean-over-channels squared error, divided by the *global* row count.
-
-    With ``total_rows`` = this batch's row count it equals CFM's ``cosine_loss`` + λ·``mse_loss``; dividing by the
-    count over all ranks instead makes summed per-rank gradients equal the single-process gradient.
-    """
-    cosine = F.cosine_similarity(predicted, target, dim=-1, eps=1e-6)
-    squared = ((predicted - target) ** 2).sum() / target.shape[-1]
-    return ((1.0 - cosine).sum() + mse_weight * squared) / total_rows
 
 
 @register_method("unircm")
@@ -191,51 +97,23 @@ class UniRCM(AnomalyModel):
         self.map_to_3d_ = RefGuidedMapping(channels_2d, channels_3d, **shape).to(self.device)
         self.map_to_2d_ = RefGuidedMapping(channels_3d, channels_2d, **shape).to(self.device)
 
-    def _batch(self, store: Mapping[int, Grids], indices: list[int]) -> Grids:
-        if indices:
-            return tuple(torch.stack([store[i][part] for i in indices]).to(self.device) for part in range(3))  # type: ignore[return-value]
-        # A rank with no sample in this global batch still runs the step so the collectives stay in lockstep.
-        grid_rows = self.config.grid_size**2
-        channels = (self.map_to_3d_.in_features, self.map_to_2d_.in_features)
-        return (
-            torch.zeros(0, grid_rows, channels[0], device=self.device),
-            torch.zeros(0, grid_rows, channels[1], device=self.device),
-            torch.zeros(0, grid_rows, dtype=torch.bool, device=self.device),
-        )
-
     def _train(
         self, store: Mapping[int, Grids], kept: list[int], epochs: int, seed: int, progress: bool
     ) -> list[float]:
-        """Adam on the joint loss of both directions over foreground rows; returns the mean loss per epoch."""
-        networks = torch.nn.ModuleList([self.map_to_3d_, self.map_to_2d_]).train()
-        optimizer = torch.optim.Adam(networks.parameters(), lr=self.config.learning_rate)
-        generator = torch.Generator().manual_seed(seed)
-        history: list[float] = []
-        for _ in tqdm(range(epochs), desc="train unircm", disable=not progress, leave=False):
-            order = [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()]
-            losses = []
-            for start in range(0, len(order), self.config.batch_size):
-                local = [i for i in order[start : start + self.config.batch_size] if i in store]
-                rows_2d, rows_3d, foreground = self._batch(store, local)
-                rows_2d, rows_3d = rows_2d.float(), rows_3d.float()
-                total = ddp.all_reduce_sum(foreground.sum().to(torch.float64)).to(torch.float32)
-                if float(total) == 0:
-                    continue
-                predicted_3d, predicted_2d = self.map_to_3d_(rows_2d), self.map_to_2d_(rows_3d)
-                loss = direction_loss(
-                    predicted_3d[foreground], rows_3d[foreground], total, self.config.mse_weight
-                ) + direction_loss(predicted_2d[foreground], rows_2d[foreground], total, self.config.mse_weight)
-                optimizer.zero_grad()
-                loss.backward()
-                ddp.sum_gradients(networks)
-                global_loss = float(ddp.all_reduce_sum(loss.detach()))
-                if not np.isfinite(global_loss):
-                    raise FloatingPointError("Uni-RCM training diverged (non-finite loss); try a lower learning rate")
-                optimizer.step()
-                losses.append(global_loss)
-            history.append(float(np.mean(losses)) if losses else float("nan"))
-        networks.eval()
-        return history
+        c = self.config
+        return train_mappings(
+            self.map_to_3d_,
+            self.map_to_2d_,
+            store,
+            kept,
+            epochs=epochs,
+            batch_size=c.batch_size,
+            learning_rate=c.learning_rate,
+            mse_weight=c.mse_weight,
+            mse_scale=self.mse_scale_,
+            seed=seed,
+            progress=progress,
+        )
 
     def _foreground_rows(self, store: Mapping[int, Grids]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """All ranks' foreground rows in global sample order, on rank 0 (None on other ranks)."""
@@ -273,6 +151,8 @@ class UniRCM(AnomalyModel):
             raise ValueError("no usable training sample (all were reported as bad)")
         shapes = [s for s in ddp.all_gather_objects(self._channels(store)) if s is not None]
         self._build_networks(*shapes[0])
+        self.feature_mean_squares_ = feature_mean_squares(store)
+        self.mse_scale_ = mse_scales(self.feature_mean_squares_, self.config.mse_normalization, self.config.mse_weight)
         self.loss_history_ = self._train(store, kept, self.config.epochs, self.config.seed, progress)
         self.orq_2d_: ResidualQuantizer | None = None
         self.orq_3d_: ResidualQuantizer | None = None
@@ -436,6 +316,8 @@ class UniRCM(AnomalyModel):
             config["n_train_samples"] = self.n_train_samples_
             config["loss_history"] = self.loss_history_
             config["extensions"] = self.extensions_
+            config["feature_mean_squares"] = list(self.feature_mean_squares_)
+            config["mse_scale"] = list(self.mse_scale_)
             if self.orq_2d_ is not None and self.orq_3d_ is not None:
                 config["orq_fit_seconds"] = [self.orq_2d_.fit_time_, self.orq_3d_.fit_time_]
         return config
@@ -483,4 +365,6 @@ class UniRCM(AnomalyModel):
         self.loss_history_ = list(config.get("loss_history", []))
         self.extensions_ = list(config.get("extensions", []))
         self.n_train_samples_ = int(config.get("n_train_samples", 0))
+        self.feature_mean_squares_ = tuple(config.get("feature_mean_squares", (1.0, 1.0)))
+        self.mse_scale_ = tuple(config.get("mse_scale", (1.0, 1.0)))
         self.fitted_ = True
