@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from mmiad.methods.unircm import UniRCM, UniRCMConfig
 from mmiad.methods.unircm.model import combine_scores
+from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import direction_loss, feature_mean_squares, mse_scales
 
 GRID = 8
@@ -166,3 +168,58 @@ def test_extend_learns_new_category_and_keeps_old_scores() -> None:
     assert mean_score(model, old_test) <= 1.3 * old_before
     with pytest.raises(ValueError, match="distinct"):
         model.extend_grids(new, new, epochs=1)
+
+
+def _filled(grids: dict, budget: float, spill: Path, dtype: torch.dtype = torch.float32) -> GridStore:
+    store = GridStore(budget, dtype, spill)
+    for index, sample in grids.items():
+        store.add(index, *sample)
+    return store
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_spilled_grids_read_back_exactly(tmp_path: Path, dtype: torch.dtype) -> None:
+    grids = category(3, 0.5, seed=1, offset=10)
+    store = _filled(grids, 0, tmp_path, dtype)
+    assert store.spilled and sorted(store) == [10, 11, 12] and len(store) == 3 and 11 in store and 3 not in store
+    assert len(list(tmp_path.glob("mmiad-bank-*/*.npy"))) == 6
+    for index, (rows_2d, rows_3d, foreground) in grids.items():
+        got_2d, got_3d, got_fg = store[index]
+        assert got_2d.dtype == got_3d.dtype == dtype
+        assert torch.equal(got_2d, rows_2d.to(dtype)) and torch.equal(got_3d, rows_3d.to(dtype))
+        assert torch.equal(got_fg, foreground) and torch.equal(store.foreground(index), foreground)
+    with pytest.raises(ValueError, match="already stored"):
+        store.add(10, *grids[10])
+    store.close()
+    assert len(store) == 0 and list(tmp_path.glob("mmiad-bank-*")) == []
+
+
+def test_budget_keeps_early_samples_in_memory(tmp_path: Path) -> None:
+    grids = category(4, 0.0, seed=2)
+    one_sample = sum(t.numel() * 4 for t in grids[0][:2])
+    store = _filled(grids, 2 * one_sample, tmp_path)
+    chunks_2d, chunks_3d = (s.chunks for s in store._stores)
+    assert [isinstance(c, torch.Tensor) for c in chunks_2d] == [True, True, False, False]
+    assert [isinstance(c, torch.Tensor) for c in chunks_3d] == [True, True, False, False]
+    store.close()
+
+
+def test_training_from_a_spilled_store_equals_training_in_memory(tmp_path: Path) -> None:
+    grids = category(6, 0.0, seed=0)
+    in_memory = UniRCM(**TINY).fit_grids(grids).state_tensors()
+    store = _filled(grids, 0, tmp_path)
+    spilled = UniRCM(**TINY).fit_grids(store).state_tensors()
+    store.close()
+    assert in_memory.keys() == spilled.keys() and all(torch.equal(in_memory[k], spilled[k]) for k in in_memory)
+
+
+def test_orq_subsample_is_drawn_over_all_foreground_rows(tmp_path: Path) -> None:
+    grids = category(3, 0.0, seed=4, offset=5)
+    model = UniRCM(**{**TINY, "orq_max_points": 50})
+    rows_2d, rows_3d = model._foreground_rows(_filled(grids, 0, tmp_path))
+    all_2d = torch.cat([g2[fg] for g2, _, fg in grids.values()])
+    all_3d = torch.cat([g3[fg] for _, g3, fg in grids.values()])
+    pick = torch.randperm(len(all_2d), generator=torch.Generator().manual_seed(TINY["seed"]))[:50]
+    assert torch.equal(rows_2d, all_2d[pick]) and torch.equal(rows_3d, all_3d[pick])
+    every_2d, _ = UniRCM(**TINY)._foreground_rows(grids)
+    assert torch.equal(every_2d, all_2d)

@@ -21,20 +21,27 @@ from mmiad.methods.memorybank.knn import NearestNeighbors
 
 
 class PatchStore:
-    """Rows appended in chunks; in RAM up to ``budget_bytes``, then as ``.npy`` files under ``spill_dir``."""
+    """Rows appended in blocks; in RAM up to ``budget_bytes``, then as ``.npy`` files under ``spill_dir``.
 
-    def __init__(self, budget_bytes: float, spill_dir: str | Path | None = None) -> None:
+    Blocks keep ``dtype`` (float32 by default; float16/bfloat16 halve RAM and disk). Spilled blocks are
+    memory-mapped, so reading one back costs a disk read, not a copy of the whole store.
+    """
+
+    def __init__(
+        self, budget_bytes: float, spill_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.budget_bytes = budget_bytes
         self.spill_dir = spill_dir
+        self.dtype = dtype
         self.chunks: list[torch.Tensor | np.ndarray] = []
         self.rows = 0
         self.in_memory_bytes = 0
         self._folder: Path | None = None
 
     def append(self, rows: torch.Tensor) -> None:
-        """Store an N×D float32 block."""
-        rows = rows.detach().float().contiguous()
-        size = rows.numel() * 4
+        """Store an N×D block (converted to the store's dtype)."""
+        rows = rows.detach().to(self.dtype).contiguous()
+        size = rows.numel() * rows.element_size()
         if self.in_memory_bytes + size <= self.budget_bytes:
             self.chunks.append(rows.clone())
             self.in_memory_bytes += size
@@ -42,9 +49,25 @@ class PatchStore:
             if self._folder is None:
                 self._folder = Path(tempfile.mkdtemp(prefix="mmiad-bank-", dir=self.spill_dir))
             path = self._folder / f"{len(self.chunks):06d}.npy"
-            np.save(path, rows.numpy())
+            # numpy has no bfloat16: spill its bits as int16 and reinterpret them when read back.
+            np.save(path, (rows.view(torch.int16) if self.dtype == torch.bfloat16 else rows).numpy())
             self.chunks.append(np.load(path, mmap_mode="r"))
         self.rows += int(rows.shape[0])
+
+    @property
+    def spilled(self) -> bool:
+        """Whether any block lives on disk."""
+        return self._folder is not None
+
+    def block(self, position: int) -> torch.Tensor:
+        """The ``position``-th appended block, in the store's dtype (read from disk when spilled)."""
+        return self._read(self.chunks[position], slice(None))
+
+    def _read(self, chunk: torch.Tensor | np.ndarray, rows: slice | np.ndarray) -> torch.Tensor:
+        if isinstance(chunk, torch.Tensor):
+            return chunk[rows]
+        loaded = torch.from_numpy(np.array(chunk[rows]))
+        return loaded.view(torch.bfloat16) if self.dtype == torch.bfloat16 else loaded
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows at global ``indices``, in that order, reading each chunk once."""
@@ -57,8 +80,7 @@ class PatchStore:
             lo, hi = torch.searchsorted(sorted_idx, start), torch.searchsorted(sorted_idx, stop)
             if hi > lo:
                 local = (sorted_idx[lo:hi] - start).numpy()
-                picked = chunk[local] if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.array(chunk[local]))
-                result[order[lo:hi]] = picked.float()
+                result[order[lo:hi]] = self._read(chunk, local).float()
             start = stop
         return result
 

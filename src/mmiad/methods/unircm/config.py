@@ -47,7 +47,9 @@ class UniRCMConfig:
         compat: Official behaviour (see the module docstring).
         weights_dir: Folder with pretrained checkpoints (deep presets).
         random_init: Allow random extractor weights (tests, smoke runs).
-        store_dtype: dtype of the training grids kept in memory (``float16`` halves the memory of big runs).
+        store_dtype: dtype of the stored training grids (``float16`` halves the memory of big runs).
+        memory_budget_gb: RAM for the training grids; beyond it they spill to memory-mapped files (in the feature
+            cache folder) and are read back per batch, with identical results.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
@@ -79,6 +81,7 @@ class UniRCMConfig:
     weights_dir: str | None = None
     random_init: bool = False
     store_dtype: str = "float32"
+    memory_budget_gb: float = 4.0
     device: str = "auto"
 
     def __post_init__(self) -> None:

@@ -13,8 +13,11 @@ zero on the background. ``compat=True`` follows the official code: ORQ maps max-
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
+from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +33,7 @@ from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.unircm.blocks import RefGuidedMapping
 from mmiad.methods.unircm.config import STORE_DTYPES, UniRCMConfig
 from mmiad.methods.unircm.orq import ResidualQuantizer
+from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import Grids, feature_mean_squares, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
 
@@ -76,17 +80,22 @@ class UniRCM(AnomalyModel):
 
     def _collect(
         self, records: Sequence[SampleRecord], offset: int, progress: bool, errors: list[DataError] | None
-    ) -> dict[int, Grids]:
-        """Grids of the records this rank owns, keyed by global index (``offset`` + position)."""
-        dtype = STORE_DTYPES[self.config.store_dtype]
-        store: dict[int, Grids] = {}
+    ) -> GridStore:
+        """Grids of the records this rank owns, keyed by global index (``offset`` + position).
+
+        They stay in RAM up to ``memory_budget_gb`` and spill to the cache folder (or the temporary folder) beyond;
+        the caller closes the store, which deletes spilled files.
+        """
+        spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
+        if spill is not None:
+            spill.mkdir(parents=True, exist_ok=True)
+        store = GridStore(self.config.memory_budget_gb * 2**30, STORE_DTYPES[self.config.store_dtype], spill)
         for position, record in enumerate(tqdm(records, desc="features", disable=not progress, leave=False)):
             if not ddp.owned(offset + position):
                 continue
             prepared = self.pipeline.preprocess([record], errors=errors)
             for _, features in self.pipeline.iter_features(prepared, errors=errors):
-                rows_2d, rows_3d, foreground = self.grids_of(features)
-                store[offset + position] = (rows_2d.to(dtype), rows_3d.to(dtype), foreground)
+                store.add(offset + position, *self.grids_of(features))
         return store
 
     # ------------------------------------------------------------------ training
@@ -116,20 +125,38 @@ class UniRCM(AnomalyModel):
         )
 
     def _foreground_rows(self, store: Mapping[int, Grids]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """All ranks' foreground rows in global sample order, on rank 0 (None on other ranks)."""
-        local = {i: (g2[fg].float(), g3[fg].float()) for i, (g2, g3, fg) in store.items()}
+        """All ranks' foreground rows in global sample order (at most ``orq_max_points``), on rank 0 only.
+
+        The subsample is drawn over the global row count before any grid is read, so a spilled store never has
+        to hold every row in memory at once and every rank count gives the same rows.
+        """
+        counts = {i: int(_foreground_of(store, i).sum()) for i in store}
+        merged = {k: v for part in ddp.all_gather_objects(counts) for k, v in part.items()}
+        indices = sorted(merged)
+        starts = dict(zip(indices, accumulate((merged[i] for i in indices), initial=0), strict=False))
+        total, limit = sum(merged.values()), self.config.orq_max_points
+        if limit is not None and total > limit:
+            pick = torch.randperm(total, generator=torch.Generator().manual_seed(self.config.seed))[:limit]
+        else:
+            pick = torch.arange(total)
+        order = torch.argsort(pick)
+        sorted_pick = pick[order]
+        local: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (output positions, 2D rows, 3D rows)
+        for i in store:
+            lo, hi = torch.searchsorted(sorted_pick, starts[i]), torch.searchsorted(sorted_pick, starts[i] + merged[i])
+            if hi > lo:
+                rows_2d, rows_3d, foreground = store[i]
+                within = sorted_pick[lo:hi] - starts[i]
+                local.append((order[lo:hi], rows_2d[foreground][within].float(), rows_3d[foreground][within].float()))
         gathered = ddp.gather_to_main(local)
         if gathered is None:
             return None
-        merged = {k: v for part in gathered for k, v in part.items()}
-        order = sorted(merged)
-        rows_2d = torch.cat([merged[i][0] for i in order])
-        rows_3d = torch.cat([merged[i][1] for i in order])
-        limit = self.config.orq_max_points
-        if limit is not None and rows_2d.shape[0] > limit:
-            pick = torch.randperm(rows_2d.shape[0], generator=torch.Generator().manual_seed(self.config.seed))[:limit]
-            rows_2d, rows_3d = rows_2d[pick], rows_3d[pick]
-        return rows_2d, rows_3d
+        parts = [part for rank_parts in gathered for part in rank_parts]
+        out_2d = torch.empty(len(pick), parts[0][1].shape[1])
+        out_3d = torch.empty(len(pick), parts[0][2].shape[1])
+        for positions, rows_2d, rows_3d in parts:
+            out_2d[positions], out_3d[positions] = rows_2d, rows_3d
+        return out_2d, out_3d
 
     def _new_quantizer(self, size: int) -> ResidualQuantizer:
         c = self.config
@@ -182,7 +209,11 @@ class UniRCM(AnomalyModel):
         """Train the two mappings on nominal samples (of one or all categories), then fit the ORQ."""
         if not records:
             raise ValueError("UniRCM.fit needs at least one nominal training sample")
-        return self.fit_grids(self._collect(records, 0, progress, errors), progress=progress)
+        store = self._collect(records, 0, progress, errors)
+        try:
+            return self.fit_grids(store, progress=progress)
+        finally:
+            store.close()
 
     def extend_grids(
         self,
@@ -209,7 +240,7 @@ class UniRCM(AnomalyModel):
                     counts = codes_per_layer or [max(1, len(c) // 4) for c in quantizer.codebooks_]
                     quantizer.extend(part, [min(k, part.shape[0]) for k in counts])
             self._share_quantizers()
-        store = {**new, **replay}
+        store = ChainMap(new, replay)  # a view: spilled grids stay on disk
         kept = sorted({i for part in ddp.all_gather_objects(sorted(store)) for i in part})
         seed = self.config.seed + len(self.extensions_) + 1
         history = self._train(store, kept, epochs, seed, progress)
@@ -233,7 +264,11 @@ class UniRCM(AnomalyModel):
             raise ValueError("extend needs at least one record of the new categories")
         new = self._collect(new_records, 0, progress, errors)
         replay = self._collect(replay_records, len(new_records), progress, errors)
-        return self.extend_grids(new, replay, epochs=epochs, codes_per_layer=codes_per_layer, progress=progress)
+        try:
+            return self.extend_grids(new, replay, epochs=epochs, codes_per_layer=codes_per_layer, progress=progress)
+        finally:
+            new.close()
+            replay.close()
 
     # ------------------------------------------------------------------ inference
     def score_grids(
@@ -368,3 +403,8 @@ class UniRCM(AnomalyModel):
         self.feature_mean_squares_ = tuple(config.get("feature_mean_squares", (1.0, 1.0)))
         self.mse_scale_ = tuple(config.get("mse_scale", (1.0, 1.0)))
         self.fitted_ = True
+
+
+def _foreground_of(store: Mapping[int, Grids], index: int) -> torch.Tensor:
+    """A sample's foreground mask, without reading a spilled store's grids."""
+    return store.foreground(index) if isinstance(store, GridStore) else store[index][2]
