@@ -25,6 +25,7 @@ CONFIG = {
     "codebook_size_2d": 4,
     "codebook_size_3d": 4,
     "orq_iterations": 3,
+    "orq_max_points": 60,  # the ORQ subsample is drawn across ranks
     "device": "cpu",
     "seed": 5,
 }
