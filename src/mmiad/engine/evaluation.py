@@ -11,7 +11,7 @@ import numpy as np
 
 from mmiad.data.errors import DataError
 from mmiad.data.mvtec3d import list_records
-from mmiad.engine.runs import Log, _quiet, model_for, run_models, served_categories
+from mmiad.engine.runs import Log, model_for, quiet, run_models, served_categories
 from mmiad.engine.trained import TrainedModel, apply_thresholds, load_trained
 from mmiad.methods.base import Prediction
 from mmiad.metrics import aupro_many, image_auroc, pixel_auroc, summarize
@@ -51,7 +51,7 @@ def evaluate_run(
     cache_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = False,
-    log: Log = _quiet,
+    log: Log = quiet,
 ) -> tuple[dict[str, Any], list[DataError]]:
     """Metrics per category and their mean for a trained run on a dataset's test split.
 

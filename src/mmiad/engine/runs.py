@@ -22,7 +22,8 @@ UNIFIED = "unified"
 Log = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
+def quiet(_: str) -> None:
+    """The default :data:`Log`: say nothing (the CLI passes a printer)."""
     return None
 
 
@@ -81,7 +82,7 @@ def train_run(
     cache_dir: str | None = None,
     fallback: bool = True,
     progress: bool = False,
-    log: Log = _quiet,
+    log: Log = quiet,
 ) -> tuple[dict[str, Path], list[DataError]]:
     """Train one model per category (or one ``unified`` model on all of them) and write the run folder.
 
@@ -154,7 +155,7 @@ def extend_run(
     max_fpr: float = 0.01,
     cache_dir: str | None = None,
     progress: bool = False,
-    log: Log = _quiet,
+    log: Log = quiet,
 ) -> tuple[Path, list[DataError]]:
     """Add categories to a trained unified model in place (``mmiad train --resume RUN --add-categories ...``).
 

@@ -24,6 +24,7 @@ from mmiad.engine import (
     evaluate_predictions,
     load_trained,
     model_for,
+    quiet,
     run_models,
     served_categories,
 )
@@ -35,10 +36,6 @@ from mmiad.report.gallery import WorstFirst, verdict
 from mmiad.report.plots import clip_curve
 
 PRO_LIMIT = 0.3
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 @dataclass
@@ -213,7 +210,7 @@ def collect_report(
     options: ReportOptions | None = None,
     cache_dir: str | None = None,
     progress: bool = False,
-    log: Log = _quiet,
+    log: Log = quiet,
 ) -> Report:
     """Predict a run's test split category by category and keep what the report page needs.
 
@@ -260,7 +257,7 @@ def build_report(
     options: ReportOptions | None = None,
     cache_dir: str | None = None,
     progress: bool = False,
-    log: Log = _quiet,
+    log: Log = quiet,
 ) -> Path:
     """Write ``out/index.html``, a single self-contained page (see :mod:`mmiad.report.html`)."""
     from mmiad.report.html import render_report
