@@ -135,3 +135,18 @@ def test_bank_statistics_spill_and_fraction(tmp_path) -> None:
     assert torch.allclose(in_memory.bank[0], first)  # the coreset starts at row 0, normalised
     distances, _ = in_memory.score(torch.cat(blocks)[:3])
     assert distances[0] == 0
+
+
+def test_btf_and_m3dm_share_the_bank_settings(tmp_path) -> None:
+    from mmiad.methods.btf.model import BTFConfig
+    from mmiad.methods.m3dm.model import M3DMConfig
+    from mmiad.methods.memorybank.settings import BankSettings
+
+    for config_class in (BTFConfig, M3DMConfig):
+        config = config_class(coreset_fraction=0.25, seed=7, memory_budget_gb=0.5)
+        assert isinstance(config, BankSettings)
+        bank = config.new_bank(tmp_path / config_class.__name__, seed_offset=2)
+        assert (bank.fraction, bank.seed, bank.store.budget_bytes) == (0.25, 9, 0.5 * 2**30)
+        assert (tmp_path / config_class.__name__ / "spill").is_dir()
+        with pytest.raises(ValueError, match="coreset_fraction"):
+            config_class(coreset_fraction=0.0)

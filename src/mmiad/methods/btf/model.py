@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,31 +19,27 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
-from mmiad.methods.memorybank import MemoryBank
-from mmiad.methods.memorybank.maps import patch_map, resolve_device
+from mmiad.methods.memorybank.maps import patch_map
+from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.postprocess.smoothing import SMOOTHINGS
 
 
 @dataclass
-class BTFConfig:
+class BTFConfig(BankSettings):
     """BTF hyperparameters (paper defaults; ``compat`` switches to the official code's blur).
+
+    The memory-bank fields (coreset fraction and ε, seed, reweighting k, kNN backend, device, memory budget) are
+    :class:`~mmiad.methods.memorybank.settings.BankSettings`'.
 
     Attributes:
         extractors: Extractor preset; ``weightfree`` (texture + FPFH) or ``wrn50-fpfh`` (the paper's backbone).
         profile: Preprocessing profile; ``none`` is BTF's main setting (raw data), ``m3dm`` its preprocessed one.
         image_size: Model input side (224 in the paper).
         grid_size: Patch grid side (28 in the paper).
-        coreset_fraction: Share of nominal patches kept (0.1).
-        coreset_eps: Projection distortion of the coreset (0.9).
-        seed: Seed of the coreset projection (unseeded, hence nondeterministic, in the official code).
         smoothing: ``gaussian`` (paper, σ=4) or ``pil_uint8`` (official PIL blur of a uint8 copy).
         sigma: Blur σ (PIL radius for ``pil_uint8``).
         compat: Official behaviour: ``pil_uint8`` smoothing.
-        reweight_k: Neighbours of m* in the image-score reweighting (3, m* itself included).
-        knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``.
-        device: Where the coreset runs (``auto``: CUDA when available).
-        memory_budget_gb: RAM for collected patches before they spill to disk.
         weights_dir: Folder with pretrained checkpoints (deep presets).
         random_init: Allow random extractor weights (tests, smoke runs).
     """
@@ -53,16 +48,9 @@ class BTFConfig:
     profile: str = "none"
     image_size: int = 224
     grid_size: int = 28
-    coreset_fraction: float = 0.1
-    coreset_eps: float = 0.9
-    seed: int = 0
     smoothing: str = "gaussian"
     sigma: float = 4.0
     compat: bool = False
-    reweight_k: int = 3
-    knn_backend: str = "auto"
-    device: str = "cpu"
-    memory_budget_gb: float = 4.0
     weights_dir: str | None = None
     random_init: bool = False
 
@@ -71,8 +59,9 @@ class BTFConfig:
             self.smoothing = "pil_uint8"
         if self.smoothing not in SMOOTHINGS:
             raise ValueError(f"unknown smoothing {self.smoothing!r}; expected one of {SMOOTHINGS}")
-        if not 0 < self.coreset_fraction <= 1 or self.grid_size < 1 or self.reweight_k < 1:
-            raise ValueError("need 0 < coreset_fraction <= 1, grid_size >= 1 and reweight_k >= 1")
+        self.check_bank_settings()
+        if self.grid_size < 1:
+            raise ValueError(f"grid_size must be at least 1, got {self.grid_size}")
 
 
 def btf_patches(features: SampleFeatures, grid: int) -> torch.Tensor:
@@ -91,20 +80,6 @@ class BTF(AnomalyModel):
         self.cache_dir = cache_dir
         self._pipeline: FeaturePipeline | None = None
 
-    def _new_bank(self) -> MemoryBank:
-        spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
-        if spill is not None:
-            spill.mkdir(parents=True, exist_ok=True)
-        return MemoryBank(
-            fraction=self.config.coreset_fraction,
-            eps=self.config.coreset_eps,
-            seed=self.config.seed,
-            budget_gb=self.config.memory_budget_gb,
-            spill_dir=spill,
-            knn_backend=self.config.knn_backend,
-            device=resolve_device(self.config.device),
-        )
-
     def fit(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
     ) -> BTF:
@@ -112,7 +87,7 @@ class BTF(AnomalyModel):
         if not records:
             raise ValueError("BTF.fit needs at least one nominal training sample")
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
-        bank = self._new_bank()
+        bank = self.config.new_bank(self.cache_dir)
         used = 0
         for _, features in self.pipeline.iter_features(prepared, progress=progress, errors=errors):
             bank.add(btf_patches(features, self.config.grid_size))
@@ -175,7 +150,7 @@ class BTF(AnomalyModel):
         model.check_pipeline(config.get("pipeline"))
         if "bank.patch" not in tensors:
             raise ModelFileError("BTF model file without a 'bank.patch' tensor")
-        model.bank_ = model._new_bank()
+        model.bank_ = model.config.new_bank(model.cache_dir)
         model.bank_.load(tensors["bank.patch"], 0.0, 1.0)
         model.n_train_samples_ = int(config.get("n_train_samples", 0))
         model.n_collected_ = int(config.get("banks", {}).get("patch", {}).get("collected", 0))

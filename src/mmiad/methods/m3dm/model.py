@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,8 @@ from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
 from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr
 from mmiad.methods.memorybank import MemoryBank
-from mmiad.methods.memorybank.maps import patch_map, resolve_device
+from mmiad.methods.memorybank.maps import patch_map
+from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.postprocess.smoothing import SMOOTHINGS
 
@@ -33,8 +33,12 @@ BANKS = ("point", "rgb", "fused")
 
 
 @dataclass
-class M3DMConfig:
+class M3DMConfig(BankSettings):
     """M3DM hyperparameters (paper defaults; the official code's quirks behind ``compat``).
+
+    The memory-bank fields (coreset fraction and ε, seed, reweighting k, kNN backend, device, memory budget per
+    bank) are :class:`~mmiad.methods.memorybank.settings.BankSettings`'; ``seed`` also seeds UFF's initialisation
+    and shuffling, and ``device`` is where UFF trains.
 
     Attributes:
         extractors: Extractor preset (``weightfree``; ``dino-pointmae`` is the paper's, with real weights).
@@ -50,9 +54,6 @@ class M3DMConfig:
         weight_decay: AdamW weight decay (intended 1.5e-6; the official code never passes it: 0.01 under compat).
         warmup_epochs: Linear warm-up before the cosine schedule (1).
         uff_max_patches: Cap on foreground patches per InfoNCE step (None = all; logits are N×N).
-        coreset_fraction: Share of each bank kept (0.1 each, as the paper says).
-        coreset_eps: Projection distortion of the coreset (0.9).
-        seed: Seed of UFF initialisation, shuffling and coreset projections.
         lambdas: Weights of the (point, rgb, fused) scores and maps before DLF (official 1.0, 0.1, 1.0).
         ocsvm_nu: ``nu`` of both one-class SVMs (0.5).
         ocsvm_max_iter: Their ``max_iter`` (1000).
@@ -60,10 +61,6 @@ class M3DMConfig:
         sigma: Blur σ (PIL radius for ``pil_uint8``).
         compat: Official behaviour: PIL blur, mixed normalisation statistics, RGB and fused coresets sized from
             the point coreset, AdamW weight decay 0.01.
-        reweight_k: Neighbours of m* in the image-score reweighting (3).
-        knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``.
-        device: Where coresets and UFF run (``auto``: CUDA when available).
-        memory_budget_gb: RAM per bank for collected patches before they spill to disk.
         weights_dir: Folder with pretrained checkpoints (deep presets).
         random_init: Allow random extractor weights (tests, smoke runs).
     """
@@ -80,19 +77,12 @@ class M3DMConfig:
     weight_decay: float = 1.5e-6
     warmup_epochs: int = 1
     uff_max_patches: int | None = None
-    coreset_fraction: float = 0.1
-    coreset_eps: float = 0.9
-    seed: int = 0
     lambdas: tuple[float, float, float] = (1.0, 0.1, 1.0)
     ocsvm_nu: float = 0.5
     ocsvm_max_iter: int = 1000
     smoothing: str = "gaussian"
     sigma: float = 4.0
     compat: bool = False
-    reweight_k: int = 3
-    knn_backend: str = "auto"
-    device: str = "cpu"
-    memory_budget_gb: float = 4.0
     weights_dir: str | None = None
     random_init: bool = False
 
@@ -106,8 +96,9 @@ class M3DMConfig:
             raise ValueError(f"unknown smoothing {self.smoothing!r}; expected one of {SMOOTHINGS}")
         if len(self.lambdas) != 3:
             raise ValueError(f"lambdas needs three weights (point, rgb, fused), got {self.lambdas}")
-        if not 0 < self.coreset_fraction <= 1 or self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("need 0 < coreset_fraction <= 1, epochs >= 0 and batch_size >= 1")
+        self.check_bank_settings()
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ValueError("need epochs >= 0 and batch_size >= 1")
 
 
 @dataclass
@@ -196,20 +187,6 @@ class M3DM(AnomalyModel):
             self.loss_history_.append(float(np.mean(losses)) if losses else float("nan"))
         self.uff_.eval().requires_grad_(False)
 
-    def _new_bank(self, offset: int) -> MemoryBank:
-        spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
-        if spill is not None:
-            spill.mkdir(parents=True, exist_ok=True)
-        return MemoryBank(
-            fraction=self.config.coreset_fraction,
-            eps=self.config.coreset_eps,
-            seed=self.config.seed + offset,
-            budget_gb=self.config.memory_budget_gb,
-            spill_dir=spill,
-            knn_backend=self.config.knn_backend,
-            device=resolve_device(self.config.device),
-        )
-
     def _finalize_banks(self, banks: dict[str, MemoryBank], progress: bool) -> None:
         """Normalise and subsample: per-bank statistics and 10% each (paper) or the official quirks (compat)."""
         stats = {name: bank.statistics() for name, bank in banks.items()}
@@ -245,7 +222,7 @@ class M3DM(AnomalyModel):
         self.loss_history_ = []
         if self.config.use_uff:
             self._train_uff(kept, first, progress)
-        banks = {name: self._new_bank(offset) for offset, name in enumerate(BANKS)}
+        banks = {name: self.config.new_bank(self.cache_dir, offset) for offset, name in enumerate(BANKS)}
         for record in kept:
             sets = self._sets(self.pipeline.extract(record))
             background = int((~sets.foreground).sum())
@@ -363,7 +340,7 @@ class M3DM(AnomalyModel):
             raise ModelFileError(f"M3DM model file lacks tensors: {missing or ['dlf.detect_coef']}")
         model.banks_ = {}
         for offset, name in enumerate(BANKS):
-            bank = model._new_bank(offset)
+            bank = model.config.new_bank(model.cache_dir, offset)
             mean, std = tensors[f"bank_stats.{name}"].tolist()
             bank.load(tensors[f"bank.{name}"], mean, std)
             model.banks_[name] = bank

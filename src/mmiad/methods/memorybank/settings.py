@@ -1,0 +1,57 @@
+"""The hyperparameters every memory-bank method shares, and the one place a bank is built from them.
+
+BTF and M3DM (and any later PatchCore-style method) differ in what they put into their banks, not in how a bank is
+subsampled, searched or kept within memory; their configs inherit these fields so the names, defaults and checks
+are the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmiad.methods.memorybank.bank import MemoryBank
+from mmiad.methods.memorybank.maps import resolve_device
+
+
+@dataclass
+class BankSettings:
+    """Memory-bank hyperparameters.
+
+    Attributes:
+        coreset_fraction: Share of the nominal patches each bank keeps (0.1).
+        coreset_eps: Projection distortion of the coreset selection (0.9).
+        seed: Seed of the coreset projections (unseeded, hence nondeterministic, in the official codes).
+        reweight_k: Neighbours of m* in the image-score reweighting (3, m* itself included).
+        knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``; all give the same neighbours.
+        device: Where the coreset runs (``auto``: CUDA when available).
+        memory_budget_gb: RAM per bank for collected patches before they spill to disk.
+    """
+
+    coreset_fraction: float = 0.1
+    coreset_eps: float = 0.9
+    seed: int = 0
+    reweight_k: int = 3
+    knn_backend: str = "auto"
+    device: str = "cpu"
+    memory_budget_gb: float = 4.0
+
+    def check_bank_settings(self) -> None:
+        """Reject values no bank can work with (called by the subclasses' ``__post_init__``)."""
+        if not 0 < self.coreset_fraction <= 1 or self.reweight_k < 1 or self.memory_budget_gb < 0:
+            raise ValueError("need 0 < coreset_fraction <= 1, reweight_k >= 1 and memory_budget_gb >= 0")
+
+    def new_bank(self, cache_dir: str | Path | None, seed_offset: int = 0) -> MemoryBank:
+        """An empty bank with these settings; patches past the budget spill under ``cache_dir/spill``."""
+        spill = Path(cache_dir) / "spill" if cache_dir else None
+        if spill is not None:
+            spill.mkdir(parents=True, exist_ok=True)
+        return MemoryBank(
+            fraction=self.coreset_fraction,
+            eps=self.coreset_eps,
+            seed=self.seed + seed_offset,
+            budget_gb=self.memory_budget_gb,
+            spill_dir=spill,
+            knn_backend=self.knn_backend,
+            device=resolve_device(self.device),
+        )
