@@ -191,6 +191,8 @@ def test_listing_maps_splits_and_labels(dataset: Path) -> None:
     assert list_eyecandies_categories(dataset) == ["CandyCane"]
     train = list_eyecandies_records(dataset, "CandyCane", "train")
     assert [r.rgb_path.name for r in train] == ["000_image_4.png", "001_image_4.png", "002_image_4.png"]
+    assert [r.stem for r in train] == ["000", "001", "002"]  # names in maps folders and reports
+    assert train[1].sample_id == "CandyCane/train/good/001"
     assert {(r.split, r.defect_type, r.label, r.gt_path) for r in train} == {("train", "good", LABEL_NORMAL, None)}
     (val,) = list_eyecandies_records(dataset, "CandyCane", "validation")
     assert (val.split, val.label, val.rgb_path.parent.parent.name) == ("validation", LABEL_NORMAL, "val")

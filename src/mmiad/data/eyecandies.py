@@ -397,6 +397,7 @@ def list_eyecandies_records(
             SampleRecord(
                 rgb_path=data_dir / f"{index}_{rgb_name}",
                 xyz_path=depth_path,
+                name=index,
                 category=category,
                 split=split,
                 defect_type=defect,

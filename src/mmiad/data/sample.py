@@ -32,6 +32,8 @@ class SampleRecord:
         gt_path: Ground-truth mask, when present.
         label: 0 for nominal, 1 for anomalous, -1 when unknown (inference on a production line).
         extra: Reader-specific facts needed to load the sample (e.g. Eyecandies camera info).
+        name: The sample's name when the RGB file's stem is not it (Eyecandies: ``000`` for
+            ``000_image_4.png``); None uses the RGB stem.
     """
 
     rgb_path: Path
@@ -42,11 +44,12 @@ class SampleRecord:
     gt_path: Path | None = None
     label: int = LABEL_NORMAL
     extra: tuple[tuple[str, str], ...] = ()
+    name: str | None = None
 
     @property
     def stem(self) -> str:
-        """The file stem shared by the RGB and xyz files (``000``)."""
-        return self.rgb_path.stem
+        """The sample's name (``000``): the RGB file stem unless the reader set ``name``."""
+        return self.name if self.name is not None else self.rgb_path.stem
 
     @property
     def sample_id(self) -> str:
