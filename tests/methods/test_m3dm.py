@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mmiad.features.base import PointFeatures
 from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.m3dm import M3DM, FeatureFusionBlock, M3DMConfig, patch_sets
-from mmiad.methods.m3dm.fusion import cosine_lr
+from mmiad.methods.m3dm.fusion import cosine_lr, official_training_rgb
 from mmiad.methods.memorybank import MemoryBank
 
 
@@ -110,3 +110,29 @@ def test_config_validation() -> None:
     assert M3DMConfig().use_uff and M3DMConfig().lambdas == (1.0, 0.1, 1.0)
     with pytest.raises(ValueError):
         M3DMConfig(lambdas=(1.0, 1.0))
+
+
+def test_compat_uff_training_rgb_is_the_official_tiling_not_an_upsample() -> None:
+    coarse = torch.arange(784.0)[:, None].repeat(1, 2)  # row i holds the value i
+    scrambled = official_training_rgb(coarse, 3136)
+    # The official dump: tile 4×, view as (784, 4, C), swap the first two axes, flatten back to 3136 rows.
+    official = coarse.repeat(4, 1).reshape(784, 4, -1).permute(1, 0, 2).reshape(3136, -1)
+    torch.testing.assert_close(scrambled, official)
+    assert scrambled[[0, 1, 2, 784, 785, 3135], 0].tolist() == [0, 4, 8, 1, 5, 783]
+    upsampled = F.interpolate(coarse.T.reshape(1, 2, 28, 28), size=56).reshape(2, -1).T
+    assert not torch.equal(scrambled, upsampled)
+    with pytest.raises(ValueError, match="multiple"):
+        official_training_rgb(coarse, 1000)
+
+
+def test_compat_trains_uff_on_the_scrambled_rows(tiny_dataset, tiny_hparams, tmp_path) -> None:
+    from mmiad.data.mvtec3d import list_records
+
+    records = list_records(tiny_dataset, "puck", "train")[:2]
+    states = []
+    for compat in (False, True):  # same weight decay, so only the RGB training rows differ
+        model = M3DM(**tiny_hparams["m3dm"], compat=compat, weight_decay=0.01, cache_dir=str(tmp_path))
+        model._train_uff(records, model._sets(model.pipeline.extract(records[0])), progress=False)
+        states.append(model.uff_.state_dict())
+    assert states[0]["xyz_head.weight"].shape == states[1]["xyz_head.weight"].shape
+    assert not torch.equal(states[0]["rgb_mlp.fc1.weight"], states[1]["rgb_mlp.fc1.weight"])

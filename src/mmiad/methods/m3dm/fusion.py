@@ -66,3 +66,22 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) ->
         return base_lr * step / warmup_steps
     span = max(total_steps - warmup_steps, 1)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+def official_training_rgb(rgb_coarse: torch.Tensor, fine_rows: int) -> torch.Tensor:
+    """The RGB rows the official UFF training saw: the coarse rows tiled, *not* a spatial upsample.
+
+    The official feature dump builds its 3136 RGB rows from the 784 coarse ones by tiling them ``k`` = 4 times and
+    reading the tiles column-wise, so fine position ``p`` gets coarse row ``(k·(p mod n) + p div n) mod n``; at
+    test time UFF gets the spatially correct pooled rows. Only ``compat`` reproduces this mismatch.
+
+    Args:
+        rgb_coarse: n×C rows of the coarse RGB grid (row-major).
+        fine_rows: Rows of the fine (point) grid, a multiple of n.
+    """
+    coarse_rows = rgb_coarse.shape[0]
+    if fine_rows % coarse_rows:
+        raise ValueError(f"{fine_rows} fine rows are not a multiple of {coarse_rows} coarse rows")
+    factor = fine_rows // coarse_rows
+    position = torch.arange(fine_rows)
+    return rgb_coarse[(factor * (position % coarse_rows) + position // coarse_rows) % coarse_rows]

@@ -22,7 +22,7 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
-from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr
+from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr, official_training_rgb
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.memorybank.settings import BankSettings
@@ -60,7 +60,8 @@ class M3DMConfig(BankSettings):
         smoothing: ``gaussian`` (σ=4) or ``pil_uint8`` (official PIL blur of a uint8 copy).
         sigma: Blur σ (PIL radius for ``pil_uint8``).
         compat: Official behaviour: PIL blur, mixed normalisation statistics, RGB and fused coresets sized from
-            the point coreset, AdamW weight decay 0.01.
+            the point coreset, AdamW weight decay 0.01, UFF trained on the position-scrambled RGB rows of the
+            official feature dump (:func:`~mmiad.methods.m3dm.fusion.official_training_rgb`).
         weights_dir: Folder with pretrained checkpoints (deep presets).
         random_init: Allow random extractor weights (tests, smoke runs).
     """
@@ -167,7 +168,8 @@ class M3DM(AnomalyModel):
                 for index in order[start : start + config.batch_size]:
                     sets = self._sets(self.pipeline.extract(records[index]))
                     point_rows.append(sets.point[sets.foreground])
-                    rgb_rows.append(sets.rgb_fine[sets.foreground])
+                    rgb = official_training_rgb(sets.rgb, len(sets.point)) if config.compat else sets.rgb_fine
+                    rgb_rows.append(rgb[sets.foreground])
                 point, rgb = torch.cat(point_rows), torch.cat(rgb_rows)
                 if config.uff_max_patches is not None and point.shape[0] > config.uff_max_patches:
                     keep = torch.randperm(point.shape[0], generator=generator)[: config.uff_max_patches]
