@@ -17,6 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmiad.features.projection import project_to_grid
+
+# The sparse projection pays off when each feature row is shared by at least this many pixels.
+SPARSE_ROWS_PER_PIXEL = 4
+
 
 @dataclass
 class PointFeatures:
@@ -57,8 +62,15 @@ class PointFeatures:
         """The official projection: dense map, 3×3 average pooling (no padding), adaptive average to ``out_size``.
 
         The unpadded pooling shrinks S to S−2 and the adaptive pooling brings it to ``out_size`` (upsampling
-        222→224 in CFM, pooling to 56 in M3DM/Uni-RCM, to 28 in BTF), exactly as the official code does.
+        222→224 in CFM, pooling to 56 in M3DM/Uni-RCM, to 28 in BTF), as the official code does. When far fewer
+        feature rows than pixels are blended (Point-MAE's groups), the same linear map is applied as one sparse
+        product (:mod:`mmiad.features.projection`), several times faster; per-pixel features (FPFH) take the
+        dense path, which is faster for them. Both agree to float rounding.
         """
+        if self.features.shape[0] * SPARSE_ROWS_PER_PIXEL <= self.pixel_index.numel():
+            return project_to_grid(
+                self.features, self.pixel_index, self.neighbors, self.weights, self.grid_size, out_size
+            )
         grid = F.avg_pool2d(self.dense().unsqueeze(0), kernel_size=3, stride=1)
         return F.adaptive_avg_pool2d(grid, out_size)[0]
 
