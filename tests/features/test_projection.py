@@ -83,3 +83,12 @@ def test_projection_of_a_sample_without_valid_pixels_is_zero() -> None:
         4,
     )
     assert empty.shape == (3, 4, 4) and not empty.any()
+
+
+def test_projection_method_can_be_forced() -> None:
+    grouped = grouped_features(size=32, pixels=600, groups=20, channels=4, seed=3)
+    dense, sparse = grouped.to_grid(8, method="dense"), grouped.to_grid(8, method="sparse")
+    assert torch.equal(dense, dense_reference(grouped, 8))
+    torch.testing.assert_close(sparse, dense, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="projection method"):
+        grouped.to_grid(8, method="fast")

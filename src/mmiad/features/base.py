@@ -58,16 +58,20 @@ class PointFeatures:
         grid[:, self.pixel_index] = per_pixel.T
         return grid.view(self.channels, size, size)
 
-    def to_grid(self, out_size: int) -> torch.Tensor:
+    def to_grid(self, out_size: int, method: str = "auto") -> torch.Tensor:
         """The official projection: dense map, 3×3 average pooling (no padding), adaptive average to ``out_size``.
 
         The unpadded pooling shrinks S to S−2 and the adaptive pooling brings it to ``out_size`` (upsampling
         222→224 in CFM, pooling to 56 in M3DM/Uni-RCM, to 28 in BTF), as the official code does. When far fewer
         feature rows than pixels are blended (Point-MAE's groups), the same linear map is applied as one sparse
         product (:mod:`mmiad.features.projection`), several times faster; per-pixel features (FPFH) take the
-        dense path, which is faster for them. Both agree to float rounding.
+        dense path, which is faster for them. Both agree to float rounding; ``method`` (``auto``, ``sparse`` or
+        ``dense``) forces one, for benchmarks and tests.
         """
-        if self.features.shape[0] * SPARSE_ROWS_PER_PIXEL <= self.pixel_index.numel():
+        if method not in ("auto", "sparse", "dense"):
+            raise ValueError(f"unknown projection method {method!r}; expected auto, sparse or dense")
+        grouped = self.features.shape[0] * SPARSE_ROWS_PER_PIXEL <= self.pixel_index.numel()
+        if method == "sparse" or (method == "auto" and grouped):
             return project_to_grid(
                 self.features, self.pixel_index, self.neighbors, self.weights, self.grid_size, out_size
             )
