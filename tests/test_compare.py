@@ -38,3 +38,20 @@ def test_compare_runs_measures_each_run_in_a_child(tiny_dataset: Path, tmp_path:
     assert row["samples"] == len(list_records(tiny_dataset, "puck", "test"))
     assert row["samples_per_s"] == pytest.approx(row["samples"] / row["seconds"])
     assert 50 < row["peak_rss_mb"] < 8000  # a real Python+torch process, in MB
+
+
+def test_peak_memory_of_a_child_excludes_its_parent() -> None:
+    # ru_maxrss would report the parent's ~460 MB in the child too (the pre-exec copy counts on Linux).
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from mmiad.utils.memory import own_peak_rss_mb
+
+    ballast = np.ones(60_000_000)  # 458 MiB, touched
+    assert own_peak_rss_mb() > 450
+    code = "from mmiad.utils.memory import own_peak_rss_mb; print(own_peak_rss_mb())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 1 < float(child.stdout) < 200
+    del ballast

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mmiad.metrics.report import COLUMN_TITLES, METRIC_KEYS
+from mmiad.utils.memory import own_peak_rss_mb
 
 _WORKER_FLAG = "--compare-worker"
 
@@ -37,8 +37,7 @@ def _measure(run: str, data_root: str, cache_dir: str) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     samples = sum(len(list_records(Path(data_root), category, "test")) for category in result["per_category"])
     samples -= len(errors)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"result": result, "samples": samples, "seconds": seconds, "peak_rss_mb": peak_kib / 1024.0}
+    return {"result": result, "samples": samples, "seconds": seconds, "peak_rss_mb": own_peak_rss_mb()}
 
 
 def _method_of(run: Path) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from mmiad.bench.common import machine_description, replace_section
+from mmiad.utils.memory import own_peak_rss_mb
 
 STAGES = (
     "read",
@@ -168,7 +168,7 @@ def run_stages(preset: str, samples: int, image_size: int, data_root: Path) -> d
         "samples": len(records),
         "points_median": int(statistics.median(points_per_sample)),
         "medians_s": medians,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": own_peak_rss_mb(),
     }
 
 
