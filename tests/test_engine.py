@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mmiad.data.mvtec3d import list_records
+from mmiad.data.formats import open_dataset
+from mmiad.data.mvtec3d import MVTec3D, list_records
 from mmiad.engine import (
     calibration_split,
     evaluate_run,
@@ -24,10 +25,10 @@ TINY = {"image_size": 64, "grid_size": 32, "epochs": 2, "batch_size": 2}
 def test_calibration_uses_validation_then_a_holdout(tiny_dataset: Path, tmp_path: Path) -> None:
     errors: list = []
     train = list_records(tiny_dataset, "puck", "train")
-    kept, calibration, source = calibration_split(tiny_dataset, "puck", train, errors)
+    kept, calibration, source = calibration_split(MVTec3D(tiny_dataset), "puck", train, errors)
     assert source == "validation" and kept == train and all(r.split == "validation" for r in calibration)
     (tmp_path / "none").mkdir()
-    kept, calibration, source = calibration_split(tmp_path, "none", train, errors)
+    kept, calibration, source = calibration_split(MVTec3D(tmp_path), "none", train, errors)
     assert source == "train-holdout" and len(calibration) == 1 and calibration[0] not in kept
 
 
@@ -65,14 +66,15 @@ def test_add_categories_extends_a_unified_run(tiny_dataset: Path, tmp_path: Path
     before = load_trained(run / "unified.safetensors", cache_dir=cache)
     codes_before = before.model.state_tensors()["orq_2d.0"].shape[0]
     # A unified model is tested on the categories it learnt, not on every category of the dataset.
-    assert served_categories(run, tiny_dataset) == ["puck"]
-    assert served_categories(run, tiny_dataset, ["block"]) == ["block"]
+    dataset = open_dataset(tiny_dataset)
+    assert served_categories(run, dataset) == ["puck"]
+    assert served_categories(run, dataset, ["block"]) == ["block"]
     path, errors = extend_run(run, tiny_dataset, ["block"], epochs=1, cache_dir=cache)
     after = load_trained(path, cache_dir=cache)
     assert errors == [] and after.info["categories"] == ["puck", "block"]
     assert after.model.state_tensors()["orq_2d.0"].shape[0] > codes_before
     assert json.loads((run / "run.json").read_text())["categories"] == ["puck", "block"]
-    assert served_categories(run, tiny_dataset) == ["block", "puck"]
+    assert served_categories(run, dataset) == ["block", "puck"]
     with pytest.raises(ValueError, match="nothing to add"):
         extend_run(run, tiny_dataset, ["block"], epochs=1, cache_dir=cache)
 

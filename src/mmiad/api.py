@@ -75,12 +75,14 @@ def train(
     max_fpr: float = 0.01,
     cache_dir: str | Path | None = None,
     fallback: bool = True,
+    format: str | None = None,
     progress: bool = False,
     **hparams: Any,
 ) -> Run:
     """``mmiad train``: fit a model per category (or one unified model) and write the run folder.
 
-    Method hyperparameters (``epochs``, ``extractors``, ``grid_size``, ...) are keyword arguments.
+    Method hyperparameters (``epochs``, ``extractors``, ``grid_size``, ...) are keyword arguments; ``format``
+    names the dataset layout (``mvtec3d``, ``eyecandies``; detected by default).
     """
     from mmiad.engine import train_run
 
@@ -96,6 +98,7 @@ def train(
         hparams=hparams,
         cache_dir=str(cache_dir) if cache_dir is not None else None,
         fallback=fallback,
+        format=format,
         progress=progress,
     )
     return Run(Path(out), files, skipped)
@@ -109,6 +112,7 @@ def evaluate(
     categories: Sequence[str] | None = None,
     aupro_mode: str = "exact",
     cache_dir: str | Path | None = None,
+    format: str | None = None,
     progress: bool = False,
 ) -> Metrics:
     """``mmiad test`` (with ``run``) or ``mmiad evaluate`` (with ``maps``): metrics on the test split."""
@@ -119,12 +123,14 @@ def evaluate(
 
         cache = str(cache_dir) if cache_dir is not None else None
         result, skipped = evaluate_run(
-            run, data, categories=categories, aupro_mode=aupro_mode, cache_dir=cache, progress=progress
+            run, data, categories=categories, aupro_mode=aupro_mode, cache_dir=cache, format=format, progress=progress
         )
     else:
         from mmiad.metrics import evaluate_maps_dir
 
-        result, skipped = evaluate_maps_dir(data, maps, categories=categories, aupro_mode=aupro_mode, progress=progress)
+        result, skipped = evaluate_maps_dir(
+            data, maps, categories=categories, aupro_mode=aupro_mode, format=format, progress=progress
+        )
     return _metrics(result, skipped)
 
 
@@ -134,23 +140,22 @@ def predict(
     *,
     xyz: str | Path | None = None,
     category: str | None = None,
+    format: str | None = None,
+    threshold: float | None = None,
     cache_dir: str | Path | None = None,
     errors: list[DataError] | None = None,
 ) -> list[Prediction]:
-    """``mmiad predict``: score new samples (a folder with rgb/ and xyz/, a flat folder of pairs, or one pair).
+    """``mmiad predict``: score new samples (a folder with rgb/ and xyz/, a flat folder of pairs, one pair, or the
+    test split of a dataset root's ``category``).
 
     Each :class:`~mmiad.methods.base.Prediction` has ``pred_score``, ``anomaly_map`` (model resolution; use
-    :func:`mmiad.data.preprocess.map_to_original` for the input resolution), ``pred_label``, ``pred_mask`` and
-    ``degraded`` (True when one modality was missing and the fallback scored the sample).
+    :func:`mmiad.data.preprocess.map_to_original` for the input resolution), ``pred_label``, ``pred_mask``,
+    ``degraded`` (True when one modality was missing and the fallback scored the sample), and what produced it:
+    ``model``, ``modality`` and ``thresholds``. ``threshold`` replaces the calibrated image threshold.
     """
-    from mmiad.data.folder import list_folder_records
-    from mmiad.engine import load_trained, model_for, predict_records, run_models
+    from mmiad.engine import RunModels, input_records
 
-    models = run_models(run)
-    if category is None:
-        if len(models) != 1:
-            raise ValueError(f"the run has several models ({', '.join(sorted(models))}); pass category=")
-        category = next(iter(models))
-    trained = load_trained(model_for(models, category), cache_dir=str(cache_dir) if cache_dir else None)
-    records = list_folder_records(input, xyz_path=xyz, category=category, errors=errors)
-    return list(predict_records(trained, records, errors=errors))
+    models = RunModels(run, cache_dir=str(cache_dir) if cache_dir else None, image_threshold=threshold)
+    key = models.key_for(category)
+    records = input_records(input, xyz=xyz, category=category or key, format=format, errors=errors)
+    return list(models.predict(records, category or key, errors=errors))

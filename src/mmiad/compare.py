@@ -27,15 +27,16 @@ from mmiad.utils.memory import own_peak_rss_mb
 _WORKER_FLAG = "--compare-worker"
 
 
-def _measure(run: str, data_root: str, cache_dir: str) -> dict[str, Any]:
+def _measure(run: str, data_root: str, cache_dir: str, format: str = "auto") -> dict[str, Any]:
     """Test one run in this process and report metrics, sample count, seconds and own peak RSS."""
-    from mmiad.data.mvtec3d import list_records
+    from mmiad.data.formats import open_dataset
     from mmiad.engine import evaluate_run
 
     started = time.perf_counter()
-    result, errors = evaluate_run(run, data_root, cache_dir=cache_dir)
+    result, errors = evaluate_run(run, data_root, cache_dir=cache_dir, format=format)
     seconds = time.perf_counter() - started
-    samples = sum(len(list_records(Path(data_root), category, "test")) for category in result["per_category"])
+    dataset = open_dataset(data_root, format)
+    samples = sum(len(dataset.records(category, "test")) for category in result["per_category"])
     samples -= len(errors)
     return {"result": result, "samples": samples, "seconds": seconds, "peak_rss_mb": own_peak_rss_mb()}
 
@@ -46,14 +47,19 @@ def _method_of(run: Path) -> str:
 
 
 def compare_runs(
-    data_root: str | Path, runs: Sequence[str | Path], *, cache_dir: str | Path | None = None
+    data_root: str | Path,
+    runs: Sequence[str | Path],
+    *,
+    cache_dir: str | Path | None = None,
+    format: str | None = None,
 ) -> list[dict]:
     """Test each run in a child process; one row per run.
 
     Args:
-        data_root: Dataset root (MVTec 3D-AD layout) with the test split.
+        data_root: Dataset root (any registered format) with the test split.
         runs: Run folders written by ``mmiad train``.
         cache_dir: Shared cache folder; None gives each run a fresh temporary one (cold, honest throughput).
+        format: Dataset format name; detected from the root by default.
 
     Returns:
         Dicts with ``run``, ``method``, ``result`` (``{"per_category": …, "mean": …}`` as ``evaluate_run``),
@@ -68,6 +74,7 @@ def compare_runs(
         with tempfile.TemporaryDirectory(prefix="mmiad-compare-") as scratch:
             cache = str(cache_dir) if cache_dir is not None else scratch
             command = [sys.executable, "-m", "mmiad.compare", _WORKER_FLAG, str(run_path), str(data_root), cache]
+            command.append(format or "auto")
             child = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
         if child.returncode != 0:
             raise RuntimeError(f"testing {run_path} failed (exit {child.returncode}):\n{child.stderr[-4000:]}")
@@ -113,5 +120,5 @@ def comparison_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == _WORKER_FLAG:
-    print(json.dumps(_measure(sys.argv[2], sys.argv[3], sys.argv[4])))
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == _WORKER_FLAG:
+    print(json.dumps(_measure(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])))

@@ -22,7 +22,7 @@ from mmiad.data.eyecandies import (
     read_eyecandies_xyz,
     read_pose,
 )
-from mmiad.data.io import load_sample
+from mmiad.data.formats import load_sample
 from mmiad.data.sample import LABEL_ANOMALOUS, LABEL_NORMAL, LABEL_UNKNOWN
 
 SIZE = 64

@@ -9,7 +9,8 @@ from PIL import Image
 
 from mmiad.data.errors import DataError
 from mmiad.data.folder import list_folder_records
-from mmiad.data.io import load_sample, read_mask, read_xyz, write_mask, write_rgb, write_xyz
+from mmiad.data.formats import load_sample
+from mmiad.data.io import read_mask, read_xyz, write_mask, write_rgb, write_xyz
 from mmiad.data.mvtec3d import list_categories, list_records
 from mmiad.data.sample import SampleRecord
 

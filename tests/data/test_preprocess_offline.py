@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mmiad.data.errors import DataError
-from mmiad.data.io import load_sample, read_rgb, read_xyz, write_mask, write_rgb, write_xyz
+from mmiad.data.formats import load_sample
+from mmiad.data.io import read_rgb, read_xyz, write_mask, write_rgb, write_xyz
 from mmiad.data.mvtec3d import list_records
 from mmiad.data.preprocess import (
     PROFILES,

@@ -9,7 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from mmiad.data.io import load_sample, read_rgb, read_xyz, valid_points
+from mmiad.data.formats import load_sample
+from mmiad.data.io import read_rgb, read_xyz, valid_points
 from mmiad.data.mvtec3d import list_categories, list_records
 from mmiad.data.synthetic import (
     CATEGORIES,

@@ -20,12 +20,12 @@ from mmiad.engine import TrainedModel, apply_thresholds, save_trained, write_run
 from mmiad.export import Manifest, OnnxPredictor, export_run, predict_with_onnx  # noqa: E402
 from mmiad.export._deps import require_onnxruntime  # noqa: E402
 from mmiad.export.extractors import export_image_extractor, export_point_extractor  # noqa: E402
-from mmiad.export.model import export_cfm_scorer  # noqa: E402
 from mmiad.export.runtime import OnnxPointMaeExtractor  # noqa: E402
 from mmiad.features.pointmae import PointMaeEncoder, PointMaeExtractor, PointMaePreset  # noqa: E402
 from mmiad.features.texture import TextureExtractor  # noqa: E402
 from mmiad.features.vit import VisionTransformer, VitExtractor, VitPreset  # noqa: E402
 from mmiad.methods.cfm import CFM  # noqa: E402
+from mmiad.methods.cfm.export import export_cfm_scorer  # noqa: E402
 from mmiad.methods.cfm.scoring import finalize_map  # noqa: E402
 from mmiad.methods.modelfile import ModelFileError  # noqa: E402
 from mmiad.postprocess.threshold import Thresholds  # noqa: E402
@@ -70,7 +70,7 @@ def test_scorer_matches_score_features_and_finalize_map(
     scores = []
     for sample in features:
         combined, map_2d, map_3d = model.score_features(sample)
-        expected = finalize_map(combined, out_size=64, smoothing=model.config.smoothing, sigma=4.0, compat=compat)
+        expected = finalize_map(combined, out_size=64, smoothing=model.settings.smoothing, sigma=4.0, compat=compat)
         grid_2d, grid_3d, foreground = sample.on_grid(32)
         final, got_2d, got_3d, score = _run(
             tmp_path / entry["file"],

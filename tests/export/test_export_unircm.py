@@ -16,8 +16,8 @@ from mmiad.engine import TrainedModel  # noqa: E402
 from mmiad.export import Manifest, OnnxPredictor  # noqa: E402
 from mmiad.export.graphs import GraphSpec, export_graph  # noqa: E402
 from mmiad.export.model import export_model  # noqa: E402
-from mmiad.export.unircm import OrqScore, UniRcmScorer  # noqa: E402
 from mmiad.methods.unircm import UniRCM  # noqa: E402
+from mmiad.methods.unircm.export import OrqScore, UniRcmScorer  # noqa: E402
 from mmiad.methods.unircm.orq import ResidualQuantizer  # noqa: E402
 
 ATOL = 1e-5
@@ -88,7 +88,7 @@ def test_compat_is_refused_but_its_orq_normalisation_is_exportable(setup: dict, 
     with pytest.raises(ValueError, match="compat Uni-RCM cannot be exported"):
         export_model(TrainedModel(compat, None, {}), tmp_path)
     # The dense part of the compat path (max-normalised ORQ maps) at grid resolution, without PIL's blur.
-    c = compat.config
+    c = compat.settings
     scorer = UniRcmScorer(
         compat.map_to_3d_,
         compat.map_to_2d_,

@@ -34,7 +34,8 @@ def test_patches_concatenate_pooled_rgb_and_projected_points() -> None:
 
 def test_config_paper_default_and_compat() -> None:
     assert BTFConfig().smoothing == "gaussian" and BTFConfig().grid_size == 28
-    assert BTFConfig(compat=True).smoothing == "pil_uint8"
+    assert BTFConfig(compat=True).smoothing == "gaussian"  # what the user set is kept...
+    assert BTFConfig(compat=True).resolved().smoothing == "pil_uint8"  # ...and the official blur runs
     with pytest.raises(ValueError):
         BTFConfig(smoothing="median")
     assert EXTRACTOR_PRESETS["wrn50-fpfh"].image == "wrn50"

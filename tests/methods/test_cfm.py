@@ -56,7 +56,7 @@ def test_compat_normalisations_follow_the_official_code() -> None:
 
 
 def test_compat_switches_smoothing_and_config_validation() -> None:
-    assert CFMConfig(compat=True).smoothing == "box_cascade"
+    assert CFMConfig(compat=True).resolved().smoothing == "box_cascade"
     assert CFMConfig().smoothing == "gaussian"
     with pytest.raises(ValueError, match="aggregation"):
         CFMConfig(aggregation="avg")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 
 from mmiad.data.mvtec3d import list_records
 from mmiad.engine import TrainedModel, load_trained, save_trained
-from mmiad.methods.base import NotFittedError, available_methods, get_method
+from mmiad.methods.base import NotFittedError
+from mmiad.methods.registry import available_methods, get_method
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +45,22 @@ def test_method_contract(name: str, records, tmp_path: Path, tiny_hparams: dict)
     reloaded = list(loaded.model.predict(test))
     np.testing.assert_allclose([p.pred_score for p in reloaded], [p.pred_score for p in predictions], rtol=1e-6)
     assert loaded.info["category"] == "puck"
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_user_hyperparameters_round_trip_unchanged(name: str, records, tmp_path: Path, tiny_hparams: dict) -> None:
+    """``compat`` is resolved when the model runs, never by rewriting the config: what the user set is saved."""
+    train, _ = records
+    method = get_method(name)
+    hparams = {**tiny_hparams[name], "compat": True}
+    model = method(cache_dir=str(tmp_path / "cache"), **hparams)
+    given = dataclasses.asdict(model.config)
+    assert {k: given[k] for k in hparams} == {k: (tuple(v) if isinstance(v, list) else v) for k, v in hparams.items()}
+    defaults = {f.name: f.default for f in dataclasses.fields(method.config_class)}
+    for key, official in model.config.compat_values().items():
+        assert given[key] == defaults[key]  # the user's (default) value is kept in the config...
+        assert getattr(model.settings, key) == official  # ...and the official one is what runs
+    model.fit(train)
+    path = save_trained(tmp_path / "model.safetensors", TrainedModel(model, None, {"category": "puck"}))
+    loaded = load_trained(path, cache_dir=str(tmp_path / "cache"))
+    assert dataclasses.asdict(loaded.model.config) == given

@@ -97,8 +97,9 @@ def test_rms_scales_are_measured_on_the_training_store_and_saved() -> None:
 
 
 def test_config_defaults_and_compat() -> None:
-    assert (UniRCMConfig().beta_2d, UniRCMConfig().beta_3d) == (0.1, 0.1)
-    assert (UniRCMConfig(compat=True).beta_2d, UniRCMConfig(compat=True).beta_3d) == (0.05, 0.1)
+    assert (UniRCMConfig().resolved().beta_2d, UniRCMConfig().resolved().beta_3d) == (0.1, 0.1)
+    compat = UniRCMConfig(compat=True)
+    assert compat.beta_2d is None and (compat.resolved().beta_2d, compat.resolved().beta_3d) == (0.05, 0.1)
     assert UniRCMConfig().grid_size == 56 and UniRCMConfig().learning_rate == 3e-4
     with pytest.raises(ValueError, match="branches"):
         UniRCMConfig(branches="both")

@@ -72,7 +72,7 @@ def zoom_on_object(sample: Any, object_mask: np.ndarray, margin: float = 0.15) -
 
 def run_stages(preset: str, samples: int, image_size: int, data_root: Path) -> dict[str, Any]:
     """Per-stage timings of one preset (run inside the worker subprocess)."""
-    from mmiad.data.io import load_sample
+    from mmiad.data.formats import load_sample
     from mmiad.data.mvtec3d import list_categories, list_records
     from mmiad.data.preprocess import get_profile, prepare_input, preprocess_sample
     from mmiad.features.base import PointFeatures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -50,3 +51,10 @@ def write_json(path: str | Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False))
     return path
+
+
+def add_format_option(parser: argparse.ArgumentParser) -> None:
+    """``--format``: the dataset layout, with the registered formats in its help."""
+    from mmiad.data.formats import formats_help
+
+    parser.add_argument("--format", default=None, help=formats_help())

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmiad.cli.common import log, report_errors, split_list, write_json
+from mmiad.cli.common import add_format_option, log, report_errors, split_list, write_json
 from mmiad.data.errors import DataError
+from mmiad.features.registry import extractors_help
+from mmiad.methods.registry import available_methods, methods_help
 
 # CLI option → method hyperparameter; only options the user actually gave are passed on.
 _HPARAM_OPTIONS = {
@@ -58,6 +61,7 @@ def _train(args: argparse.Namespace) -> int:
             epochs=args.epochs or 20,
             max_fpr=args.max_fpr,
             cache_dir=args.cache_dir,
+            format=args.format,
             progress=True,
             log=log,
         )
@@ -78,6 +82,7 @@ def _train(args: argparse.Namespace) -> int:
         hparams=_hparams(args),
         fallback=not args.no_fallback,
         cache_dir=args.cache_dir,
+        format=args.format,
         progress=True,
         log=log,
     )
@@ -98,6 +103,7 @@ def _test(args: argparse.Namespace) -> int:
         aupro_mode=args.aupro,
         num_thresholds=args.num_thresholds,
         cache_dir=args.cache_dir,
+        format=args.format,
         progress=True,
         log=log,
     )
@@ -109,9 +115,7 @@ def _test(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from mmiad.data.folder import list_folder_records
-    from mmiad.engine import apply_thresholds, load_trained, model_for, predict_records, run_models
-    from mmiad.postprocess.outputs import write_prediction, write_summary
+    from mmiad.engine import RunModels, apply_thresholds, input_records, override_image_threshold
 
     if (args.run is None) == (args.onnx is None):
         raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
@@ -121,58 +125,41 @@ def _predict(args: argparse.Namespace) -> int:
 
         predictor = OnnxPredictor.from_export(args.onnx, args.category, cache_dir=args.cache_dir)
         category = args.category or predictor.manifest.model_config.get("category", "custom")
-        thresholds = _override(predictor.thresholds, args.threshold)
-        records = list_folder_records(args.input, xyz_path=args.xyz, category=category, errors=errors)
+        thresholds = predictor.thresholds
+        if args.threshold is not None:
+            thresholds = override_image_threshold(thresholds, args.threshold)
+        records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
         predictions = (
             apply_thresholds(p, thresholds) for p in predictor.predict(records, progress=True, errors=errors)
         )
-        fallback_thresholds = {}
     else:
-        models = run_models(args.run)
-        category = args.category
-        if category is None:
-            if len(models) != 1:
-                raise ValueError(f"the run has several models ({', '.join(sorted(models))}); choose with --category")
-            category = next(iter(models))
-        trained = load_trained(model_for(models, category), cache_dir=args.cache_dir)
-        trained.thresholds = thresholds = _override(trained.thresholds, args.threshold)
-        records = list_folder_records(args.input, xyz_path=args.xyz, category=category, errors=errors)
-        predictions = predict_records(trained, records, progress=True, errors=errors)
-        fallback_thresholds = trained.fallback_thresholds
-    out = Path(args.out)
-    rows = []
-    for prediction in predictions:
-        used = thresholds if not prediction.degraded else fallback_thresholds.get(_present(prediction))
-        rows.append(write_prediction(prediction, out, used))
-        if prediction.degraded:
-            log(f"  {prediction.record.stem}: DEGRADED, scored from {_present(prediction)} only (a sensor dropped out)")
-    csv_path, _ = write_summary(rows, out)
+        models = RunModels(args.run, cache_dir=args.cache_dir, image_threshold=args.threshold)
+        category = args.category or models.key_for(None)
+        records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
+        predictions = models.predict(records, category, progress=True, errors=errors)
+    rows = _write_predictions(predictions, Path(args.out))
     report_errors(errors)
-    flagged = sum(1 for row in rows if row.label == 1)
-    log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
     return 0 if rows else 1
 
 
-def _override(thresholds: Any, image_threshold: float | None) -> Any:
-    """Calibrated thresholds with the image threshold replaced by ``--threshold`` when given."""
-    from mmiad.postprocess.threshold import Thresholds
+def _write_predictions(predictions: Iterable[Any], out: Path) -> list[Any]:
+    """Maps, overlays, masks and the summary of ``predict``; a line for each degraded sample and a total."""
+    from mmiad.postprocess.outputs import write_predictions
 
-    if image_threshold is None:
-        return thresholds
-    pixel = thresholds.pixel if thresholds is not None else image_threshold
-    max_fpr = thresholds.max_fpr if thresholds is not None else float("nan")
-    return Thresholds(image_threshold, pixel, max_fpr, "user")
+    def announce(row: Any) -> None:
+        if row.degraded:
+            log(f"  {row.name}: DEGRADED, scored from {row.modality} only (a sensor dropped out)")
 
-
-def _present(prediction: Any) -> str:
-    """The modality a degraded prediction was scored from."""
-    return next(iter(prediction.modality_maps)).removesuffix("_only")
+    rows, csv_path = write_predictions(predictions, out, on_row=announce)
+    flagged = sum(1 for row in rows if row.label == 1)
+    log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
+    return rows
 
 
 def _compare(args: argparse.Namespace) -> int:
     from mmiad.compare import compare_runs, comparison_markdown
 
-    rows = compare_runs(args.data, args.runs, cache_dir=args.cache_dir)
+    rows = compare_runs(args.data, args.runs, cache_dir=args.cache_dir, format=args.format)
     markdown = comparison_markdown(rows)
     print(markdown)
     if args.markdown:
@@ -185,7 +172,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from mmiad.data.synthetic import generate_dataset
-    from mmiad.engine import evaluate_run, train_run
+    from mmiad.engine import RunModels, evaluate_run, input_records, train_run
     from mmiad.metrics import format_table
 
     out = Path(args.out)
@@ -203,25 +190,17 @@ def _demo(args: argparse.Namespace) -> int:
     print(format_table(result))
     write_json(out / "metrics.json", result)
     log("4/4 predicting one defect folder per category (maps, overlays, masks, summary)")
+    models = RunModels(run, cache_dir=cache)
     for category in sorted(p.name for p in data.iterdir() if p.is_dir()):
         folders = sorted(p for p in (data / category / "test").iterdir() if p.is_dir() and p.name != "good")
-        predict_args = argparse.Namespace(
-            run=str(run),
-            onnx=None,
-            input=str(folders[0]),
-            xyz=None,
-            out=str(out / "predictions" / category),
-            category=category,
-            threshold=None,
-            cache_dir=cache,
-        )
-        _predict(predict_args)
+        records = input_records(folders[0], category=category)
+        _write_predictions(models.predict(records, category, progress=True), out / "predictions" / category)
     log(f"done: metrics in {out / 'metrics.json'}, maps in {out / 'maps'}, predictions in {out / 'predictions'}")
     return 0
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--extractors", help="extractor preset: weightfree (default), dino-pointmae, -m, -s, -t")
+    parser.add_argument("--extractors", help=f"default weightfree; {extractors_help()}")
     parser.add_argument("--weights-dir", help="folder with checkpoint files (default $MMIAD_WEIGHTS_DIR)")
     parser.add_argument("--epochs", type=int, help="training epochs (paper: 250)")
     parser.add_argument("--batch-size", type=int, help="images per optimisation step (official: 4)")
@@ -244,8 +223,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the model sub-commands to the top-level parser."""
     train = commands.add_parser("train", help="train one model per category on nominal samples")
-    train.add_argument("--method", default="cfm", help="cfm (default), unircm, btf, m3dm")
-    train.add_argument("--data", required=True, help="dataset root (MVTec 3D-AD layout)")
+    train.add_argument("--method", default="cfm", choices=available_methods(), help=f"default cfm; {methods_help()}")
+    train.add_argument("--data", required=True, help="dataset root (MVTec 3D-AD, Eyecandies, ...)")
+    add_format_option(train)
     train.add_argument("--out", help="run folder to write")
     train.add_argument("--resume", help="a trained unified run to extend (with --add-categories)")
     train.add_argument("--add-categories", help="comma-separated new categories to add to --resume RUN")
@@ -263,7 +243,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     test = commands.add_parser("test", help="metrics per category of a trained run on the test split")
     test.add_argument("--run", required=True, help="run folder written by train")
-    test.add_argument("--data", required=True, help="dataset root")
+    test.add_argument(
+        "--data", required=True, help="dataset root (the test split is scored; test_public for Eyecandies)"
+    )
+    add_format_option(test)
     test.add_argument("--json", help="write the metrics as JSON here")
     test.add_argument("--maps", help="also write maps at the original resolution here (for `mmiad evaluate`)")
     test.add_argument("--categories", help="comma-separated subset of categories")
@@ -275,7 +258,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="score new samples: maps, overlays, masks, summary")
     predict.add_argument("--run", help="run folder written by train")
     predict.add_argument("--onnx", help="an `mmiad export` folder: run the exported ONNX graphs instead of PyTorch")
-    predict.add_argument("--input", required=True, help="folder with rgb/ + xyz/, a flat folder of pairs, or an RGB")
+    predict.add_argument(
+        "--input",
+        required=True,
+        help="folder with rgb/ + xyz/, a flat folder of pairs, an RGB (with --xyz), or a dataset root (--category's "
+        "test split)",
+    )
+    add_format_option(predict)
     predict.add_argument("--xyz", help="the xyz TIFF when --input is a single RGB file")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--category", help="which category's model to use (needed when the run has several)")
@@ -285,6 +274,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     compare = commands.add_parser("compare", help="one table comparing trained runs: metrics, speed, memory")
     compare.add_argument("--data", required=True, help="dataset root")
+    add_format_option(compare)
     compare.add_argument("--runs", required=True, nargs="+", help="run folders to compare")
     compare.add_argument("--markdown", help="write the tables as markdown here")
     compare.add_argument("--json", help="write the rows as JSON here")

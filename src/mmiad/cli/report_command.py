@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mmiad.cli.common import log, split_list
+from mmiad.cli.common import add_format_option, log, split_list
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -26,6 +26,7 @@ def _report(args: argparse.Namespace) -> int:
         categories=split_list(args.categories),
         options=options,
         cache_dir=args.cache_dir,
+        format=args.format,
         progress=True,
         log=log,
     )
@@ -38,6 +39,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser("report", help="self-contained HTML report of a run: metrics, curves, worst samples")
     report.add_argument("--run", required=True, help="run folder written by train")
     report.add_argument("--data", required=True, help="dataset root")
+    add_format_option(report)
     report.add_argument("--out", required=True, help="folder to write index.html into")
     report.add_argument("--categories", help="comma-separated subset of categories")
     report.add_argument("--max-samples", type=int, default=12, help="gallery samples per category (default 12)")

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mmiad.data.errors import DataError
+from mmiad.data.formats import DatasetFormat, register_format
 from mmiad.data.io import read_mask
 from mmiad.data.sample import GOOD, LABEL_ANOMALOUS, LABEL_NORMAL, LABEL_UNKNOWN, SampleRecord
 
@@ -403,8 +404,8 @@ def list_eyecandies_records(
                 defect_type=defect,
                 gt_path=gt_path,
                 label=label,
+                format=Eyecandies.name,
                 extra=(
-                    ("format", "eyecandies"),
                     ("depth_path", str(depth_path)),
                     ("info_depth_path", str(data_dir / f"{index}_info_depth.yaml")),
                     ("pose_path", str(data_dir / f"{index}_pose.txt")),
@@ -414,3 +415,33 @@ def list_eyecandies_records(
             )
         )
     return records
+
+
+@register_format("eyecandies")
+class Eyecandies(DatasetFormat):
+    """The native Eyecandies layout (``<Category>/{train,val,test_public,test_private}/data/<idx>_<item>``).
+
+    Tests evaluate on ``test_public``, as the official code does; ``test_private`` (no labels) is ``predict``.
+    """
+
+    description = "native Eyecandies (<Category>/{train,val,test_public,test_private}/data/, depth PNG + pose)"
+    detect_priority = 20
+    background_removed = True
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        """See :func:`looks_like_eyecandies`."""
+        return looks_like_eyecandies(root)
+
+    def categories(self) -> list[str]:
+        """See :func:`list_eyecandies_categories`."""
+        return list_eyecandies_categories(self.root)
+
+    def records(self, category: str, split: str, *, errors: list[DataError] | None = None) -> list[SampleRecord]:
+        """See :func:`list_eyecandies_records`."""
+        return list_eyecandies_records(self.root, category, split, errors=errors)
+
+    @classmethod
+    def read_xyz(cls, record: SampleRecord) -> np.ndarray:
+        """The organized cloud computed from depth, camera info and pose (:func:`read_eyecandies_xyz`)."""
+        return read_eyecandies_xyz(record)

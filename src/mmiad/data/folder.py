@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmiad.data.errors import DataError
+from mmiad.data.formats import DatasetFormat, register_format
 from mmiad.data.mvtec3d import RGB_SUFFIXES, XYZ_SUFFIXES, pair_folder
 from mmiad.data.sample import LABEL_UNKNOWN, SampleRecord
 
@@ -30,6 +31,7 @@ def _record(rgb: Path, xyz: Path, gt: Path | None, category: str, split: str) ->
         defect_type="unknown",
         gt_path=gt,
         label=LABEL_UNKNOWN,
+        format=Folder.name,
     )
 
 
@@ -83,3 +85,32 @@ def list_folder_records(
     if not pairs:
         raise DataError(path, "no RGB + xyz pairs found (expected rgb/ and xyz/ sub-folders, or NAME.png + NAME.tiff)")
     return [_record(rgb, xyz, gt, category, split) for rgb, xyz, gt in pairs]
+
+
+@register_format("folder")
+class Folder(DatasetFormat):
+    """A plain folder of pairs (``rgb/`` + ``xyz/``, or ``NAME.png`` + ``NAME.tiff``): one category, ``predict`` only.
+
+    The category is the folder's name; samples are unlabelled unless a mask is present. There is nothing to train
+    on: this is the layout ``mmiad predict --input`` reads.
+    """
+
+    description = "a plain folder of RGB + xyz pairs (rgb/ + xyz/, or NAME.png + NAME.tiff); predict only"
+    detect_priority = 0
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        """True with ``rgb/`` and ``xyz/`` sub-folders, or any TIFF directly inside."""
+        if (root / "rgb").is_dir() and (root / "xyz").is_dir():
+            return True
+        return any(p.is_file() and p.suffix.lower() in XYZ_SUFFIXES for p in root.iterdir())
+
+    def categories(self) -> list[str]:
+        """The folder's name."""
+        return [self.root.name]
+
+    def records(self, category: str, split: str, *, errors: list[DataError] | None = None) -> list[SampleRecord]:
+        """Every pair under ``predict`` (named ``category``); the other splits are empty."""
+        if split != "predict":
+            return []
+        return list_folder_records(self.root, category=category, split=split, errors=errors)

@@ -13,7 +13,6 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from mmiad.data.errors import DataError
-from mmiad.data.sample import LABEL_UNKNOWN, Sample, SampleRecord
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -113,47 +112,3 @@ def read_map(path: str | Path) -> np.ndarray:
     if anomaly_map.ndim != 2:
         raise DataError(path, f"expected a single-channel map, got shape {anomaly_map.shape}")
     return anomaly_map
-
-
-def load_sample(record: SampleRecord) -> Sample:
-    """Load the arrays of a record and check that they fit together.
-
-    Raises:
-        DataError: naming the file when a file is unreadable, sizes disagree or the cloud has no valid point.
-    """
-    if record.extra_dict().get("format") == "eyecandies":
-        from mmiad.data.eyecandies import read_eyecandies_xyz
-
-        xyz = read_eyecandies_xyz(record)
-    else:
-        xyz = read_xyz(record.xyz_path)
-    rgb = read_rgb(record.rgb_path)
-    if rgb.shape[:2] != xyz.shape[:2]:
-        raise DataError(
-            record.xyz_path,
-            f"size {xyz.shape[1]}×{xyz.shape[0]} does not match RGB {record.rgb_path.name} "
-            f"({rgb.shape[1]}×{rgb.shape[0]}); RGB and point cloud must be pixel-registered",
-        )
-    valid = valid_points(xyz)
-    if not valid.any():
-        raise DataError(record.xyz_path, "the point cloud has no valid (non-zero, finite) point")
-    gt_mask = None
-    if record.gt_path is not None:
-        gt_mask = read_mask(record.gt_path)
-        if gt_mask.shape != rgb.shape[:2]:
-            raise DataError(record.gt_path, f"mask size {gt_mask.shape[::-1]} does not match RGB {rgb.shape[1::-1]}")
-    elif record.label == 0:
-        gt_mask = np.zeros(rgb.shape[:2], dtype=bool)
-    label = record.label
-    if label == LABEL_UNKNOWN and gt_mask is not None:
-        label = int(gt_mask.any())
-    return Sample(
-        rgb=rgb,
-        xyz=xyz,
-        valid=valid,
-        gt_mask=gt_mask,
-        label=label,
-        category=record.category,
-        defect_type=record.defect_type,
-        record=record,
-    )

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mmiad.data.errors import DataError
+from mmiad.data.formats import DatasetFormat, register_format
 from mmiad.data.sample import GOOD, LABEL_ANOMALOUS, LABEL_NORMAL, SampleRecord
 
 SPLITS = ("train", "validation", "test")
@@ -95,3 +96,39 @@ def list_records(
                 )
             )
     return records
+
+
+def looks_like_mvtec3d(root: str | Path) -> bool:
+    """True when some ``<root>/<category>/<split>/<defect>/`` folder holds ``rgb/`` or ``xyz/``."""
+    root = Path(root)
+    for category in (p for p in root.iterdir() if p.is_dir()):
+        for split in SPLITS:
+            split_dir = category / split
+            if split_dir.is_dir() and any((d / "rgb").is_dir() or (d / "xyz").is_dir() for d in split_dir.iterdir()):
+                return True
+    return False
+
+
+@register_format("mvtec3d")
+class MVTec3D(DatasetFormat):
+    """``<root>/<category>/{train,validation,test}/<defect>/{rgb,xyz,gt}/NNN.*`` (also what ``mmiad synth`` writes)."""
+
+    description = "MVTec 3D-AD folders (<category>/<split>/<defect>/{rgb,xyz,gt})"
+    detect_priority = 10
+
+    @classmethod
+    def detect(cls, root: Path) -> bool:
+        """See :func:`looks_like_mvtec3d`."""
+        return looks_like_mvtec3d(root)
+
+    def categories(self) -> list[str]:
+        """See :func:`list_categories`."""
+        return list_categories(self.root)
+
+    def records(self, category: str, split: str, *, errors: list[DataError] | None = None) -> list[SampleRecord]:
+        """See :func:`list_records`; MVTec 3D-AD has no unlabelled split, so ``predict`` is empty."""
+        if split == "predict":
+            if not (self.root / category).is_dir():
+                raise DataError(self.root / category, f"category {category!r} not found")
+            return []
+        return list_records(self.root, category, split, errors=errors)

@@ -1,7 +1,7 @@
 """The typed records that flow through mmiad.
 
 Two levels keep large datasets cheap to enumerate: a :class:`SampleRecord` only holds paths and metadata (a
-reader lists thousands of them instantly), and :func:`mmiad.data.io.load_sample` turns one into a
+reader lists thousands of them instantly), and :func:`mmiad.data.formats.load_sample` turns one into a
 :class:`Sample` with the arrays. Field names follow anomalib's vocabulary (``gt_mask``, ``gt_label``) where it
 costs nothing.
 """
@@ -31,9 +31,10 @@ class SampleRecord:
         defect_type: ``good`` or the defect folder name.
         gt_path: Ground-truth mask, when present.
         label: 0 for nominal, 1 for anomalous, -1 when unknown (inference on a production line).
-        extra: Reader-specific facts needed to load the sample (e.g. Eyecandies camera info).
+        extra: Format-specific facts needed to load the sample (e.g. Eyecandies camera info).
         name: The sample's name when the RGB file's stem is not it (Eyecandies: ``000`` for
             ``000_image_4.png``); None uses the RGB stem.
+        format: The registered dataset format that reads it (:mod:`mmiad.data.formats`).
     """
 
     rgb_path: Path
@@ -45,6 +46,7 @@ class SampleRecord:
     label: int = LABEL_NORMAL
     extra: tuple[tuple[str, str], ...] = ()
     name: str | None = None
+    format: str = "mvtec3d"
 
     @property
     def stem(self) -> str:

@@ -6,6 +6,7 @@ end of training on held-out nominal samples and stored in the model file, so a r
 """
 
 from mmiad.engine.evaluation import evaluate_predictions, evaluate_run
+from mmiad.engine.predicting import RunModels, input_records, override_image_threshold
 from mmiad.engine.runs import (
     RUN_INDEX,
     UNIFIED,
@@ -17,6 +18,7 @@ from mmiad.engine.runs import (
     run_models,
     select_few_shot,
     served_categories,
+    serving_key,
     train_run,
     write_run_index,
 )
@@ -35,6 +37,7 @@ __all__ = [
     "RUN_INDEX",
     "UNIFIED",
     "Log",
+    "RunModels",
     "TrainedModel",
     "apply_thresholds",
     "build_model",
@@ -44,14 +47,17 @@ __all__ = [
     "extend_run",
     "fit_and_calibrate",
     "fit_fallback",
+    "input_records",
     "load_trained",
     "model_for",
+    "override_image_threshold",
     "predict_records",
     "quiet",
     "run_models",
     "save_trained",
     "select_few_shot",
     "served_categories",
+    "serving_key",
     "train_run",
     "write_run_index",
 ]

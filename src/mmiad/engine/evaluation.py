@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from mmiad.data.errors import DataError
-from mmiad.data.mvtec3d import list_records
-from mmiad.engine.runs import Log, model_for, quiet, run_models, served_categories
-from mmiad.engine.trained import TrainedModel, apply_thresholds, load_trained
+from mmiad.data.formats import open_dataset
+from mmiad.engine.predicting import RunModels
+from mmiad.engine.runs import Log, quiet, served_categories
 from mmiad.methods.base import Prediction
 from mmiad.metrics import aupro_many, image_auroc, pixel_auroc, summarize
 
@@ -50,32 +50,28 @@ def evaluate_run(
     num_thresholds: int = 99,
     cache_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
+    format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
 ) -> tuple[dict[str, Any], list[DataError]]:
     """Metrics per category and their mean for a trained run on a dataset's test split.
 
-    ``overrides`` replaces inference-time hyperparameters of the loaded models (e.g. ``{"aggregation": "sum"}``
-    rescores a CFM run without retraining).
+    Samples are scored exactly as ``mmiad predict`` scores them (:meth:`RunModels.predict`: a sample missing a
+    modality is scored by the fallback and counted). ``overrides`` replaces inference-time hyperparameters of
+    the loaded models (e.g. ``{"aggregation": "sum"}`` rescores a CFM run without retraining).
     """
     from mmiad.data.io import write_map
     from mmiad.data.preprocess import map_to_original
 
-    root = Path(data_root)
-    models = run_models(run)
-    names = served_categories(run, root, categories)
+    models = RunModels(run, cache_dir=cache_dir, overrides=overrides)
+    dataset = open_dataset(data_root, format)
     errors: list[DataError] = []
     per_category: dict[str, dict[str, float]] = {}
-    loaded: dict[Path, TrainedModel] = {}
-    for category in names:
-        path = model_for(models, category)
-        if path not in loaded:
-            loaded[path] = load_trained(path, cache_dir=cache_dir, **(overrides or {}))
-        trained = loaded[path]
-        records = list_records(root, category, "test", errors=errors)
+    for category in served_categories(run, dataset, categories):
+        records = dataset.records(category, "test", errors=errors)
         predictions = []
-        for prediction in trained.model.predict(records, progress=progress, errors=errors):
-            predictions.append(apply_thresholds(prediction, trained.thresholds))
+        for prediction in models.predict(records, category, progress=progress, errors=errors):
+            predictions.append(prediction)
             if maps_dir is not None:
                 record = prediction.record
                 target = Path(maps_dir) / category / "test" / record.defect_type / f"{record.stem}.tiff"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmiad.data.errors import DataError
-from mmiad.data.mvtec3d import list_categories, list_records
+from mmiad.data.formats import DatasetFormat, open_dataset
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.trained import build_model, fit_and_calibrate, fit_fallback, load_trained, save_trained
 from mmiad.methods.modelfile import ModelFileError
@@ -38,10 +38,10 @@ def select_few_shot(records: Sequence[SampleRecord], shots: int, seed: int) -> t
 
 
 def calibration_split(
-    root: Path, category: str, train: list[SampleRecord], errors: list[DataError]
+    dataset: DatasetFormat, category: str, train: list[SampleRecord], errors: list[DataError]
 ) -> tuple[list[SampleRecord], list[SampleRecord], str]:
     """(training records, calibration records, source): the validation split, else a held-out tenth of train."""
-    validation = list_records(root, category, "validation", errors=errors)
+    validation = dataset.records(category, "validation", errors=errors)
     if validation:
         return train, validation, "validation"
     if len(train) >= 5:
@@ -51,15 +51,15 @@ def calibration_split(
 
 
 def _category_splits(
-    root: Path, names: Sequence[str], shots: int | None, seed: int, errors: list[DataError]
+    dataset: DatasetFormat, names: Sequence[str], shots: int | None, seed: int, errors: list[DataError]
 ) -> dict[str, tuple[list[SampleRecord], list[SampleRecord], str, dict[str, Any]]]:
     """Per category: (training records, calibration records, calibration source, facts for the model file)."""
     splits = {}
     for category in names:
-        train = list_records(root, category, "train", errors=errors)
+        train = dataset.records(category, "train", errors=errors)
         if not train:
-            raise DataError(root / category / "train", "no training samples found")
-        train, calibration, source = calibration_split(root, category, train, errors)
+            raise DataError(dataset.root / category, f"no training samples found ({dataset.name} layout)")
+        train, calibration, source = calibration_split(dataset, category, train, errors)
         info: dict[str, Any] = {}
         if shots:
             train, indices = select_few_shot(train, shots, seed)
@@ -81,6 +81,7 @@ def train_run(
     hparams: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     fallback: bool = True,
+    format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
 ) -> tuple[dict[str, Path], list[DataError]]:
@@ -89,24 +90,29 @@ def train_run(
     A unified model sees the union of the categories' nominal samples with no category label, as Uni-RCM's
     multi-class setting; its thresholds are calibrated on the union of the held-out nominal samples.
 
+    ``format`` names the dataset layout (:mod:`mmiad.data.formats`); by default it is detected from the root.
+
     Returns:
         (model file per category key, the bad samples that were skipped).
     """
-    root, out = Path(data_root), Path(out)
-    names = list(categories) if categories else list_categories(root)
+    dataset = open_dataset(data_root, format)
+    root, out = dataset.root, Path(out)
+    names = list(categories) if categories else dataset.categories()
     if not names:
-        raise DataError(root, "no category found (expected <root>/<category>/train/good/{rgb,xyz})")
+        raise DataError(root, f"no category found ({dataset.name} layout)")
     errors: list[DataError] = []
-    build_model(method, cache_dir, hparams)  # fail on a bad option before any work
+    probe = build_model(method, cache_dir, hparams)  # fail on a bad option before any work
+    if not probe.needs_training:
+        raise ValueError(f"method {method!r} needs no training; score a dataset with `mmiad test --method {method}`")
     distributed = ddp.init_from_env()
-    splits = _category_splits(root, names, shots, seed, errors)
+    splits = _category_splits(dataset, names, shots, seed, errors)
     groups = {UNIFIED: names} if unified else {category: [category] for category in names}
     files: dict[str, Path] = {}
     for key, members in groups.items():
         train = [r for c in members for r in splits[c][0]]
         calibration = [r for c in members for r in splits[c][1]]
         sources = sorted({splits[c][2] for c in members})
-        info: dict[str, Any] = {"data_root": str(root.resolve())}
+        info: dict[str, Any] = {"data_root": str(root.resolve()), "data_format": dataset.name}
         info.update({"categories": members} if unified else {"category": key, **splits[key][3]})
         if unified and shots:
             info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
@@ -154,6 +160,7 @@ def extend_run(
     epochs: int,
     max_fpr: float = 0.01,
     cache_dir: str | None = None,
+    format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
 ) -> tuple[Path, list[DataError]]:
@@ -163,7 +170,7 @@ def extend_run(
     categories' training samples, whose features come from the feature cache) and the thresholds are
     recalibrated on the held-out nominal samples of all categories.
     """
-    root, run = Path(data_root), Path(run)
+    dataset, run = open_dataset(data_root, format), Path(run)
     models = run_models(run)
     if UNIFIED not in models:
         raise ModelFileError(f"{run}: --add-categories needs a unified run (train it with --unified)")
@@ -176,7 +183,7 @@ def extend_run(
     if not added:
         raise ValueError(f"nothing to add: the model already serves {', '.join(known)}")
     errors: list[DataError] = []
-    splits = _category_splits(root, [*known, *added], None, 0, errors)
+    splits = _category_splits(dataset, [*known, *added], None, 0, errors)
     new = [r for c in added for r in splits[c][0]]
     replay = [r for c in known for r in splits[c][0]]
     log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replay)} replayed samples")
@@ -206,7 +213,7 @@ def run_models(run: str | Path) -> dict[str, Path]:
     return {key: run / name for key, name in index["models"].items()}
 
 
-def served_categories(run: str | Path, data_root: str | Path, requested: Sequence[str] | None = None) -> list[str]:
+def served_categories(run: str | Path, dataset: DatasetFormat, requested: Sequence[str] | None = None) -> list[str]:
     """The categories to test a run on: ``requested`` as given, else the dataset's categories the run was trained on.
 
     A unified model can score any category, but by default it is only tested on those it learnt: an unseen product
@@ -217,13 +224,22 @@ def served_categories(run: str | Path, data_root: str | Path, requested: Sequenc
     models = run_models(run)
     index = json.loads((Path(run) / RUN_INDEX).read_text())
     trained = set(index.get("categories") or [k for k in models if k != UNIFIED])
-    return [c for c in list_categories(Path(data_root)) if c in trained or (UNIFIED in models and not trained)]
+    return [c for c in dataset.categories() if c in trained or (UNIFIED in models and not trained)]
+
+
+def serving_key(keys: Collection[str], category: str) -> str:
+    """The key of the model that serves ``category``: its own, or the unified one.
+
+    Raises:
+        ModelFileError: when neither exists.
+    """
+    if category in keys:
+        return category
+    if UNIFIED in keys:
+        return UNIFIED
+    raise ModelFileError(f"the run has no model for category {category!r}; it has: {', '.join(sorted(keys))}")
 
 
 def model_for(models: dict[str, Path], category: str) -> Path:
-    """The model that serves ``category``: its own, or the unified one."""
-    if category in models:
-        return models[category]
-    if UNIFIED in models:
-        return models[UNIFIED]
-    raise ModelFileError(f"the run has no model for category {category!r}; it has: {', '.join(sorted(models))}")
+    """The model file (or export folder) that serves ``category``."""
+    return models[serving_key(models, category)]

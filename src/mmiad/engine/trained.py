@@ -15,9 +15,10 @@ from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
-from mmiad.methods.base import AnomalyModel, Prediction, get_method
+from mmiad.methods.base import AnomalyModel, Prediction
 from mmiad.methods.fallback import ModalityFallback, missing_modality, predict_degraded
 from mmiad.methods.modelfile import load_model_file, save_model_file
+from mmiad.methods.registry import get_method
 from mmiad.postprocess.threshold import Thresholds, calibrate
 
 
@@ -132,7 +133,8 @@ def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
 
 
 def apply_thresholds(prediction: Prediction, thresholds: Thresholds | None) -> Prediction:
-    """Fill ``pred_label`` and ``pred_mask`` from calibrated thresholds."""
+    """Fill ``pred_label`` and ``pred_mask`` from thresholds and record which thresholds they were."""
+    prediction.thresholds = thresholds
     if thresholds is not None:
         prediction.pred_label = int(prediction.pred_score > thresholds.image)
         prediction.pred_mask = prediction.anomaly_map > thresholds.pixel
@@ -143,14 +145,17 @@ def predict_records(
     trained: TrainedModel,
     records: Sequence[SampleRecord],
     *,
+    key: str | None = None,
     progress: bool = False,
     errors: list[DataError] | None = None,
 ) -> Iterator[Prediction]:
-    """Predictions with thresholds applied; a sample missing one modality is scored by the fallback.
+    """The one way a trained model scores records: the method, the fallback for a missing modality, thresholds.
 
-    A sample whose point cloud is unreadable or empty (or whose RGB is unreadable) is scored from the other
-    modality and flagged ``degraded``; a sample with neither, or any sample when the model has no fallback, is
-    reported in ``errors`` (or raised) and skipped.
+    ``test``, ``predict``, ``report`` and the Python API all score through here, so a sample whose point cloud is
+    unreadable or empty (or whose RGB is unreadable) is treated the same everywhere: scored from the other
+    modality by the fallback and flagged ``degraded``, with the fallback's thresholds. A sample with neither
+    modality, or any bad sample when the model has no fallback, is reported in ``errors`` (or raised) and skipped.
+    Each prediction records the model ``key``, the modality it was scored from and the thresholds applied.
     """
     found: list[DataError] = [] if errors is None else errors
     for record in tqdm(records, desc="predict", disable=not progress, leave=False):
@@ -158,11 +163,13 @@ def predict_records(
             missing = missing_modality(record) if trained.fallback is not None else None
             if missing is None:
                 for prediction in trained.model.predict([record], errors=found):
+                    prediction.model = key
                     yield apply_thresholds(prediction, trained.thresholds)
                 continue
+            assert trained.fallback is not None
             prediction = predict_degraded(trained.model.pipeline, trained.fallback, record, missing)
-            present = "2d" if missing == "3d" else "3d"
-            yield apply_thresholds(prediction, trained.fallback_thresholds.get(present))
+            prediction.model = key
+            yield apply_thresholds(prediction, trained.fallback_thresholds.get(prediction.modality))
         except DataError as error:
             if errors is None:
                 raise

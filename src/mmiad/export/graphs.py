@@ -1,9 +1,9 @@
-"""The torch modules that become ONNX graphs, and the one function that exports any of them.
+"""The one function that exports any torch module to ONNX, and the scorer-graph contract every method follows.
 
-Each module reproduces the library's own inference path by calling the same functions (``feature_discrepancy``,
-``aggregate``, ``smooth_maps``), so an exported graph cannot drift from the PyTorch model it came from. What
-changes is only the form: data-dependent indexing (running the MLPs on foreground rows only) becomes a dense
-computation with a mask, which ONNX expresses without dynamic shapes.
+A method's scorer module lives in its own package (``methods/<m>/export.py``) and reproduces the library's own
+inference path by calling the same functions, so an exported graph cannot drift from the PyTorch model it came
+from. What changes is only the form: data-dependent indexing (running the MLPs on foreground rows only) becomes a
+dense computation with a mask, which ONNX expresses without dynamic shapes.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ from typing import Any
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmiad.export._deps import require_onnx
-from mmiad.methods.cfm.mapping import feature_discrepancy
-from mmiad.methods.cfm.scoring import aggregate
-from mmiad.postprocess.smoothing import smooth_maps
 
 #: ONNX opset of every exported graph: Gelu/Erf, Resize (half-pixel bilinear) and reflect Pad are all in 17,
 #: which every onnxruntime since 1.14 runs.
@@ -62,64 +58,6 @@ class GraphSpec:
             return [{"name": k, "shape": v, "dtype": dtypes.get(k, "float32")} for k, v in items.items()]
 
         return {"inputs": describe(self.inputs), "outputs": describe(self.outputs)}
-
-
-class CfmScorer(nn.Module):
-    """CFM from aligned grids to the final map and image score (``score_features`` + ``finalize_map``).
-
-    Inputs: 2D grid (C2,G,G), 3D grid (C3,G,G), foreground (G,G) bool. Outputs: final (S,S) map, 2D and 3D
-    discrepancy maps (G,G), image score (scalar). The MLPs run on every pixel and the background is masked
-    afterwards; per-pixel results are the same as running on the foreground rows only.
-    """
-
-    def __init__(
-        self,
-        map_to_3d: nn.Module,
-        map_to_2d: nn.Module,
-        *,
-        crossmodal: bool,
-        aggregation: str,
-        out_size: int,
-        smoothing: str,
-        sigma: float,
-        compat: bool,
-    ) -> None:
-        super().__init__()
-        check_exportable_smoothing(smoothing)
-        self.map_to_3d = map_to_3d
-        self.map_to_2d = map_to_2d
-        self.crossmodal = crossmodal
-        self.aggregation = aggregation
-        self.out_size = out_size
-        self.smoothing = smoothing
-        self.sigma = sigma
-        self.compat = compat
-
-    def forward(
-        self, grid_2d: torch.Tensor, grid_3d: torch.Tensor, foreground: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows_2d = grid_2d.flatten(1).transpose(0, 1)
-        rows_3d = grid_3d.flatten(1).transpose(0, 1)
-        source_3d, source_2d = (rows_2d, rows_3d) if self.crossmodal else (rows_3d, rows_2d)
-        mask = foreground.flatten()
-        zero = torch.zeros((), dtype=rows_2d.dtype)
-        distance_3d = torch.where(mask, feature_discrepancy(self.map_to_3d(source_3d), rows_3d), zero)
-        distance_2d = torch.where(mask, feature_discrepancy(self.map_to_2d(source_2d), rows_2d), zero)
-        map_2d = distance_2d.reshape(foreground.shape)
-        map_3d = distance_3d.reshape(foreground.shape)
-        combined = aggregate(map_2d, map_3d, self.aggregation)
-        if combined.shape[-1] != self.out_size:
-            size = (self.out_size, self.out_size)
-            combined = F.interpolate(combined[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        smoothed = smooth_maps(combined, self.smoothing, self.sigma)
-        if not self.compat:
-            return smoothed, map_2d, map_3d, smoothed.max()
-        # The official image score: max / sqrt(mean of the non-zero pixels), 1 when all pixels are zero.
-        nonzero = smoothed != 0
-        count = nonzero.sum().to(smoothed.dtype)
-        total = torch.where(nonzero, smoothed, zero).sum()
-        mean_nonzero = torch.where(count > 0, total / count.clamp_min(1.0), torch.ones((), dtype=smoothed.dtype))
-        return smoothed, map_2d, map_3d, (smoothed / mean_nonzero.sqrt()).max()
 
 
 class ExtractCall(nn.Module):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -21,52 +20,29 @@ from mmiad import __version__
 from mmiad.engine import TrainedModel, load_trained, model_for, run_models
 from mmiad.export._deps import require_onnx, require_onnxruntime
 from mmiad.export.extractors import export_image_extractor, export_point_extractor
-from mmiad.export.graphs import OPSET, CfmScorer, export_scorer_graph
+from mmiad.export.graphs import OPSET
 from mmiad.export.manifest import MANIFEST, Manifest
-from mmiad.export.unircm import export_unircm_scorer
 from mmiad.features.pointmae import PointMaeExtractor
-from mmiad.methods.cfm import CFM
 from mmiad.methods.modelfile import ModelFileError
-from mmiad.methods.unircm.model import UniRCM
 
 EXPORT_INDEX = "index.json"
-
-
-def export_cfm_scorer(model: CFM, out_dir: str | Path) -> dict[str, Any]:
-    """``scorer.onnx`` of a fitted CFM: grid_2d, grid_3d, foreground → anomaly_map, map_2d, map_3d, score."""
-    model.check_fitted()
-    config = model.config
-    scorer = CfmScorer(
-        model.map_to_3d_,
-        model.map_to_2d_,
-        crossmodal=config.mapping == "crossmodal",
-        aggregation=config.aggregation,
-        out_size=config.image_size,
-        smoothing=config.smoothing,
-        sigma=config.sigma,
-        compat=config.compat,
-    )
-    grid, size = config.grid_size, config.image_size
-    # Whatever the mapping, each network predicts its own modality, so its output width is that modality's.
-    in_2d, in_3d = model.map_to_2d_.output.out_features, model.map_to_3d_.output.out_features
-    return export_scorer_graph(scorer, in_2d, in_3d, grid, size, out_dir)
 
 
 def export_model(trained: TrainedModel, out_dir: str | Path) -> Manifest:
     """Write the graphs and ``manifest.json`` of one fitted model into ``out_dir``.
 
-    CFM and Uni-RCM are exported: memory-bank methods (BTF, M3DM) search a bank of millions of rows, which ONNX
-    does not express well.
+    The method writes its own scorer (:meth:`~mmiad.methods.base.AnomalyModel.export_scorer`); CFM and Uni-RCM
+    have one, memory-bank methods (BTF, M3DM) refuse: they search a bank of millions of rows, which ONNX does
+    not express well.
     """
     model = trained.model
-    if not isinstance(model, CFM | UniRCM):
-        raise ValueError(f"ONNX export supports CFM and Uni-RCM models only, not {model.name!r}")
     require_onnx()
     out_dir = Path(out_dir)
     pipeline = model.pipeline
+    scorer = model.export_scorer(out_dir)
     graphs = {
         "image_extractor": export_image_extractor(pipeline.image_extractor, out_dir, model.config.image_size),
-        "scorer": export_cfm_scorer(model, out_dir) if isinstance(model, CFM) else export_unircm_scorer(model, out_dir),
+        "scorer": scorer,
     }
     if isinstance(pipeline.point_extractor, PointMaeExtractor):
         graphs["point_extractor"] = export_point_extractor(pipeline.point_extractor, out_dir)

@@ -30,6 +30,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from mmiad.features.base import PointFeatures, identity_point_features
+from mmiad.features.registry import register_point_extractor
 
 BINS = 11
 _TWO_THIRDS_PI = 2.09439510239319549  # the literal open3d's FastEigen3x3 uses
@@ -433,3 +434,11 @@ class FPFHExtractor:
             raise ValueError(f"valid must be a bool array of shape {xyz.shape[:2]}, got {valid.dtype} {valid.shape}")
         features = self.compute(xyz[valid])
         return identity_point_features(torch.from_numpy(features.astype(np.float32)), valid)
+
+
+def _build_fpfh(**_: Any) -> FPFHExtractor:
+    """Registry factory: FPFH has no weights, so the options do not apply."""
+    return FPFHExtractor()
+
+
+register_point_extractor("fpfh", _build_fpfh, "FPFH (33-d, BTF's parameters); no weights", needs_weights=False)

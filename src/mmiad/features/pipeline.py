@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
-from mmiad.data.io import load_sample
+from mmiad.data.formats import load_sample
 from mmiad.data.preprocess import ModelInput, PreprocessProfile, prepare_input, preprocess_dataset
 from mmiad.data.sample import SampleRecord
 from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor, PointFeatures

@@ -1,30 +1,91 @@
-"""Named extractor presets: which 2D and 3D extractor a method runs on, as data.
+"""Extractor registries: image (2D) and point (3D) extractors by name, freely combined as ``IMAGE+POINT``.
 
-``weightfree`` needs no downloaded file and runs everywhere (air-gapped lines, CI). The deep presets are the
-papers' DINO ViT-B/8 + Point-MAE, and CFM's layer-pruned variants (M: 8 blocks, S: 4 blocks, T: 1 block), which
-need their checkpoint files in the weights directory.
+This module imports no extractor. Each extractor module registers its names with :func:`register_image_extractor`
+or :func:`register_point_extractor`, and :mod:`mmiad.features` imports the built-in ones, so a new extractor is
+its own module plus one line there. ``--extractors`` takes any pair (``dino_vitb8+fpfh``, ``texture+pointmae``)
+or a named preset, which is only an alias for a pair (:data:`EXTRACTOR_PRESETS`): ``weightfree`` needs no
+downloaded file and runs everywhere (air-gapped lines, CI); the deep presets are the papers' DINO ViT-B/8 +
+Point-MAE and CFM's layer-pruned variants (M: 8 blocks, S: 4 blocks, T: 1 block), which need checkpoint files.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from mmiad.data.preprocess import get_profile
-from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor
 from mmiad.features.cache import FeatureCache
 from mmiad.features.pipeline import FeaturePipeline
+
+if TYPE_CHECKING:
+    from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor
+
+ExtractorT = TypeVar("ExtractorT")
+#: ``factory(weights_dir=..., random_init=..., seed=...)`` builds a ready extractor (deep ones load weights).
+Factory = Callable[..., Any]
+SEPARATOR = "+"
+
+
+@dataclass(frozen=True)
+class ExtractorEntry(Generic[ExtractorT]):
+    """One registered extractor.
+
+    Attributes:
+        name: What ``--extractors`` takes on its side of ``+``.
+        factory: Builds the extractor from ``weights_dir``, ``random_init`` and ``seed``.
+        description: One line for ``--help`` and docs.
+        needs_weights: True when the factory reads a checkpoint file.
+    """
+
+    name: str
+    factory: Callable[..., ExtractorT]
+    description: str
+    needs_weights: bool
+
+
+_IMAGE: dict[str, ExtractorEntry[ImageFeatureExtractor]] = {}
+_POINT: dict[str, ExtractorEntry[PointFeatureExtractor]] = {}
+
+
+def _register(table: dict[str, Any], kind: str, name: str, factory: Factory, description: str, weights: bool) -> None:
+    if SEPARATOR in name or not name:
+        raise ValueError(f"invalid {kind} extractor name {name!r}")
+    if name in table and table[name].factory is not factory:
+        raise ValueError(f"{kind} extractor {name!r} is already registered")
+    table[name] = ExtractorEntry(name, factory, description, weights)
+
+
+def register_image_extractor(name: str, factory: Factory, description: str, *, needs_weights: bool) -> None:
+    """Make ``name`` available on the image side of ``--extractors``."""
+    _register(_IMAGE, "image", name, factory, description, needs_weights)
+
+
+def register_point_extractor(name: str, factory: Factory, description: str, *, needs_weights: bool) -> None:
+    """Make ``name`` available on the point side of ``--extractors``."""
+    _register(_POINT, "point", name, factory, description, needs_weights)
+
+
+def image_extractors() -> dict[str, ExtractorEntry[ImageFeatureExtractor]]:
+    """Registered image extractors by name."""
+    return dict(sorted(_IMAGE.items()))
+
+
+def point_extractors() -> dict[str, ExtractorEntry[PointFeatureExtractor]]:
+    """Registered point extractors by name."""
+    return dict(sorted(_POINT.items()))
 
 
 @dataclass(frozen=True)
 class ExtractorPreset:
-    """A pair of extractor presets.
+    """A named pair of extractors (an alias of ``image+point``).
 
     Attributes:
         name: What ``--extractors`` takes.
-        image: 2D extractor preset (``texture`` or a ViT preset name).
-        point: 3D extractor preset (``fpfh`` or a Point-MAE preset name).
+        image: Image extractor name.
+        point: Point extractor name.
         description: One line for ``--help`` and docs.
     """
 
@@ -48,39 +109,48 @@ EXTRACTOR_PRESETS: dict[str, ExtractorPreset] = {
 }
 
 
+def parse_extractors(spec: str) -> tuple[str, str]:
+    """``(image, point)`` names of a preset alias or an ``IMAGE+POINT`` pair, checked against the registries.
+
+    Raises:
+        ValueError: naming the unknown part and listing what is available.
+    """
+    if spec in EXTRACTOR_PRESETS:
+        preset = EXTRACTOR_PRESETS[spec]
+        image, point = preset.image, preset.point
+    elif spec.count(SEPARATOR) == 1:
+        image, point = (part.strip() for part in spec.split(SEPARATOR))
+    else:
+        raise ValueError(f"unknown extractors {spec!r}; give a preset or IMAGE+POINT.\n{extractors_help()}")
+    if image not in _IMAGE:
+        raise ValueError(f"unknown image extractor {image!r}; available: {', '.join(image_extractors())}")
+    if point not in _POINT:
+        raise ValueError(f"unknown point extractor {point!r}; available: {', '.join(point_extractors())}")
+    return image, point
+
+
+def extractors_help() -> str:
+    """The ``--extractors`` help text, from the registries."""
+    presets = ", ".join(f"{p.name} ({p.image}+{p.point})" for p in EXTRACTOR_PRESETS.values())
+    return (
+        f"a preset: {presets}; or any IMAGE+POINT pair, IMAGE one of {', '.join(image_extractors())}, "
+        f"POINT one of {', '.join(point_extractors())}"
+    )
+
+
 def get_extractor_preset(name: str) -> ExtractorPreset:
-    """The preset called ``name``, with an error listing the known ones."""
-    if name not in EXTRACTOR_PRESETS:
-        raise ValueError(f"unknown extractor preset {name!r}; available: {', '.join(EXTRACTOR_PRESETS)}")
-    return EXTRACTOR_PRESETS[name]
+    """The preset called ``name``, or the pair ``IMAGE+POINT`` as an unnamed preset."""
+    image, point = parse_extractors(name)
+    return EXTRACTOR_PRESETS.get(name, ExtractorPreset(name, image, point, f"{image} + {point}"))
 
 
 def build_extractors(
     name: str, *, weights_dir: str | Path | None = None, random_init: bool = False, seed: int = 0
 ) -> tuple[ImageFeatureExtractor, PointFeatureExtractor]:
-    """Instantiate the 2D and 3D extractors of a preset (deep ones load weights from ``weights_dir``)."""
-    preset = get_extractor_preset(name)
-    if preset.image == "texture":
-        from mmiad.features.texture import TextureExtractor
-
-        image: ImageFeatureExtractor = TextureExtractor()
-    elif preset.image == "wrn50":
-        from mmiad.features.wideresnet import build_wrn50_extractor
-
-        image = build_wrn50_extractor(weights_dir=weights_dir, random_init=random_init, seed=seed)
-    else:
-        from mmiad.features.weights import build_image_extractor
-
-        image = build_image_extractor(preset.image, weights_dir=weights_dir, random_init=random_init, seed=seed)
-    if preset.point == "fpfh":
-        from mmiad.features.fpfh import FPFHExtractor
-
-        point: PointFeatureExtractor = FPFHExtractor()
-    else:
-        from mmiad.features.weights import build_point_extractor
-
-        point = build_point_extractor(preset.point, weights_dir=weights_dir, random_init=random_init, seed=seed)
-    return image, point
+    """Instantiate the 2D and 3D extractors of a preset or pair (deep ones load weights from ``weights_dir``)."""
+    image, point = parse_extractors(name)
+    options = {"weights_dir": weights_dir, "random_init": random_init, "seed": seed}
+    return _IMAGE[image].factory(**options), _POINT[point].factory(**options)
 
 
 def default_cache_dir() -> Path:
@@ -98,7 +168,7 @@ def build_pipeline(
     cache_dir: str | Path | None = None,
     use_feature_cache: bool = True,
 ) -> FeaturePipeline:
-    """A feature pipeline for an extractor preset and a preprocessing profile, caching under ``cache_dir``."""
+    """A feature pipeline for extractors (preset or pair) and a preprocessing profile, caching under ``cache_dir``."""
     image, point = build_extractors(extractors, weights_dir=weights_dir, random_init=random_init)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return FeaturePipeline(

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmiad.features.registry import register_image_extractor
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -227,3 +229,13 @@ class TextureExtractor:
             )
             parts += [pool(e, level) / ENERGY_SCALE for e in energies]
         return torch.cat(parts, dim=1)
+
+
+def _build_texture(**_: Any) -> TextureExtractor:
+    """Registry factory: the texture descriptor has no weights, so the options do not apply."""
+    return TextureExtractor()
+
+
+register_image_extractor(
+    "texture", _build_texture, "colour + multi-scale filter bank (42-d, stride 8); no weights", needs_weights=False
+)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from mmiad.features.pointmae import (
     load_pointmae_weights,
     official_layers,
 )
+from mmiad.features.registry import register_image_extractor, register_point_extractor
 from mmiad.features.vit import VIT_PRESETS, VisionTransformer, VitExtractor, load_vit_weights
 
 ENV_VAR = "MMIAD_WEIGHTS_DIR"
@@ -264,3 +266,22 @@ def build_point_extractor(
     model = PointMaeEncoder(spec.keep_blocks, spec.layers)
     load_pointmae_weights(model, path)
     return PointMaeExtractor(model, spec, _weights_id(path), fps_backend)
+
+
+def _register_presets() -> None:
+    """Every ViT and Point-MAE preset becomes a registered extractor of the same name."""
+    for name, vit in VIT_PRESETS.items():
+        pruned = f", {vit.keep_blocks} blocks" if vit.keep_blocks != vit.depth else ""
+        register_image_extractor(
+            name, partial(build_image_extractor, name), f"{name} ({vit.embed_dim}-d{pruned})", needs_weights=True
+        )
+    for name, point in POINTMAE_PRESETS.items():
+        register_point_extractor(
+            name,
+            partial(build_point_extractor, name),
+            f"Point-MAE {point.num_group}×{point.group_size}, layers {list(point.layers)}",
+            needs_weights=True,
+        )
+
+
+_register_presets()

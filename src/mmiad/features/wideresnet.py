@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmiad.features.checkpoints import load_strict, read_checkpoint, strip_prefixes, unwrap_state_dict
+from mmiad.features.registry import register_image_extractor
 
 OUT_GRID = 28
 WIDTH_FACTOR = 2  # "wide": bottleneck width 128 per group instead of 64
@@ -147,3 +148,8 @@ def build_wrn50_extractor(
     model = WideResNet50Trunk()
     load_wrn50_weights(model, path)
     return WideResNetExtractor(model, weights_module._weights_id(path))
+
+
+register_image_extractor(
+    "wrn50", build_wrn50_extractor, "Wide-ResNet-50-2 layers 2+3 (BTF's backbone, 1536-d)", needs_weights=True
+)

@@ -1,1 +1,6 @@
-"""Anomaly detection methods, one package each, sharing model files, smoothing and thresholds."""
+"""Anomaly detection methods, one package each, registered by name (see :mod:`mmiad.methods.registry`).
+
+Importing this package registers the built-in methods; a new method is its own package plus one line here.
+"""
+
+from mmiad.methods import btf, cfm, m3dm, unircm  # noqa: F401  (each registers itself)

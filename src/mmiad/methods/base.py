@@ -1,4 +1,4 @@
-"""What every method shares: the prediction record, the estimator contract and the method registry.
+"""What every method shares: the prediction record and the estimator contract (with persistence).
 
 Methods follow scikit-learn's estimator contract: ``__init__`` only stores hyperparameters, ``fit(records)``
 learns from nominal samples and returns ``self``, learned state ends with an underscore, and ``predict`` refuses
@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
+from mmiad.methods.modelfile import ModelFileError
+from mmiad.methods.settings import MethodSettings
+from mmiad.postprocess.threshold import Thresholds
 
 if TYPE_CHECKING:
     from mmiad.features.pipeline import FeaturePipeline
@@ -39,6 +42,11 @@ class Prediction:
         pred_label: 1 when ``pred_score`` exceeds the calibrated threshold, else 0 (None without thresholds).
         pred_mask: S×S bool mask of pixels above the calibrated pixel threshold (None without thresholds).
         degraded: True when a modality was missing and the score comes from a fallback.
+        model: Which model of the run produced it (its key: a category or ``unified``; the export folder for
+            ONNX), None when a model was called directly.
+        modality: What it was scored from: ``2d+3d`` (the method), ``2d`` or ``3d`` (the fallback, degraded).
+        thresholds: The thresholds that gave ``pred_label``/``pred_mask`` (the fallback's for degraded samples,
+            the user's image threshold when overridden), None when none applied.
     """
 
     record: SampleRecord
@@ -52,6 +60,9 @@ class Prediction:
     pred_label: int | None = None
     pred_mask: np.ndarray | None = None
     degraded: bool = False
+    model: str | None = None
+    modality: str = "2d+3d"
+    thresholds: Thresholds | None = None
 
     def map_for(self, metric: str) -> np.ndarray:
         """The map a metric should read: its own in ``compat`` runs, otherwise the final map."""
@@ -63,11 +74,39 @@ class NotFittedError(RuntimeError):
 
 
 class AnomalyModel(ABC):
-    """Base class of every method (CFM, Uni-RCM, M3DM, BTF)."""
+    """Base class of every method.
+
+    A method declares its settings class (``config_class``), learns in :meth:`fit`, scores in :meth:`predict`, and
+    for persistence provides only its learned tensors (:meth:`state_tensors`), the facts it wants in the model
+    file (:meth:`learned_facts`) and how to restore both (:meth:`load_state`). Saving the config, checking the
+    pipeline and the fitted flag live here, once.
+
+    Class attributes:
+        name: Registry name (set by :func:`~mmiad.methods.registry.register_method`).
+        config_class: The method's settings dataclass.
+        tiny_hparams: Settings for a seconds-long fit on the ``tiny`` synthetic preset (the shared conformance
+            tests run every registered method with them).
+        needs_training: False for zero-shot methods, which score a batch without ``fit``.
+    """
 
     name: ClassVar[str]
+    config_class: ClassVar[type[MethodSettings]] = MethodSettings
+    tiny_hparams: ClassVar[dict[str, Any]] = {}
+    needs_training: ClassVar[bool] = True
     config: Any
     _pipeline: FeaturePipeline | None = None
+
+    def __init__(self, config: MethodSettings | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:
+        if config is not None and hparams:
+            raise TypeError("pass either a config object or keyword hyperparameters, not both")
+        self.config = config if config is not None else self.config_class(**hparams)
+        self.cache_dir = cache_dir
+        self._pipeline = None
+
+    @property
+    def settings(self) -> Any:
+        """The settings in effect: the config with ``compat`` resolved (the config itself is what the user set)."""
+        return self.config.resolved()
 
     @abstractmethod
     def fit(
@@ -81,29 +120,79 @@ class AnomalyModel(ABC):
     ) -> Iterator[Prediction]:
         """Predictions one sample at a time (so a large test set never has to fit in memory)."""
 
-    @abstractmethod
+    # ------------------------------------------------------------------ persistence
     def get_config(self) -> dict[str, Any]:
-        """Hyperparameters and everything needed to rebuild the model (JSON-serialisable)."""
+        """Hyperparameters as the user set them, and once fitted the pipeline and the method's learned facts."""
+        config: dict[str, Any] = {"method": self.name, "hparams": asdict(self.config)}
+        if getattr(self, "fitted_", False):
+            config["pipeline"] = self.pipeline.config()
+            config.update(self.learned_facts())
+        return config
+
+    def learned_facts(self) -> dict[str, Any]:
+        """JSON-serialisable facts learned by ``fit`` that :meth:`load_state` needs back (channels, sizes...)."""
+        return {}
 
     @abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Learned tensors to store in the model file."""
 
-    @classmethod
     @abstractmethod
+    def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` and :meth:`learned_facts` saved (``config`` is the whole header).
+
+        Raises:
+            ModelFileError: when a tensor or fact is missing or does not fit.
+        """
+
+    @classmethod
     def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> AnomalyModel:
-        """Rebuild a fitted model from :meth:`get_config` and :meth:`state_tensors`."""
+        """Rebuild a fitted model from :meth:`get_config` and :meth:`state_tensors`.
+
+        ``overrides`` replaces inference-time hyperparameters (``cache_dir`` is not one: it says where caches go).
+
+        Raises:
+            ModelFileError: for missing or invalid hyperparameters, another pipeline than the one configured now,
+                or learned state that does not fit the method.
+        """
+        stored = config.get("hparams")
+        if not isinstance(stored, dict):
+            raise ModelFileError(f"the {cls.name} model file has no 'hparams' object")
+        hparams = {**stored, **{k: v for k, v in overrides.items() if k != "cache_dir"}}
+        try:
+            settings = cls.config_class(**hparams)
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(f"invalid {cls.name} hyperparameters in the model file: {error}") from error
+        model = cls(settings, cache_dir=overrides.get("cache_dir"))
+        model.check_pipeline(config.get("pipeline"))
+        try:
+            model.load_state(config, tensors)
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            raise ModelFileError(f"the {cls.name} model file's learned state does not fit: {error!r}") from error
+        model.fitted_ = True
+        return model
+
+    # ------------------------------------------------------------------ hooks
+    def export_scorer(self, out_dir: Any) -> dict[str, Any]:
+        """Write ``scorer.onnx`` for ``mmiad export`` and describe it; methods that cannot be exported refuse.
+
+        Raises:
+            ValueError: for methods without an ONNX scorer (memory banks search millions of rows).
+        """
+        raise ValueError(f"ONNX export is not available for method {self.name!r}")
 
     def preprocess_profile(self) -> str:
-        """The offline preprocessing profile: the config's ``profile`` if it has one, else ``cfm``."""
-        return str(getattr(self.config, "profile", "cfm"))
+        """The offline preprocessing profile of this method's settings."""
+        return str(self.config.profile)
 
     @property
     def pipeline(self) -> FeaturePipeline:
         """The feature pipeline, built on first use (building deep extractors loads their weights).
 
-        Every method reads the same config fields for it (``extractors``, ``image_size``, ``weights_dir``,
-        ``random_init``) and shares one feature cache under ``cache_dir``.
+        Every method reads the same :class:`~mmiad.methods.settings.MethodSettings` fields for it and shares one
+        feature cache under ``cache_dir``.
         """
         if getattr(self, "_pipeline", None) is None:
             from mmiad.features.registry import build_pipeline
@@ -117,6 +206,7 @@ class AnomalyModel(ABC):
                 random_init=config.random_init,
                 cache_dir=getattr(self, "cache_dir", None),
             )
+        assert self._pipeline is not None
         return self._pipeline
 
     def check_pipeline(self, trained_with: dict[str, Any] | None) -> None:
@@ -125,8 +215,6 @@ class AnomalyModel(ABC):
         Raises:
             ModelFileError: naming both configurations (e.g. another weights file or extractor preset).
         """
-        from mmiad.methods.modelfile import ModelFileError
-
         # Compare JSON forms: the stored config went through JSON (tuples became lists).
         now = json.loads(json.dumps(self.pipeline.config()))
         if trained_with is not None and trained_with != now:
@@ -140,39 +228,3 @@ class AnomalyModel(ABC):
         """Raise :class:`NotFittedError` unless ``fit`` has run."""
         if not getattr(self, "fitted_", False):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() first")
-
-
-ModelT = TypeVar("ModelT", bound=type[AnomalyModel])
-_REGISTRY: dict[str, type[AnomalyModel]] = {}
-
-
-def register_method(name: str) -> Callable[[ModelT], ModelT]:
-    """Class decorator adding a method to the registry under ``name`` (what ``--method`` takes)."""
-
-    def decorate(cls: ModelT) -> ModelT:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def available_methods() -> list[str]:
-    """Names accepted by ``--method``."""
-    _import_builtin_methods()
-    return sorted(_REGISTRY)
-
-
-def get_method(name: str) -> type[AnomalyModel]:
-    """The class registered under ``name``, with a clear error listing the known names."""
-    _import_builtin_methods()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def _import_builtin_methods() -> None:
-    import mmiad.methods.btf
-    import mmiad.methods.cfm
-    import mmiad.methods.m3dm
-    import mmiad.methods.unircm  # noqa: F401

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from mmiad.data.errors import DataError
-from mmiad.data.io import read_mask, read_rgb, read_xyz, valid_points
+from mmiad.data.formats import get_format
+from mmiad.data.io import valid_points
 from mmiad.data.preprocess import prepare_input, preprocess_sample
 from mmiad.data.sample import Sample, SampleRecord
 from mmiad.features.base import PointFeatures
@@ -105,13 +106,14 @@ def missing_modality(record: SampleRecord) -> str | None:
     Raises:
         DataError: when neither modality is usable (nothing to score).
     """
+    reader = get_format(record.format)
     problems: dict[str, DataError] = {}
     try:
-        read_rgb(record.rgb_path)
+        reader.read_rgb(record)
     except DataError as error:
         problems["2d"] = error
     try:
-        if not valid_points(read_xyz(record.xyz_path)).any():
+        if not valid_points(reader.read_xyz(record)).any():
             problems["3d"] = DataError(record.xyz_path, "the point cloud has no valid point")
     except DataError as error:
         problems["3d"] = error
@@ -126,13 +128,14 @@ def predict_degraded(
     pipeline: FeaturePipeline, fallback: ModalityFallback, record: SampleRecord, missing: str
 ) -> Prediction:
     """Score a sample from its one usable modality; the prediction is flagged ``degraded``."""
+    reader = get_format(record.format)
     if missing == "3d":
-        rgb = read_rgb(record.rgb_path)
+        rgb = reader.read_rgb(record)
         xyz = np.zeros((*rgb.shape[:2], 3), np.float32)
     else:
-        xyz = read_xyz(record.xyz_path)
+        xyz = reader.read_xyz(record)
         rgb = np.zeros((*xyz.shape[:2], 3), np.uint8)
-    gt_mask = read_mask(record.gt_path) if record.gt_path is not None else None
+    gt_mask = reader.read_mask(record)
     if gt_mask is None and record.label == 0:
         gt_mask = np.zeros(rgb.shape[:2], bool)
     sample = Sample(rgb, xyz, valid_points(xyz), gt_mask, record.label, record.category, record.defect_type, record)
@@ -156,4 +159,5 @@ def predict_degraded(
         geometry=inputs,
         modality_maps={f"{present}_only": anomaly_map.numpy()},
         degraded=True,
+        modality=present,
     )

@@ -20,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from mmiad.data.errors import DataError
-from mmiad.data.io import read_map, read_mask
-from mmiad.data.mvtec3d import list_categories, list_records
+from mmiad.data.formats import get_format, open_dataset
+from mmiad.data.io import read_map
 from mmiad.data.sample import LABEL_ANOMALOUS, SampleRecord
 from mmiad.metrics.pro import AuproMode
 from mmiad.metrics.report import METRIC_KEYS, category_metrics, summarize
@@ -62,7 +62,8 @@ def _load_pair(maps_dir: Path, record: SampleRecord) -> tuple[np.ndarray, np.nda
     """The (GT mask, map, image score) of one record; DataError for anything missing or inconsistent."""
     path = map_path(maps_dir, record)
     anomaly_map = read_map(path)
-    gt = read_mask(record.gt_path) if record.gt_path is not None else np.zeros(_image_size(record.rgb_path), bool)
+    mask = get_format(record.format).read_mask(record)
+    gt = mask if mask is not None else np.zeros(_image_size(record.rgb_path), bool)
     if anomaly_map.shape != gt.shape:
         raise DataError(
             path,
@@ -83,16 +84,18 @@ def evaluate_maps_dir(
     categories: Sequence[str] | None = None,
     aupro_mode: AuproMode = "exact",
     num_thresholds: int = 99,
+    format: str | None = None,
     progress: bool = False,
 ) -> tuple[dict[str, Any], list[DataError]]:
     """Evaluate anomaly maps written in the MVTec 3D-AD layout against the dataset's test ground truth.
 
     Args:
-        data_root: Dataset root (MVTec 3D-AD layout).
+        data_root: Dataset root, in any registered format (detected unless ``format`` is given).
         maps_dir: Root of the maps, ``<maps_dir>/<category>/test/<defect>/<stem>.tiff`` (+ optional ``.json``).
         categories: Categories to evaluate; all categories of ``data_root`` by default.
         aupro_mode: ``"exact"`` (official MVTec evaluation) or ``"compat"`` (BTF/M3DM/CFM).
         num_thresholds: Sampled thresholds in compat mode.
+        format: Dataset format name (:mod:`mmiad.data.formats`).
         progress: Show a tqdm progress bar per category.
 
     Returns:
@@ -106,11 +109,12 @@ def evaluate_maps_dir(
     maps_dir = Path(maps_dir)
     if not maps_dir.is_dir():
         raise DataError(maps_dir, "anomaly map folder not found")
+    dataset = open_dataset(data_root, format)
     errors: list[DataError] = []
     per_category: dict[str, dict[str, float]] = {}
-    for category in list_categories(data_root) if categories is None else categories:
+    for category in dataset.categories() if categories is None else categories:
         try:
-            records = list_records(data_root, category, "test", errors=errors)
+            records = dataset.records(category, "test", errors=errors)
         except DataError as error:
             errors.append(error)
             continue

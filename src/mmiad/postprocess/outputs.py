@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from mmiad.data.io import read_rgb, write_map, write_mask
+from mmiad.data.errors import DataError
+from mmiad.data.formats import get_format
+from mmiad.data.io import write_map, write_mask
 from mmiad.data.preprocess import map_to_original
 from mmiad.methods.base import Prediction
-from mmiad.postprocess.threshold import Thresholds
 
 # Anchor colours of a perceptually ordered blue → cyan → yellow → red ramp.
 _RAMP = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 128, 0], [200, 0, 0]], np.float32)
@@ -47,21 +48,27 @@ class PredictionRow:
     threshold: float | None
     degraded: bool
     map_path: str
+    model: str | None = None
+    modality: str = "2d+3d"
 
     def as_dict(self) -> dict[str, object]:
         """JSON/CSV-ready fields."""
         return dict(self.__dict__)
 
 
-def write_prediction(prediction: Prediction, out: Path, thresholds: Thresholds | None) -> PredictionRow:
-    """Map (float TIFF, input resolution), overlay PNG and, with thresholds, the binary mask PNG."""
+def write_prediction(prediction: Prediction, out: Path) -> PredictionRow:
+    """Map (float TIFF, input resolution), overlay PNG and, with thresholds, the binary mask PNG.
+
+    The overlay scale and mask use the thresholds that labelled the prediction (``prediction.thresholds``).
+    """
+    thresholds = prediction.thresholds
     record = prediction.record
     name = record.stem
     full_map = map_to_original(prediction.anomaly_map, prediction.geometry)
     map_path = out / "maps" / f"{name}.tiff"
     write_map(map_path, full_map)
     scale = 2 * thresholds.pixel if thresholds is not None and thresholds.pixel > 0 else float(full_map.max() or 1)
-    rgb = read_rgb(record.rgb_path)
+    rgb = _input_rgb(prediction)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay(rgb, full_map, scale)).save(out / "overlays" / f"{name}.png")
     if thresholds is not None:
@@ -75,7 +82,40 @@ def write_prediction(prediction: Prediction, out: Path, thresholds: Thresholds |
         threshold=thresholds.image if thresholds is not None else None,
         degraded=prediction.degraded,
         map_path=str(map_path),
+        model=prediction.model,
+        modality=prediction.modality,
     )
+
+
+def _input_rgb(prediction: Prediction) -> np.ndarray:
+    """The sample's RGB at its original resolution (black when unreadable: a degraded 3D-only sample)."""
+    record = prediction.record
+    try:
+        return get_format(record.format).read_rgb(record)
+    except DataError:
+        height, width = map_to_original(prediction.anomaly_map, prediction.geometry).shape
+        return np.zeros((height, width, 3), np.uint8)
+
+
+def write_predictions(
+    predictions: Iterable[Prediction], out: Path, *, on_row: Callable[[PredictionRow], None] | None = None
+) -> tuple[list[PredictionRow], Path]:
+    """Write every prediction (see :func:`write_prediction`), then ``predictions.csv``/``.json``.
+
+    The summary is written even when scoring stops on an error part-way, so what was written is listed.
+
+    Returns:
+        The rows and the CSV path.
+    """
+    rows: list[PredictionRow] = []
+    try:
+        for prediction in predictions:
+            rows.append(write_prediction(prediction, out))
+            if on_row is not None:
+                on_row(rows[-1])
+    finally:
+        csv_path, _ = write_summary(rows, out)
+    return rows, csv_path
 
 
 def write_summary(rows: Sequence[PredictionRow], out: Path) -> tuple[Path, Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from mmiad.report.build import CategoryReport, Report, ReportOptions, SampleView, build_report, collect_report
+from mmiad.report.build import ReportOptions, build_report, collect_report
+from mmiad.report.model import CategoryReport, Report, SampleView
 
 __all__ = ["CategoryReport", "Report", "ReportOptions", "SampleView", "build_report", "collect_report"]

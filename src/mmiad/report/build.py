@@ -8,7 +8,7 @@ subsampled cloud; modality maps and the input tensors are dropped as soon as the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,65 +16,18 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from mmiad.data.errors import DataError
-from mmiad.data.mvtec3d import list_records
-from mmiad.engine import (
-    Log,
-    TrainedModel,
-    apply_thresholds,
-    evaluate_predictions,
-    load_trained,
-    model_for,
-    quiet,
-    run_models,
-    served_categories,
-)
+from mmiad.data.formats import open_dataset
+from mmiad.engine import Log, RunModels, evaluate_predictions, quiet, served_categories
 from mmiad.methods.base import Prediction
 from mmiad.metrics import pro_curve, summarize
 from mmiad.postprocess.threshold import Thresholds
 from mmiad.report import images
 from mmiad.report.gallery import WorstFirst, verdict
+from mmiad.report.html import render_report
+from mmiad.report.model import CategoryReport, Report, SampleView
 from mmiad.report.plots import clip_curve
 
 PRO_LIMIT = 0.3
-
-
-@dataclass
-class SampleView:
-    """One gallery card: who the sample is, how it scored and its pictures (title → PNG data URI)."""
-
-    name: str
-    defect_type: str
-    label: int
-    score: float
-    verdict: str
-    pictures: dict[str, str]
-    captions: dict[str, str] = field(default_factory=dict)
-    cloud: images.Cloud | None = None
-
-
-@dataclass
-class CategoryReport:
-    """Everything the page shows about one category."""
-
-    name: str
-    metrics: dict[str, float | None]
-    roc: tuple[np.ndarray, np.ndarray] | None
-    pro: tuple[np.ndarray, np.ndarray] | None
-    gallery: list[SampleView]
-    thresholds: Thresholds | None
-    counts: dict[str, int]
-
-
-@dataclass
-class Report:
-    """A whole run's report, ready to render."""
-
-    run: str
-    data_root: str
-    method: str
-    summary: dict[str, Any]
-    categories: list[CategoryReport]
-    skipped: list[str]
 
 
 @dataclass(frozen=True)
@@ -171,23 +124,26 @@ def curves(predictions: Sequence[Prediction], aupro_mode: str) -> tuple[Any, Any
 
 def collect_category(
     category: str,
-    trained: TrainedModel,
+    models: RunModels,
     records: Sequence[Any],
     options: ReportOptions,
     *,
     progress: bool,
     errors: list[DataError],
 ) -> CategoryReport | None:
-    """One category's report, from one pass of predictions; None when no test sample could be used."""
-    thresholds = trained.thresholds
+    """One category's report, from one pass of predictions; None when no test sample could be used.
+
+    Samples are scored as ``mmiad test`` and ``mmiad predict`` score them; a degraded sample's card is drawn with
+    the thresholds that labelled it.
+    """
+    thresholds = models.trained(models.key_for(category)).thresholds
     gallery: WorstFirst[SampleView] = WorstFirst(options.max_samples)
     kept: list[Prediction] = []
-    for prediction in trained.model.predict(records, progress=progress, errors=errors):
-        apply_thresholds(prediction, thresholds)
+    for prediction in models.predict(list(records), category, progress=progress, errors=errors):
         gallery.offer(
             float(prediction.pred_score),
             int(prediction.label),
-            lambda p=prediction: sample_view(p, thresholds, options, with_cloud=options.clouds > 0),
+            lambda p=prediction: sample_view(p, p.thresholds, options, with_cloud=options.clouds > 0),
         )
         kept.append(_slim(prediction))
     if not kept:
@@ -209,6 +165,7 @@ def collect_report(
     categories: Sequence[str] | None = None,
     options: ReportOptions | None = None,
     cache_dir: str | None = None,
+    format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
 ) -> Report:
@@ -220,23 +177,19 @@ def collect_report(
     options = options or ReportOptions()
     if options.max_samples < 0 or options.thumb_size < 1 or options.clouds < 0:
         raise ValueError(f"report sizes must be non-negative (thumbnail at least 1 px), got {options}")
-    root = Path(data_root)
-    models = run_models(run)
-    names = served_categories(run, root, categories)
+    models = RunModels(run, cache_dir=cache_dir)
+    dataset = open_dataset(data_root, format)
+    root = dataset.root
+    names = served_categories(run, dataset, categories)
     if not names:
         raise DataError(root, "no category of the run found in the dataset")
     errors: list[DataError] = []
-    loaded: dict[Path, TrainedModel] = {}
     reports: list[CategoryReport] = []
     method = ""
     for category in names:
-        path = model_for(models, category)
-        if path not in loaded:
-            loaded[path] = load_trained(path, cache_dir=cache_dir)
-        trained = loaded[path]
-        method = trained.model.name
-        records = list_records(root, category, "test", errors=errors)
-        report = collect_category(category, trained, records, options, progress=progress, errors=errors)
+        method = models.trained(models.key_for(category)).model.name
+        records = dataset.records(category, "test", errors=errors)
+        report = collect_category(category, models, records, options, progress=progress, errors=errors)
         if report is None:
             log(f"[{category}] no usable test sample")
             continue
@@ -256,14 +209,20 @@ def build_report(
     categories: Sequence[str] | None = None,
     options: ReportOptions | None = None,
     cache_dir: str | None = None,
+    format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
 ) -> Path:
     """Write ``out/index.html``, a single self-contained page (see :mod:`mmiad.report.html`)."""
-    from mmiad.report.html import render_report
-
     report = collect_report(
-        run, data_root, categories=categories, options=options, cache_dir=cache_dir, progress=progress, log=log
+        run,
+        data_root,
+        categories=categories,
+        options=options,
+        cache_dir=cache_dir,
+        format=format,
+        progress=progress,
+        log=log,
     )
     target = Path(out) / "index.html"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ from html import escape
 from typing import Any
 
 from mmiad.metrics.report import COLUMN_TITLES, METRIC_KEYS
-from mmiad.report.build import CategoryReport, Report, SampleView
 from mmiad.report.images import ramp_colors
+from mmiad.report.model import CategoryReport, Report, SampleView
 from mmiad.report.plots import svg_curve
 from mmiad.report.viewer import STYLE, VIEWER_JS
 

@@ -22,9 +22,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mmiad.data.errors import DataError
-from mmiad.data.io import load_sample, write_rgb, write_xyz
+from mmiad.data.formats import get_format, load_sample
+from mmiad.data.io import write_rgb, write_xyz
 from mmiad.data.preprocess.profiles import PreprocessProfile, get_profile, preprocess_sample
 from mmiad.data.sample import SampleRecord
+
+CACHED_FORMAT = "mvtec3d"
+"""The format that reads a cached copy (an RGB PNG + xyz TIFF pair, whatever the source layout)."""
 
 CACHE_ENV = "MMIAD_CACHE"
 SIDECAR_FORMAT = 1
@@ -69,6 +73,7 @@ def _sources(record: SampleRecord) -> dict[str, object] | None:
             "xyz": _file_stat(Path(record.xyz_path)),
             "rgb": _file_stat(Path(record.rgb_path)),
             "extra": [list(item) for item in record.extra],
+            "format": record.format,
         }
     except OSError:
         return None
@@ -108,13 +113,17 @@ def _is_fresh(sidecar: Path, sources: dict[str, object] | None, outputs: list[Pa
 
 
 def _cached_record(record: SampleRecord, xyz_path: Path, rgb_path: Path | None, tag: str) -> SampleRecord:
-    """The record of the cached copy: same metadata and GT, the cleaned TIFF, the cleaned or original RGB."""
-    extra = tuple(item for item in record.extra if item[0] not in ("format", "preprocessed"))
+    """The record of the cached copy: same metadata and GT, the cleaned TIFF, the cleaned or original RGB.
+
+    Whatever the source format, the copy is an RGB + xyz TIFF pair, read as :data:`CACHED_FORMAT`.
+    """
+    extra = tuple(item for item in record.extra if item[0] != "preprocessed")
     return dataclasses.replace(
         record,
         xyz_path=xyz_path,
         rgb_path=rgb_path if rgb_path is not None else record.rgb_path,
         extra=(*extra, ("preprocessed", tag)),
+        format=CACHED_FORMAT,
     )
 
 
@@ -129,7 +138,8 @@ def preprocess_dataset(
 
     The cleaned RGB is written only when the profile zeroes it; otherwise the returned record keeps the original
     RGB. Ground-truth paths always keep pointing at the original masks. With an identity profile (``none``) nothing
-    needs cleaning and the records are returned unchanged, without reading any file.
+    needs cleaning and the records are returned unchanged, without reading any file; so are records of a format
+    whose reader already removes the background (Eyecandies: the official code preprocesses it no further).
 
     Args:
         records: Samples to preprocess; their files may live anywhere.
@@ -155,6 +165,9 @@ def preprocess_dataset(
     done: list[SampleRecord] = []
     errors: list[DataError] = []
     for record in iterator:
+        if get_format(record.format).background_removed:
+            done.append(record)
+            continue
         folder = base / source_key(record) / record.category / record.split / record.defect_type
         xyz_out = folder / "xyz" / f"{Path(record.xyz_path).stem}.tiff"
         rgb_out = folder / "rgb" / f"{record.stem}.png" if profile.zero_rgb_background else None

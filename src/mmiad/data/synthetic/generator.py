@@ -1,4 +1,4 @@
-"""Write a synthetic dataset in the exact MVTec 3D-AD layout.
+"""Write a synthetic dataset in the exact MVTec 3D-AD layout, or in the native Eyecandies layout.
 
 Every sample has its own random stream, keyed by (seed, category, split, defect folder, index) through
 ``numpy.random.SeedSequence``; changing how many samples one split has, or which categories are generated, leaves
@@ -18,9 +18,12 @@ import numpy as np
 from mmiad.data.io import write_mask, write_rgb, write_xyz
 from mmiad.data.sample import GOOD
 from mmiad.data.synthetic.defects import DEFECT_TYPES
+from mmiad.data.synthetic.eyecandies_layout import SPLIT_FOLDERS as EYECANDIES_SPLITS
+from mmiad.data.synthetic.eyecandies_layout import write_eyecandies_sample
 from mmiad.data.synthetic.scene import Synthesized, synthesize
 from mmiad.data.synthetic.shapes import CATEGORIES
 
+LAYOUTS = ("mvtec3d", "eyecandies")
 MIN_IMAGE_SIDE = 48
 """Smaller images leave no room for the object inside the 10-pixel border strips the plane fit uses."""
 
@@ -162,13 +165,17 @@ def generate_dataset(
     n_test_good: int | None = None,
     n_per_defect: int | None = None,
     defects: Sequence[str] | None = None,
+    layout: str = "mvtec3d",
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write a synthetic multimodal anomaly-detection dataset in the MVTec 3D-AD layout.
+    """Write a synthetic multimodal anomaly-detection dataset in the MVTec 3D-AD (or Eyecandies) layout.
 
-    Layout: ``<out>/<category>/{train,validation}/good/{rgb,xyz}/NNN.{png,tiff}`` and
+    Layout ``mvtec3d``: ``<out>/<category>/{train,validation}/good/{rgb,xyz}/NNN.{png,tiff}`` and
     ``<out>/<category>/test/<defect>/{rgb,xyz,gt}/NNN.{png,tiff,png}`` (``test/good`` has no ``gt``).
+    Layout ``eyecandies``: ``<out>/<category>/{train,val,test_public}/data/NNN_{image_4.png,depth.png,
+    info_depth.yaml,pose.txt}`` plus ``NNN_mask.png`` in ``test_public`` (see
+    :mod:`~mmiad.data.synthetic.eyecandies_layout`); the same samples, numbered per split.
 
     Args:
         out: Dataset root; created when missing.
@@ -181,6 +188,7 @@ def generate_dataset(
         n_test_good: Override the number of good test samples per category.
         n_per_defect: Override the number of samples per defect folder.
         defects: Override the defect types.
+        layout: ``mvtec3d`` or ``eyecandies``.
         overwrite: Replace category folders that already exist under ``out``; without it, existing
             non-empty category folders are an error, so stale files from another run cannot mix in.
         progress: Show a progress bar.
@@ -201,6 +209,8 @@ def generate_dataset(
         n_per_defect=n_per_defect,
         defects=defects,
     )
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     root = Path(out)
     for category in config.categories:
         folder = root / category
@@ -212,10 +222,17 @@ def generate_dataset(
 
     from tqdm.auto import tqdm
 
+    numbers: dict[tuple[str, str], int] = {}
     with tqdm(total=config.total, desc="synthesizing", unit="sample", disable=not progress) as bar:
         for category, split, folder, index in _plan(config):
             generated = generate_sample(config, seed, category, split, folder, index)
-            _write(root / category / split / folder, f"{index:03d}", generated)
+            if layout == "eyecandies":
+                number = numbers.get((category, split), 0)
+                numbers[(category, split)] = number + 1
+                data_dir = root / category / EYECANDIES_SPLITS[split] / "data"
+                write_eyecandies_sample(data_dir, f"{number:03d}", generated, with_mask=split == "test")
+            else:
+                _write(root / category / split / folder, f"{index:03d}", generated)
             bar.update(1)
     return root
 

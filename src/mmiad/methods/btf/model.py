@@ -9,19 +9,20 @@ and the image score is PatchCore's reweighted maximum. No training beyond collec
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
-from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction, register_method
+from mmiad.features.pipeline import SampleFeatures
+from mmiad.methods.base import AnomalyModel, Prediction
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError
+from mmiad.methods.registry import register_method
 from mmiad.postprocess.smoothing import SMOOTHINGS
 
 
@@ -29,34 +30,28 @@ from mmiad.postprocess.smoothing import SMOOTHINGS
 class BTFConfig(BankSettings):
     """BTF hyperparameters (paper defaults; ``compat`` switches to the official code's blur).
 
-    The memory-bank fields (coreset fraction and ε, seed, reweighting k, kNN backend, device, memory budget) are
-    :class:`~mmiad.methods.memorybank.settings.BankSettings`'.
+    The pipeline fields are :class:`~mmiad.methods.settings.MethodSettings`' (extractors: ``weightfree``, or
+    ``wrn50-fpfh`` for the paper's backbone); the memory-bank fields (coreset fraction and ε, seed, reweighting k,
+    kNN backend, memory budget) are :class:`~mmiad.methods.memorybank.settings.BankSettings`'.
 
     Attributes:
-        extractors: Extractor preset; ``weightfree`` (texture + FPFH) or ``wrn50-fpfh`` (the paper's backbone).
         profile: Preprocessing profile; ``none`` is BTF's main setting (raw data), ``m3dm`` its preprocessed one.
-        image_size: Model input side (224 in the paper).
         grid_size: Patch grid side (28 in the paper).
-        smoothing: ``gaussian`` (paper, σ=4) or ``pil_uint8`` (official PIL blur of a uint8 copy).
+        smoothing: ``gaussian`` (paper, σ=4) or ``pil_uint8`` (official PIL blur of a uint8 copy; the default
+            under ``compat``).
         sigma: Blur σ (PIL radius for ``pil_uint8``).
-        compat: Official behaviour: ``pil_uint8`` smoothing.
-        weights_dir: Folder with pretrained checkpoints (deep presets).
-        random_init: Allow random extractor weights (tests, smoke runs).
     """
 
-    extractors: str = "weightfree"
     profile: str = "none"
-    image_size: int = 224
     grid_size: int = 28
     smoothing: str = "gaussian"
     sigma: float = 4.0
-    compat: bool = False
-    weights_dir: str | None = None
-    random_init: bool = False
+
+    def compat_values(self) -> dict[str, Any]:
+        """The official code blurs a uint8 copy of the map with PIL."""
+        return {"smoothing": "pil_uint8"}
 
     def __post_init__(self) -> None:
-        if self.compat and self.smoothing == "gaussian":
-            self.smoothing = "pil_uint8"
         if self.smoothing not in SMOOTHINGS:
             raise ValueError(f"unknown smoothing {self.smoothing!r}; expected one of {SMOOTHINGS}")
         self.check_bank_settings()
@@ -73,12 +68,14 @@ def btf_patches(features: SampleFeatures, grid: int) -> torch.Tensor:
 
 @register_method("btf")
 class BTF(AnomalyModel):
-    """RGB + FPFH PatchCore; see :class:`BTFConfig`. Learned state: ``bank_`` (the coreset)."""
+    """Back to the Feature: RGB + FPFH patches in one PatchCore bank (Horwitz & Hoshen, CVPR 2023).
 
-    def __init__(self, config: BTFConfig | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:
-        self.config = config or BTFConfig(**hparams)
-        self.cache_dir = cache_dir
-        self._pipeline: FeaturePipeline | None = None
+    See :class:`BTFConfig`. Learned state: ``bank_`` (the coreset).
+    """
+
+    config_class = BTFConfig
+    config: BTFConfig
+    tiny_hparams: ClassVar[dict[str, Any]] = {"image_size": 64, "grid_size": 8}
 
     def fit(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
@@ -106,7 +103,7 @@ class BTF(AnomalyModel):
     ) -> Iterator[Prediction]:
         """Nearest-patch distance map (blurred) and reweighted image score per sample."""
         self.check_fitted()
-        config = self.config
+        config = self.settings
         prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
         for record, features in self.pipeline.iter_features(
             prepared, progress=progress, errors=errors, description="predict btf"
@@ -126,15 +123,13 @@ class BTF(AnomalyModel):
                 modality_maps={"patch": distances.view(config.grid_size, config.grid_size).numpy()},
             )
 
-    def get_config(self) -> dict[str, Any]:
-        """Hyperparameters, extractor configuration and the bank size."""
-        config: dict[str, Any] = {"method": self.name, "hparams": asdict(self.config)}
-        if getattr(self, "fitted_", False):
-            config["pipeline"] = self.pipeline.config()
-            config["n_train_samples"] = self.n_train_samples_
-            config["banks"] = {"patch": {"rows": len(self.bank_), "collected": self.n_collected_}}
-            config["feature_dim"] = int(self.bank_.search.bank.shape[1])
-        return config
+    def learned_facts(self) -> dict[str, Any]:
+        """The bank size and row width."""
+        return {
+            "n_train_samples": self.n_train_samples_,
+            "banks": {"patch": {"rows": len(self.bank_), "collected": self.n_collected_}},
+            "feature_dim": int(self.bank_.search.bank.shape[1]),
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The coreset bank (no normalisation in BTF)."""
@@ -142,17 +137,11 @@ class BTF(AnomalyModel):
         assert self.bank_.bank is not None
         return {"bank.patch": self.bank_.bank}
 
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> BTF:
-        """Rebuild a fitted BTF; fails clearly when the configured extractors differ from training's."""
-        hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
-        model = cls(BTFConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        model.check_pipeline(config.get("pipeline"))
+    def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """The coreset bank."""
         if "bank.patch" not in tensors:
             raise ModelFileError("BTF model file without a 'bank.patch' tensor")
-        model.bank_ = model.config.new_bank(model.cache_dir)
-        model.bank_.load(tensors["bank.patch"], 0.0, 1.0)
-        model.n_train_samples_ = int(config.get("n_train_samples", 0))
-        model.n_collected_ = int(config.get("banks", {}).get("patch", {}).get("collected", 0))
-        model.fitted_ = True
-        return model
+        self.bank_ = self.config.new_bank(self.cache_dir)
+        self.bank_.load(tensors["bank.patch"], 0.0, 1.0)
+        self.n_train_samples_ = int(config.get("n_train_samples", 0))
+        self.n_collected_ = int(config.get("banks", {}).get("patch", {}).get("collected", 0))

@@ -8,8 +8,8 @@ is the anomaly score. No memory bank: the model is two MLPs, which is why CFM is
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,22 +17,25 @@ from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
-from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction, register_method
+from mmiad.features.pipeline import SampleFeatures
+from mmiad.methods.base import AnomalyModel, Prediction
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss, feature_discrepancy
 from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
 from mmiad.methods.modelfile import prefixed, split_prefixed
+from mmiad.methods.registry import register_method
+from mmiad.methods.settings import MethodSettings
 
 MAPPINGS = ("crossmodal", "intramodal")
 
 
 @dataclass
-class CFMConfig:
+class CFMConfig(MethodSettings):
     """CFM hyperparameters (defaults follow the paper; the official code's deviations sit behind ``compat``).
 
+    The pipeline fields (extractors, image size, weights, profile, device, compat) are
+    :class:`~mmiad.methods.settings.MethodSettings`'.
+
     Attributes:
-        extractors: Extractor preset (``weightfree``, ``dino-pointmae``, pruned ``dino-pointmae-m|s|t``).
-        image_size: Model input side.
         grid_size: Side of the grid the mapping runs on; 224 as the paper, smaller is faster (maps upsampled).
         epochs: Training epochs (paper: 250 for MVTec 3D-AD).
         batch_size: Images per optimisation step (official: 4).
@@ -40,16 +43,12 @@ class CFMConfig:
         seed: Seed of initialisation and shuffling (official: 115).
         aggregation: How the two directions combine: product (paper), sum, max, 2d, 3d.
         mapping: ``crossmodal`` (CFM) or ``intramodal`` (2D→2D and 3D→3D reconstruction, the Tab. 7 ablation).
-        smoothing: ``gaussian`` (paper, σ=4) or ``box_cascade`` (official code).
+        smoothing: ``gaussian`` (paper, σ=4) or ``box_cascade`` (official code; the default under ``compat``,
+            which also applies the official per-metric normalisations).
         sigma: Gaussian σ in input pixels.
-        compat: Official behaviour: box-cascade smoothing and per-metric normalisations.
-        weights_dir: Folder with pretrained checkpoints (deep presets).
-        random_init: Allow random extractor weights (tests, smoke runs, speed benchmarks).
         memory_budget_gb: Keep training features in memory up to this size, else reload them each epoch.
     """
 
-    extractors: str = "weightfree"
-    image_size: int = 224
     grid_size: int = 224
     epochs: int = 250
     batch_size: int = 4
@@ -59,33 +58,32 @@ class CFMConfig:
     mapping: str = "crossmodal"
     smoothing: str = "gaussian"
     sigma: float = 4.0
-    compat: bool = False
-    weights_dir: str | None = None
-    random_init: bool = False
     memory_budget_gb: float = 4.0
+
+    def compat_values(self) -> dict[str, Any]:
+        """The official code smooths with the 5×5/7×7 box cascade."""
+        return {"smoothing": "box_cascade"}
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
         if self.mapping not in MAPPINGS:
             raise ValueError(f"unknown mapping {self.mapping!r}; expected one of {MAPPINGS}")
-        if self.compat and self.smoothing == "gaussian":
-            self.smoothing = "box_cascade"
         if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1:
             raise ValueError("need grid_size <= image_size, epochs >= 0 and batch_size >= 1")
 
 
 @register_method("cfm")
 class CFM(AnomalyModel):
-    """Crossmodal feature mapping; see :class:`CFMConfig` for the hyperparameters.
+    """Crossmodal feature mapping: two MLPs map 2D↔3D features (Costanzino et al., CVPR 2024).
 
-    Learned state: ``map_to_3d_`` and ``map_to_2d_`` (the two MLPs), ``loss_history_``.
+    Hyperparameters: :class:`CFMConfig`. Learned state: ``map_to_3d_`` and ``map_to_2d_`` (the two MLPs),
+    ``loss_history_``.
     """
 
-    def __init__(self, config: CFMConfig | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:
-        self.config = config or CFMConfig(**hparams)
-        self.cache_dir = cache_dir
-        self._pipeline: FeaturePipeline | None = None
+    config_class = CFMConfig
+    tiny_hparams: ClassVar[dict[str, Any]] = {"image_size": 64, "grid_size": 32, "epochs": 3, "batch_size": 2}
+    config: CFMConfig
 
     # ------------------------------------------------------------------ training
     def _build_networks(self, channels_2d: int, channels_3d: int) -> None:
@@ -206,12 +204,13 @@ class CFM(AnomalyModel):
             prepared, progress=progress, errors=errors, description="predict cfm"
         ):
             combined, map_2d, map_3d = self.score_features(features)
+            settings = self.settings
             scored = finalize_map(
                 combined,
-                out_size=self.config.image_size,
-                smoothing=self.config.smoothing,
-                sigma=self.config.sigma,
-                compat=self.config.compat,
+                out_size=settings.image_size,
+                smoothing=settings.smoothing,
+                sigma=settings.sigma,
+                compat=settings.compat,
             )
             inputs = features.inputs
             yield Prediction(
@@ -226,15 +225,13 @@ class CFM(AnomalyModel):
             )
 
     # ------------------------------------------------------------------ persistence
-    def get_config(self) -> dict[str, Any]:
-        """Hyperparameters, extractor configuration and training facts."""
-        config: dict[str, Any] = {"method": self.name, "hparams": asdict(self.config)}
-        if getattr(self, "fitted_", False):
-            config["pipeline"] = self.pipeline.config()
-            config["channels"] = [self.map_to_3d_.input.in_features, self.map_to_2d_.input.in_features]
-            config["n_train_samples"] = self.n_train_samples_
-            config["loss_history"] = self.loss_history_
-        return config
+    def learned_facts(self) -> dict[str, Any]:
+        """Input widths of both MLPs and the training facts."""
+        return {
+            "channels": [self.map_to_3d_.input.in_features, self.map_to_2d_.input.in_features],
+            "n_train_samples": self.n_train_samples_,
+            "loss_history": self.loss_history_,
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Both MLPs' weights, under ``map_to_3d.`` and ``map_to_2d.``."""
@@ -244,25 +241,22 @@ class CFM(AnomalyModel):
             **prefixed(self.map_to_2d_.state_dict(), "map_to_2d"),
         }
 
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> CFM:
-        """Rebuild a fitted CFM; fails clearly when the extractors now available differ from training's."""
-        hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
-        model = cls(CFMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        model.check_pipeline(config.get("pipeline"))
-        channels_2d_in, channels_from_3d = config["channels"]
-        mapping = model.config.mapping
-        in_3d = channels_2d_in
-        in_2d = channels_from_3d
-        if mapping == "crossmodal":
-            model.map_to_3d_ = FeatureProjectionMLP(in_3d, in_2d)
-            model.map_to_2d_ = FeatureProjectionMLP(in_2d, in_3d)
+    def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Both MLPs, sized from the stored input widths (the output widths follow from the mapping)."""
+        in_3d, in_2d = (int(c) for c in config["channels"])
+        if self.config.mapping == "crossmodal":
+            self.map_to_3d_ = FeatureProjectionMLP(in_3d, in_2d)
+            self.map_to_2d_ = FeatureProjectionMLP(in_2d, in_3d)
         else:
-            model.map_to_3d_ = FeatureProjectionMLP(in_3d, in_3d)
-            model.map_to_2d_ = FeatureProjectionMLP(in_2d, in_2d)
-        model.map_to_3d_.load_state_dict(split_prefixed(tensors, "map_to_3d"))
-        model.map_to_2d_.load_state_dict(split_prefixed(tensors, "map_to_2d"))
-        model.loss_history_ = list(config.get("loss_history", []))
-        model.n_train_samples_ = int(config.get("n_train_samples", 0))
-        model.fitted_ = True
-        return model
+            self.map_to_3d_ = FeatureProjectionMLP(in_3d, in_3d)
+            self.map_to_2d_ = FeatureProjectionMLP(in_2d, in_2d)
+        self.map_to_3d_.load_state_dict(split_prefixed(tensors, "map_to_3d"))
+        self.map_to_2d_.load_state_dict(split_prefixed(tensors, "map_to_2d"))
+        self.loss_history_ = list(config.get("loss_history", []))
+        self.n_train_samples_ = int(config.get("n_train_samples", 0))
+
+    def export_scorer(self, out_dir: Any) -> dict[str, Any]:
+        """``scorer.onnx``: grid_2d, grid_3d, foreground → anomaly_map, map_2d, map_3d, score."""
+        from mmiad.methods.cfm.export import export_cfm_scorer
+
+        return export_cfm_scorer(self, out_dir)

@@ -10,8 +10,8 @@ the *training* samples scored against banks built from those same samples.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
-from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction, register_method
+from mmiad.features.pipeline import SampleFeatures
+from mmiad.methods.base import AnomalyModel, Prediction
 from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr, official_training_rgb
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
+from mmiad.methods.registry import register_method
 from mmiad.postprocess.smoothing import SMOOTHINGS
 
 BANKS = ("point", "rgb", "fused")
@@ -36,14 +37,13 @@ BANKS = ("point", "rgb", "fused")
 class M3DMConfig(BankSettings):
     """M3DM hyperparameters (paper defaults; the official code's quirks behind ``compat``).
 
-    The memory-bank fields (coreset fraction and ε, seed, reweighting k, kNN backend, device, memory budget per
-    bank) are :class:`~mmiad.methods.memorybank.settings.BankSettings`'; ``seed`` also seeds UFF's initialisation
-    and shuffling, and ``device`` is where UFF trains.
+    The pipeline fields are :class:`~mmiad.methods.settings.MethodSettings`' (extractors: ``weightfree``;
+    ``dino-pointmae`` is the paper's, with real weights); the memory-bank fields (coreset fraction and ε, seed,
+    reweighting k, kNN backend, memory budget per bank) are :class:`~mmiad.methods.memorybank.settings.BankSettings`';
+    ``seed`` also seeds UFF's initialisation and shuffling, and ``device`` is where UFF trains.
 
     Attributes:
-        extractors: Extractor preset (``weightfree``; ``dino-pointmae`` is the paper's, with real weights).
         profile: Preprocessing profile (``m3dm``: plane removal, RGB background zeroed).
-        image_size: Model input side (224).
         rgb_grid: RGB patch grid (28).
         point_grid: Point and fused patch grid (56).
         use_uff: Train and use UFF; without it the fused feature is the plain concatenation (users of the
@@ -51,7 +51,8 @@ class M3DMConfig(BankSettings):
         epochs: UFF epochs (official default 3).
         batch_size: Images per UFF step (official 16).
         learning_rate: AdamW learning rate (README: 0.003).
-        weight_decay: AdamW weight decay (intended 1.5e-6; the official code never passes it: 0.01 under compat).
+        weight_decay: AdamW weight decay (intended 1.5e-6; the official code never passes it, so AdamW's 0.01 is
+            the default under compat).
         warmup_epochs: Linear warm-up before the cosine schedule (1).
         uff_max_patches: Cap on foreground patches per InfoNCE step (None = all; logits are N×N).
         lambdas: Weights of the (point, rgb, fused) scores and maps before DLF (official 1.0, 0.1, 1.0).
@@ -59,16 +60,13 @@ class M3DMConfig(BankSettings):
         ocsvm_max_iter: Their ``max_iter`` (1000).
         smoothing: ``gaussian`` (σ=4) or ``pil_uint8`` (official PIL blur of a uint8 copy).
         sigma: Blur σ (PIL radius for ``pil_uint8``).
-        compat: Official behaviour: PIL blur, mixed normalisation statistics, RGB and fused coresets sized from
-            the point coreset, AdamW weight decay 0.01, UFF trained on the position-scrambled RGB rows of the
-            official feature dump (:func:`~mmiad.methods.m3dm.fusion.official_training_rgb`).
-        weights_dir: Folder with pretrained checkpoints (deep presets).
-        random_init: Allow random extractor weights (tests, smoke runs).
+
+    ``compat`` follows the official code: PIL blur, mixed normalisation statistics, RGB and fused coresets sized
+    from the point coreset, AdamW weight decay 0.01, UFF trained on the position-scrambled RGB rows of the
+    official feature dump (:func:`~mmiad.methods.m3dm.fusion.official_training_rgb`).
     """
 
-    extractors: str = "weightfree"
     profile: str = "m3dm"
-    image_size: int = 224
     rgb_grid: int = 28
     point_grid: int = 56
     use_uff: bool = True
@@ -83,16 +81,13 @@ class M3DMConfig(BankSettings):
     ocsvm_max_iter: int = 1000
     smoothing: str = "gaussian"
     sigma: float = 4.0
-    compat: bool = False
-    weights_dir: str | None = None
-    random_init: bool = False
+
+    def compat_values(self) -> dict[str, Any]:
+        """The official code blurs through PIL and never passes its weight decay to AdamW (default 0.01)."""
+        return {"smoothing": "pil_uint8", "weight_decay": 0.01}
 
     def __post_init__(self) -> None:
         self.lambdas = tuple(float(v) for v in self.lambdas)  # type: ignore[assignment]
-        if self.compat and self.smoothing == "gaussian":
-            self.smoothing = "pil_uint8"
-        if self.compat and self.weight_decay == 1.5e-6:
-            self.weight_decay = 0.01
         if self.smoothing not in SMOOTHINGS:
             raise ValueError(f"unknown smoothing {self.smoothing!r}; expected one of {SMOOTHINGS}")
         if len(self.lambdas) != 3:
@@ -126,16 +121,21 @@ def patch_sets(features: SampleFeatures, rgb_grid: int, point_grid: int) -> Patc
 
 @register_method("m3dm")
 class M3DM(AnomalyModel):
-    """Three memory banks + UFF + DLF; see :class:`M3DMConfig`.
+    """Multi-3D-Memory: three memory banks + UFF + decision-layer fusion (Wang et al., CVPR 2023).
 
-    Learned state: ``uff_`` (None without UFF), ``banks_`` (point, rgb, fused), ``detect_coef_`` and
-    ``segment_coef_`` (the linear OCSVM weights: ``score_samples(x) = x·coef``).
+    See :class:`M3DMConfig`. Learned state: ``uff_`` (None without UFF), ``banks_`` (point, rgb, fused),
+    ``detect_coef_`` and ``segment_coef_`` (the linear OCSVM weights: ``score_samples(x) = x·coef``).
     """
 
-    def __init__(self, config: M3DMConfig | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:
-        self.config = config or M3DMConfig(**hparams)
-        self.cache_dir = cache_dir
-        self._pipeline: FeaturePipeline | None = None
+    config_class = M3DMConfig
+    config: M3DMConfig
+    tiny_hparams: ClassVar[dict[str, Any]] = {
+        "image_size": 64,
+        "rgb_grid": 8,
+        "point_grid": 16,
+        "epochs": 2,
+        "batch_size": 2,
+    }
 
     def _sets(self, features: SampleFeatures) -> PatchSets:
         return patch_sets(features, self.config.rgb_grid, self.config.point_grid)
@@ -149,7 +149,7 @@ class M3DM(AnomalyModel):
 
     # ------------------------------------------------------------------ training
     def _train_uff(self, records: list[SampleRecord], first: PatchSets, progress: bool) -> None:
-        config = self.config
+        config = self.settings
         torch.manual_seed(config.seed)
         self.uff_ = FeatureFusionBlock(first.point.shape[1], first.rgb.shape[1])
         optimizer = torch.optim.AdamW(
@@ -257,7 +257,7 @@ class M3DM(AnomalyModel):
     # ------------------------------------------------------------------ inference
     def _bank_outputs(self, features: SampleFeatures) -> tuple[np.ndarray, np.ndarray]:
         """(3 weighted image scores, 3×S×S weighted maps) in the order point, rgb, fused."""
-        config = self.config
+        config = self.settings
         sets = self._sets(features)
         point_dist = torch.zeros(sets.point.shape[0])
         point_score = 0.0
@@ -300,21 +300,19 @@ class M3DM(AnomalyModel):
             )
 
     # ------------------------------------------------------------------ persistence
-    def get_config(self) -> dict[str, Any]:
-        """Hyperparameters, extractor configuration, bank sizes and DLF weights."""
-        config: dict[str, Any] = {"method": self.name, "hparams": asdict(self.config)}
-        if getattr(self, "fitted_", False):
-            config["pipeline"] = self.pipeline.config()
-            config["n_train_samples"] = self.n_train_samples_
-            config["banks"] = {
+    def learned_facts(self) -> dict[str, Any]:
+        """Bank sizes, feature widths, UFF's loss history and the DLF weights."""
+        return {
+            "n_train_samples": self.n_train_samples_,
+            "banks": {
                 name: {"rows": len(bank), "collected": self.n_collected_.get(name, 0), "dim": int(bank.bank.shape[1])}
                 for name, bank in self.banks_.items()
                 if bank.bank is not None
-            }
-            config["channels"] = [self.banks_["point"].bank.shape[1], self.banks_["rgb"].bank.shape[1]]
-            config["loss_history"] = self.loss_history_
-            config["dlf"] = {"detect_coef": self.detect_coef_.tolist(), "segment_coef": self.segment_coef_.tolist()}
-        return config
+            },
+            "channels": [self.banks_["point"].bank.shape[1], self.banks_["rgb"].bank.shape[1]],
+            "loss_history": self.loss_history_,
+            "dlf": {"detect_coef": self.detect_coef_.tolist(), "segment_coef": self.segment_coef_.tolist()},
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Banks with their (mean, std), the OCSVM weights and, with UFF, its weights."""
@@ -331,32 +329,28 @@ class M3DM(AnomalyModel):
             tensors.update(prefixed(self.uff_.state_dict(), "uff"))
         return tensors
 
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> M3DM:
-        """Rebuild a fitted M3DM; fails clearly when the configured extractors differ from training's."""
-        hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
-        model = cls(M3DMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        model.check_pipeline(config.get("pipeline"))
+    def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Banks with their statistics, UFF when stored, and the DLF weights."""
         missing = [f"bank.{n}" for n in BANKS if f"bank.{n}" not in tensors]
-        if missing or "dlf.detect_coef" not in tensors:
-            raise ModelFileError(f"M3DM model file lacks tensors: {missing or ['dlf.detect_coef']}")
-        model.banks_ = {}
+        missing += [f"bank_stats.{n}" for n in BANKS if f"bank_stats.{n}" not in tensors]
+        missing += [k for k in ("dlf.detect_coef", "dlf.segment_coef") if k not in tensors]
+        if missing:
+            raise ModelFileError(f"M3DM model file lacks tensors: {', '.join(missing)}")
+        self.banks_ = {}
         for offset, name in enumerate(BANKS):
-            bank = model.config.new_bank(model.cache_dir, offset)
+            bank = self.config.new_bank(self.cache_dir, offset)
             mean, std = tensors[f"bank_stats.{name}"].tolist()
             bank.load(tensors[f"bank.{name}"], mean, std)
-            model.banks_[name] = bank
-        model.uff_ = None
+            self.banks_[name] = bank
+        self.uff_ = None
         uff_state = split_prefixed(tensors, "uff")
         if uff_state:
             xyz_dim, rgb_dim = config["channels"]
-            model.uff_ = FeatureFusionBlock(int(xyz_dim), int(rgb_dim))
-            model.uff_.load_state_dict(uff_state)
-            model.uff_.eval().requires_grad_(False)
-        model.detect_coef_ = tensors["dlf.detect_coef"].double()
-        model.segment_coef_ = tensors["dlf.segment_coef"].double()
-        model.loss_history_ = list(config.get("loss_history", []))
-        model.n_collected_ = {k: int(v.get("collected", 0)) for k, v in config.get("banks", {}).items()}
-        model.n_train_samples_ = int(config.get("n_train_samples", 0))
-        model.fitted_ = True
-        return model
+            self.uff_ = FeatureFusionBlock(int(xyz_dim), int(rgb_dim))
+            self.uff_.load_state_dict(uff_state)
+            self.uff_.eval().requires_grad_(False)
+        self.detect_coef_ = tensors["dlf.detect_coef"].double()
+        self.segment_coef_ = tensors["dlf.segment_coef"].double()
+        self.loss_history_ = list(config.get("loss_history", []))
+        self.n_collected_ = {k: int(v.get("collected", 0)) for k, v in config.get("banks", {}).items()}
+        self.n_train_samples_ = int(config.get("n_train_samples", 0))

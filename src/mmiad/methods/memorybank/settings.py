@@ -12,11 +12,12 @@ from pathlib import Path
 
 from mmiad.methods.memorybank.bank import MemoryBank
 from mmiad.methods.memorybank.maps import resolve_device
+from mmiad.methods.settings import MethodSettings
 
 
 @dataclass
-class BankSettings:
-    """Memory-bank hyperparameters.
+class BankSettings(MethodSettings):
+    """Memory-bank hyperparameters, on top of the pipeline settings every method has.
 
     Attributes:
         coreset_fraction: Share of the nominal patches each bank keeps (0.1).
@@ -24,7 +25,6 @@ class BankSettings:
         seed: Seed of the coreset projections (unseeded, hence nondeterministic, in the official codes).
         reweight_k: Neighbours of m* in the image-score reweighting (3, m* itself included).
         knn_backend: ``auto`` (faiss when installed), ``torch`` or ``faiss``; all give the same neighbours.
-        device: Where the coreset runs (``auto``: CUDA when available).
         memory_budget_gb: RAM per bank for collected patches before they spill to disk.
     """
 
@@ -33,7 +33,6 @@ class BankSettings:
     seed: int = 0
     reweight_k: int = 3
     knn_backend: str = "auto"
-    device: str = "cpu"
     memory_budget_gb: float = 4.0
 
     def check_bank_settings(self) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from mmiad.methods.settings import MethodSettings
 from mmiad.methods.unircm.blocks import BRANCHES
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -13,12 +16,13 @@ MSE_NORMALIZATIONS = ("none", "feature_rms")
 
 
 @dataclass
-class UniRCMConfig:
+class UniRCMConfig(MethodSettings):
     """Uni-RCM hyperparameters (paper defaults; the official code's deviations sit behind ``compat``).
 
+    The pipeline fields (extractors, image size, weights, profile, device, compat) are
+    :class:`~mmiad.methods.settings.MethodSettings`'.
+
     Attributes:
-        extractors: Extractor preset (see :mod:`mmiad.features.registry`).
-        image_size: Model input side.
         grid_size: Side of the feature grid the networks run on (56).
         hidden: Hidden size of the reference-guided blocks (512).
         num_blocks: Number of reference-guided blocks (3).
@@ -44,17 +48,11 @@ class UniRCMConfig:
         use_faiss: Use faiss k-means when importable.
         smoothing: ``gaussian`` (paper, σ=4), ``box_cascade``, ``pil_uint8`` or ``none``; ignored under compat.
         sigma: Smoothing σ in input pixels.
-        compat: Official behaviour (see the module docstring).
-        weights_dir: Folder with pretrained checkpoints (deep presets).
-        random_init: Allow random extractor weights (tests, smoke runs).
         store_dtype: dtype of the stored training grids (``float16`` halves the memory of big runs).
         memory_budget_gb: RAM for the training grids; beyond it they spill to memory-mapped files (in the feature
             cache folder) and are read back per batch, with identical results.
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
-    extractors: str = "weightfree"
-    image_size: int = 224
     grid_size: int = 56
     hidden: int = 512
     num_blocks: int = 3
@@ -77,12 +75,23 @@ class UniRCMConfig:
     use_faiss: bool = False
     smoothing: str = "gaussian"
     sigma: float = 4.0
-    compat: bool = False
-    weights_dir: str | None = None
-    random_init: bool = False
     store_dtype: str = "float32"
     memory_budget_gb: float = 4.0
-    device: str = "auto"
+
+    def compat_values(self) -> dict[str, Any]:
+        """The official inference scripts weight the 2D ORQ score by 0.05 (the paper says 0.1)."""
+        return {"beta_2d": 0.05}
+
+    def resolved(self) -> UniRCMConfig:
+        """As :meth:`MethodSettings.resolved`, then an unset β takes the paper's 0.1."""
+        settings = super().resolved()
+        if settings.beta_2d is None or settings.beta_3d is None:
+            settings = dataclasses.replace(
+                settings,
+                beta_2d=0.1 if settings.beta_2d is None else settings.beta_2d,
+                beta_3d=0.1 if settings.beta_3d is None else settings.beta_3d,
+            )
+        return settings
 
     def __post_init__(self) -> None:
         if self.branches not in BRANCHES:
@@ -93,9 +102,5 @@ class UniRCMConfig:
             )
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store_dtype {self.store_dtype!r}; expected one of {tuple(STORE_DTYPES)}")
-        if self.beta_2d is None:
-            self.beta_2d = 0.05 if self.compat else 0.1
-        if self.beta_3d is None:
-            self.beta_3d = 0.1
         if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1 or self.orq_layers < 1:
             raise ValueError("need grid_size <= image_size, epochs >= 0, batch_size >= 1 and orq_layers >= 1")

@@ -15,21 +15,21 @@ from __future__ import annotations
 
 from collections import ChainMap
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
-from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction, register_method
+from mmiad.features.pipeline import SampleFeatures
+from mmiad.methods.base import AnomalyModel, Prediction
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.cfm.scoring import finalize_map
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
+from mmiad.methods.registry import register_method
 from mmiad.methods.unircm.blocks import RefGuidedMapping
 from mmiad.methods.unircm.config import STORE_DTYPES, UniRCMConfig
 from mmiad.methods.unircm.orq import ResidualQuantizer
@@ -54,16 +54,28 @@ def combine_scores(
 
 @register_method("unircm")
 class UniRCM(AnomalyModel):
-    """Uni-RCM; see :class:`UniRCMConfig` for the hyperparameters.
+    """Uni-RCM: one unified model for all categories, reference-guided mapping + residual quantizer (Wu & Xie, 2026).
 
-    Learned state: ``map_to_3d_``, ``map_to_2d_`` (:class:`RefGuidedMapping`), ``orq_2d_``/``orq_3d_``
-    (:class:`ResidualQuantizer`, None without ORQ), ``loss_history_``, ``extensions_``.
+    Hyperparameters: :class:`UniRCMConfig`. Learned state: ``map_to_3d_``, ``map_to_2d_``
+    (:class:`RefGuidedMapping`), ``orq_2d_``/``orq_3d_`` (:class:`ResidualQuantizer`, None without ORQ),
+    ``loss_history_``, ``extensions_``.
     """
 
-    def __init__(self, config: UniRCMConfig | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:
-        self.config = config or UniRCMConfig(**hparams)
-        self.cache_dir = cache_dir
-        self._pipeline: FeaturePipeline | None = None
+    config_class = UniRCMConfig
+    config: UniRCMConfig
+    tiny_hparams: ClassVar[dict[str, Any]] = {
+        "image_size": 64,
+        "grid_size": 8,
+        "hidden": 16,
+        "num_blocks": 1,
+        "epochs": 2,
+        "batch_size": 2,
+        "orq_layers": 2,
+        "codebook_size_2d": 8,
+        "codebook_size_3d": 8,
+        "orq_iterations": 3,
+        "device": "cpu",
+    }
 
     @property
     def device(self) -> torch.device:
@@ -275,7 +287,8 @@ class UniRCM(AnomalyModel):
         self, rows_2d: torch.Tensor, rows_3d: torch.Tensor, foreground: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """G×G maps of one sample: ``combined``, ``2d``, ``3d`` and (with ORQ) ``orq_2d``, ``orq_3d``."""
-        grid = self.config.grid_size
+        settings = self.settings
+        grid = settings.grid_size
         rows_2d, rows_3d = rows_2d.float().to(self.device), rows_3d.float().to(self.device)
         mask = foreground.to(self.device)
         with torch.inference_mode():
@@ -286,7 +299,7 @@ class UniRCM(AnomalyModel):
                 for name, quantizer, rows in (("orq_2d", self.orq_2d_, rows_2d), ("orq_3d", self.orq_3d_, rows_3d)):
                     scores = torch.zeros(grid * grid, device=self.device)
                     scores[mask] = quantizer.score(rows[mask])
-                    if self.config.compat and float(scores.max()) > 0:
+                    if settings.compat and float(scores.max()) > 0:
                         scores = scores / scores.max()
                     maps[name] = scores
             maps["combined"] = (
@@ -295,8 +308,8 @@ class UniRCM(AnomalyModel):
                     maps["3d"],
                     maps.get("orq_2d"),
                     maps.get("orq_3d"),
-                    self.config.beta_2d,
-                    self.config.beta_3d,
+                    float(settings.beta_2d),
+                    float(settings.beta_3d),
                 )
                 * mask
             )
@@ -309,7 +322,7 @@ class UniRCM(AnomalyModel):
         self.check_fitted()
         self.map_to_3d_.eval()
         self.map_to_2d_.eval()
-        c = self.config
+        c = self.settings
         prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
         for record, features in self.pipeline.iter_features(
             prepared, progress=progress, errors=errors, description="predict unircm"
@@ -342,20 +355,19 @@ class UniRCM(AnomalyModel):
             )
 
     # ------------------------------------------------------------------ persistence
-    def get_config(self) -> dict[str, Any]:
-        """Hyperparameters, extractor configuration and training facts."""
-        config: dict[str, Any] = {"method": self.name, "hparams": asdict(self.config)}
-        if getattr(self, "fitted_", False):
-            config["pipeline"] = self.pipeline.config()
-            config["channels"] = [self.map_to_3d_.in_features, self.map_to_2d_.in_features]
-            config["n_train_samples"] = self.n_train_samples_
-            config["loss_history"] = self.loss_history_
-            config["extensions"] = self.extensions_
-            config["feature_mean_squares"] = list(self.feature_mean_squares_)
-            config["mse_scale"] = list(self.mse_scale_)
-            if self.orq_2d_ is not None and self.orq_3d_ is not None:
-                config["orq_fit_seconds"] = [self.orq_2d_.fit_time_, self.orq_3d_.fit_time_]
-        return config
+    def learned_facts(self) -> dict[str, Any]:
+        """Input widths, training facts, the MSE scales and the ORQ fit times."""
+        facts: dict[str, Any] = {
+            "channels": [self.map_to_3d_.in_features, self.map_to_2d_.in_features],
+            "n_train_samples": self.n_train_samples_,
+            "loss_history": self.loss_history_,
+            "extensions": self.extensions_,
+            "feature_mean_squares": list(self.feature_mean_squares_),
+            "mse_scale": list(self.mse_scale_),
+        }
+        if self.orq_2d_ is not None and self.orq_3d_ is not None:
+            facts["orq_fit_seconds"] = [self.orq_2d_.fit_time_, self.orq_3d_.fit_time_]
+        return facts
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Both networks (``map_to_3d.``/``map_to_2d.``) and the codebooks (``orq_2d.<layer>``/``orq_3d.<layer>``)."""
@@ -368,15 +380,6 @@ class UniRCM(AnomalyModel):
             if quantizer is not None:
                 tensors.update({f"{name}.{layer}": book.cpu() for layer, book in enumerate(quantizer.codebooks_)})
         return tensors
-
-    @classmethod
-    def from_state(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor], **overrides: Any) -> UniRCM:
-        """Rebuild a fitted Uni-RCM; fails clearly when the extractors now available differ from training's."""
-        hparams = {**config["hparams"], **{k: v for k, v in overrides.items() if k != "cache_dir"}}
-        model = cls(UniRCMConfig(**hparams), cache_dir=overrides.get("cache_dir"))
-        model.check_pipeline(config.get("pipeline"))
-        model.load_state(config, tensors)
-        return model
 
     def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Networks and codebooks from :meth:`state_tensors` output (codebook sizes come from the tensors)."""
@@ -402,7 +405,12 @@ class UniRCM(AnomalyModel):
         self.n_train_samples_ = int(config.get("n_train_samples", 0))
         self.feature_mean_squares_ = tuple(config.get("feature_mean_squares", (1.0, 1.0)))
         self.mse_scale_ = tuple(config.get("mse_scale", (1.0, 1.0)))
-        self.fitted_ = True
+
+    def export_scorer(self, out_dir: Any) -> dict[str, Any]:
+        """``scorer.onnx`` with the same contract as CFM's (see :mod:`.export`)."""
+        from mmiad.methods.unircm.export import export_unircm_scorer
+
+        return export_unircm_scorer(self, out_dir)
 
 
 def _foreground_of(store: Mapping[int, Grids], index: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,11 @@ from torch import nn
 
 from mmiad.export.graphs import check_exportable_smoothing, export_scorer_graph
 from mmiad.methods.cfm.mapping import feature_discrepancy
-from mmiad.methods.unircm.model import UniRCM
 from mmiad.methods.unircm.orq import ResidualQuantizer
 from mmiad.postprocess.smoothing import smooth_maps
+
+if TYPE_CHECKING:
+    from mmiad.methods.unircm.model import UniRCM
 
 
 class OrqScore(nn.Module):
@@ -138,7 +140,7 @@ class UniRcmScorer(nn.Module):
 def unircm_scorer(model: UniRCM) -> UniRcmScorer:
     """The exportable scorer of a fitted, non-compat Uni-RCM (CPU copies of its networks, eval mode)."""
     model.check_fitted()
-    config = model.config
+    config = model.settings
     if config.compat:
         raise ValueError(
             "a compat Uni-RCM cannot be exported: its final map is blurred through PIL on a uint8 copy "

@@ -1,0 +1,182 @@
+"""Dataset formats behind one interface, found by name or detected from the root, and loading one sample.
+
+A format knows one layout on disk: it lists the categories, lists the records of a category's split, and reads a
+record's RGB, point cloud and mask. Everything that walks a dataset (training, testing, reports, stored-map
+evaluation, the benchmarks) goes through :func:`open_dataset`, so a new layout is one module in ``mmiad/data``
+that registers a :class:`DatasetFormat` subclass, plus one import line in ``mmiad/data/__init__.py``. This module
+imports no format.
+
+Splits have mmiad's names everywhere: ``train`` (nominal), ``validation`` (nominal, held out for thresholds),
+``test`` (labelled) and ``predict`` (unlabelled); a format maps them to its own folders (Eyecandies: ``val``,
+``test_public``, ``test_private``). A record names its format (``SampleRecord.format``), so one record is
+enough to read a sample wherever it came from.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+import numpy as np
+
+from mmiad.data.errors import DataError
+from mmiad.data.io import read_mask, read_rgb, read_xyz, valid_points
+from mmiad.data.sample import LABEL_UNKNOWN, Sample, SampleRecord
+
+SPLITS = ("train", "validation", "test", "predict")
+AUTO = "auto"
+
+
+class DatasetFormat(ABC):
+    """One dataset layout: listing (per instance, on a root) and reading (per record, no root needed).
+
+    Class attributes:
+        name: What ``--format`` takes and what records carry in ``SampleRecord.format``.
+        description: One line for ``--help``.
+        detect_priority: Formats are tried from the highest; a more specific layout must come first.
+        background_removed: True when reading already removes the background, as the official converters do for
+            Eyecandies; the offline preprocessing profile (plane removal, clustering, padding) is then skipped,
+            since the official code never applies it to such data.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    detect_priority: ClassVar[int] = 0
+    background_removed: ClassVar[bool] = False
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @classmethod
+    @abstractmethod
+    def detect(cls, root: Path) -> bool:
+        """True when ``root`` looks like this layout (cheap: a few directory listings)."""
+
+    @abstractmethod
+    def categories(self) -> list[str]:
+        """The categories under the root, sorted."""
+
+    @abstractmethod
+    def records(self, category: str, split: str, *, errors: list[DataError] | None = None) -> list[SampleRecord]:
+        """The samples of one category and split (empty when the split is absent).
+
+        Args:
+            category: A name from :meth:`categories`.
+            split: One of :data:`SPLITS`.
+            errors: When given, incomplete or unpaired samples are appended here and skipped; otherwise the first
+                one is raised.
+
+        Raises:
+            DataError: for an unknown category or split.
+        """
+
+    @classmethod
+    def read_rgb(cls, record: SampleRecord) -> np.ndarray:
+        """H×W×3 uint8 image."""
+        return read_rgb(record.rgb_path)
+
+    @classmethod
+    def read_xyz(cls, record: SampleRecord) -> np.ndarray:
+        """H×W×3 float32 organized cloud in metres, invalid points exactly zero."""
+        return read_xyz(record.xyz_path)
+
+    @classmethod
+    def read_mask(cls, record: SampleRecord) -> np.ndarray | None:
+        """H×W bool ground truth, or None when the record has none."""
+        return read_mask(record.gt_path) if record.gt_path is not None else None
+
+
+FormatT = TypeVar("FormatT", bound=type[DatasetFormat])
+_FORMATS: dict[str, type[DatasetFormat]] = {}
+
+
+def register_format(name: str) -> Callable[[FormatT], FormatT]:
+    """Class decorator making a :class:`DatasetFormat` available as ``--format name`` and to detection."""
+
+    def decorate(cls: FormatT) -> FormatT:
+        if name in _FORMATS and _FORMATS[name] is not cls:
+            raise ValueError(f"dataset format {name!r} is already registered")
+        cls.name = name
+        _FORMATS[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_formats() -> list[str]:
+    """Registered format names, in detection order."""
+    return [f.name for f in sorted(_FORMATS.values(), key=lambda f: (-f.detect_priority, f.name))]
+
+
+def get_format(name: str) -> type[DatasetFormat]:
+    """The format class called ``name``, with an error listing the known ones."""
+    if name not in _FORMATS:
+        raise ValueError(f"unknown dataset format {name!r}; available: {', '.join(available_formats())}")
+    return _FORMATS[name]
+
+
+def formats_help() -> str:
+    """The ``--format`` help text, from the registry."""
+    described = "; ".join(f"{n}: {_FORMATS[n].description}" for n in available_formats())
+    return f"dataset layout, detected from the root by default ({AUTO}); {described}"
+
+
+def detect_format(root: str | Path) -> type[DatasetFormat]:
+    """The first registered format (by priority) that recognises ``root``.
+
+    Raises:
+        DataError: when the root is missing or no format recognises it.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "dataset root not found")
+    for name in available_formats():
+        if _FORMATS[name].detect(root):
+            return _FORMATS[name]
+    raise DataError(root, f"not a dataset of a known layout ({', '.join(available_formats())}); pass --format")
+
+
+def open_dataset(root: str | Path, format: str | None = None) -> DatasetFormat:
+    """The dataset at ``root`` in the named format, or the detected one when ``format`` is None or ``auto``."""
+    cls = detect_format(root) if format in (None, AUTO) else get_format(str(format))
+    return cls(root)
+
+
+def load_sample(record: SampleRecord) -> Sample:
+    """Load the arrays of a record through its format and check that they fit together.
+
+    Raises:
+        DataError: naming the file when a file is unreadable, sizes disagree or the cloud has no valid point.
+    """
+    reader = get_format(record.format)
+    xyz = reader.read_xyz(record)
+    rgb = reader.read_rgb(record)
+    if rgb.shape[:2] != xyz.shape[:2]:
+        raise DataError(
+            record.xyz_path,
+            f"size {xyz.shape[1]}×{xyz.shape[0]} does not match RGB {record.rgb_path.name} "
+            f"({rgb.shape[1]}×{rgb.shape[0]}); RGB and point cloud must be pixel-registered",
+        )
+    valid = valid_points(xyz)
+    if not valid.any():
+        raise DataError(record.xyz_path, "the point cloud has no valid (non-zero, finite) point")
+    gt_mask = reader.read_mask(record)
+    if gt_mask is not None and gt_mask.shape != rgb.shape[:2]:
+        raise DataError(record.gt_path, f"mask size {gt_mask.shape[::-1]} does not match RGB {rgb.shape[1::-1]}")
+    if gt_mask is None and record.label == 0:
+        gt_mask = np.zeros(rgb.shape[:2], dtype=bool)
+    label = record.label
+    if label == LABEL_UNKNOWN and gt_mask is not None:
+        label = int(gt_mask.any())
+    return Sample(
+        rgb=rgb,
+        xyz=xyz,
+        valid=valid,
+        gt_mask=gt_mask,
+        label=label,
+        category=record.category,
+        defect_type=record.defect_type,
+        record=record,
+    )

@@ -1,0 +1,52 @@
+"""The settings every method reads for its feature pipeline, and how ``compat`` is resolved without rewriting them.
+
+A method's config is a dataclass inheriting :class:`MethodSettings`. The config holds exactly what the user set:
+it is saved as given and loads back unchanged. Where the official code's behaviour differs from the paper's
+default, the method lists the official values in :meth:`MethodSettings.compat_values`; :meth:`resolved` returns
+the settings in effect (a copy) and the model reads those, so ``compat`` never overwrites a field the user chose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+SettingsT = TypeVar("SettingsT", bound="MethodSettings")
+
+
+@dataclass
+class MethodSettings:
+    """Pipeline settings shared by every method.
+
+    Attributes:
+        extractors: Extractor preset or ``IMAGE+POINT`` pair (see :mod:`mmiad.features.registry`).
+        image_size: Model input side (224 in every paper).
+        weights_dir: Folder with pretrained checkpoints (deep extractors).
+        random_init: Allow random extractor weights (tests, smoke runs, speed benchmarks).
+        profile: Offline preprocessing profile (``cfm``, ``m3dm`` or ``none``).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        compat: The official code's behaviour where it differs from the paper.
+    """
+
+    extractors: str = "weightfree"
+    image_size: int = 224
+    weights_dir: str | None = None
+    random_init: bool = False
+    profile: str = "cfm"
+    device: str = "auto"
+    compat: bool = False
+
+    def compat_values(self) -> dict[str, Any]:
+        """Field → the official code's value, applied by :meth:`resolved` under ``compat`` to fields left at their
+        default. The base has none."""
+        return {}
+
+    def resolved(self: SettingsT) -> SettingsT:
+        """The settings in effect: a copy with ``compat``'s official values filled in where the user kept the
+        default. ``self`` is never changed."""
+        if not self.compat:
+            return self
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changes = {k: v for k, v in self.compat_values().items() if getattr(self, k) == defaults.get(k)}
+        return dataclasses.replace(self, **changes) if changes else self
