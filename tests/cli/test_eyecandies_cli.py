@@ -17,7 +17,8 @@ from mmiad.methods.registry import available_methods
 @pytest.fixture(scope="module")
 def eyecandies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("eyecandies_cli") / "data"
-    assert main(["synth", "--out", str(root), "--preset", "tiny", "--categories", "puck", "--format", "eyecandies"]) == 0
+    synth = ["synth", "--out", str(root), "--preset", "tiny", "--categories", "puck", "--format", "eyecandies"]
+    assert main(synth) == 0
     return root
 
 

@@ -9,8 +9,6 @@ Entries are written to a temporary file and renamed, so a killed extraction leav
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -22,26 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes, memoised per (path, size, mtime) so a file is hashed once per process."""
-    path = Path(path)
-    stat = path.stat()
-    memo_key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo_key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        _DIGESTS[memo_key] = digest.hexdigest()
-    return _DIGESTS[memo_key]
-
-
-def config_digest(config: Any) -> str:
-    """sha256 of a JSON-serialisable configuration (key order does not matter)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+from mmiad.utils.hashing import file_sha256, json_sha256
 
 
 @dataclass(frozen=True)
@@ -73,8 +52,8 @@ class FeatureCache:
     @staticmethod
     def key(input_files: list[str | Path], config: dict[str, Any]) -> str:
         """Content-addressed key: the input files' digests plus the configuration."""
-        parts = {"files": [file_digest(p) for p in input_files], "config": config_digest(config)}
-        return config_digest(parts)
+        parts = {"files": [file_sha256(p) for p in input_files], "config": json_sha256(config)}
+        return json_sha256(parts)
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"

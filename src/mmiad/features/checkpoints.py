@@ -9,7 +9,6 @@ failure mode for a benchmark, so every missing, unexpected or mis-shaped key is 
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -155,20 +154,3 @@ def load_strict(
             mismatched=mismatched,
         )
     module.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=False)
-
-
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, memoised per (path, size, mtime) because hashing a 350 MB backbone takes about a second."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASH_CACHE:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        _HASH_CACHE[key] = digest.hexdigest()
-    return _HASH_CACHE[key]

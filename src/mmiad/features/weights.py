@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from mmiad.data.errors import DataError
-from mmiad.features.checkpoints import file_sha256
 from mmiad.features.pointmae import (
     POINTMAE_PRESETS,
     PointMaeEncoder,
@@ -33,6 +32,7 @@ from mmiad.features.pointmae import (
 )
 from mmiad.features.registry import register_image_extractor, register_point_extractor
 from mmiad.features.vit import VIT_PRESETS, VisionTransformer, VitExtractor, load_vit_weights
+from mmiad.utils.hashing import file_sha256
 
 ENV_VAR = "MMIAD_WEIGHTS_DIR"
 DEFAULT_DIR = Path("~/.cache/mmiad/weights")
