@@ -37,10 +37,6 @@ _LAZY = {
     "Prediction": "mmiad.methods.base",
     "DataError": "mmiad.data.errors",
     "generate_dataset": "mmiad.data.synthetic",
-    "CFM": "mmiad.methods.cfm",
-    "UniRCM": "mmiad.methods.unircm",
-    "BTF": "mmiad.methods.btf",
-    "M3DM": "mmiad.methods.m3dm",
 }
 
 if TYPE_CHECKING:
@@ -55,8 +51,15 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    """Public names on first use; every registered method class is one (``mmiad.CFM``), built-in or not."""
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    importlib.import_module("mmiad.methods")
+    from mmiad.methods.registry import method_by_class_name
+
+    method = method_by_class_name(name)
+    if method is not None:
+        return method
     raise AttributeError(f"module 'mmiad' has no attribute {name!r}")

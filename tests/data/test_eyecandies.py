@@ -201,7 +201,7 @@ def test_listing_maps_splits_and_labels(dataset: Path) -> None:
     assert (bad.defect_type, bad.label) == ("bad", LABEL_ANOMALOUS)
     assert bad.gt_path == dataset / "CandyCane" / "test_public" / "data" / "01_mask.png"
     extra = bad.extra_dict()
-    assert extra["format"] == "eyecandies"
+    assert bad.format == "eyecandies" and "format" not in extra
     assert bad.xyz_path.name == "01_depth.png" and Path(extra["pose_path"]).name == "01_pose.txt"
     assert Path(extra["info_depth_path"]).name == "01_info_depth.yaml"
     (private,) = list_eyecandies_records(dataset, "CandyCane", "predict")
