@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmiad.data.formats import open_dataset
@@ -96,3 +97,46 @@ def test_overrides_rescore_without_retraining(tiny_dataset: Path, tmp_path: Path
     product, _ = evaluate_run(tmp_path / "run", tiny_dataset, cache_dir=cache)
     only_2d, _ = evaluate_run(tmp_path / "run", tiny_dataset, cache_dir=cache, overrides={"aggregation": "2d"})
     assert product["per_category"]["puck"]["pixel_auroc"] != only_2d["per_category"]["puck"]["pixel_auroc"]
+
+
+def test_test_and_predict_score_a_missing_modality_the_same_way(tiny_dataset: Path, tmp_path: Path) -> None:
+    """One prediction path: ``test`` scores a sample without a point cloud by the fallback, exactly as ``predict``
+    does, and every prediction says which model, modality and thresholds produced it."""
+    import shutil
+
+    import mmiad
+    from mmiad.data.io import read_map, read_xyz, write_xyz
+    from mmiad.data.preprocess import map_to_original
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset / "puck", data / "puck")
+    folder = data / "puck" / "test" / "good"
+    broken = sorted((folder / "xyz").iterdir())[0]
+    write_xyz(broken, np.zeros_like(read_xyz(broken)))  # the 3D sensor dropped out
+    cache = str(tmp_path / "cache")
+    files, _ = train_run("cfm", data, tmp_path / "run", hparams=TINY, cache_dir=cache)
+    trained = load_trained(files["puck"], cache_dir=cache)
+    assert trained.fallback is not None and "2d" in trained.fallback_thresholds
+
+    maps = tmp_path / "maps"
+    evaluate_run(tmp_path / "run", data, maps_dir=maps, cache_dir=cache)
+    tested = json.loads((maps / "puck" / "test" / "good" / f"{broken.stem}.json").read_text())["score"]
+
+    predictions = {p.record.stem: p for p in mmiad.predict(tmp_path / "run", folder, cache_dir=cache)}
+    degraded = predictions[broken.stem]
+    assert degraded.degraded and degraded.modality == "2d" and degraded.model == "puck"
+    assert degraded.pred_score == pytest.approx(tested, rel=1e-6)
+    np.testing.assert_allclose(
+        read_map(maps / "puck" / "test" / "good" / f"{broken.stem}.tiff"),
+        map_to_original(degraded.anomaly_map, degraded.geometry),
+        rtol=1e-6,
+    )
+    assert degraded.thresholds == trained.fallback_thresholds["2d"]
+    assert degraded.pred_label == int(degraded.pred_score > trained.fallback_thresholds["2d"].image)
+    whole = [p for stem, p in predictions.items() if stem != broken.stem]
+    assert whole and all(p.modality == "2d+3d" and p.thresholds == trained.thresholds for p in whole)
+
+    threshold = float(np.median([p.pred_score for p in whole]))
+    overridden = mmiad.predict(tmp_path / "run", folder, cache_dir=cache, threshold=threshold)
+    assert all(p.thresholds.image == threshold and p.thresholds.source == "user" for p in overridden)
+    assert [p.pred_label for p in overridden] == [int(p.pred_score > threshold) for p in overridden]
