@@ -8,8 +8,10 @@ need their checkpoint files in the weights directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mmiad.data.preprocess import get_profile
 from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor
@@ -56,10 +58,26 @@ def get_extractor_preset(name: str) -> ExtractorPreset:
 
 
 def build_extractors(
-    name: str, *, weights_dir: str | Path | None = None, random_init: bool = False, seed: int = 0
+    name: str,
+    *,
+    weights_dir: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    point_options: Mapping[str, Any] | None = None,
 ) -> tuple[ImageFeatureExtractor, PointFeatureExtractor]:
-    """Instantiate the 2D and 3D extractors of a preset (deep ones load weights from ``weights_dir``)."""
+    """Instantiate the 2D and 3D extractors of a preset (deep ones load weights from ``weights_dir``).
+
+    Args:
+        name: Extractor preset.
+        weights_dir: The weights folder.
+        random_init: Random weights (tests and smoke runs only).
+        seed: Seed of the random weights.
+        point_options: Keyword options of the 3D extractor, e.g. ``{"batchnorm": "running"}`` or
+            ``{"drop_path": "sampled", "drop_path_seed": 3}`` for Point-MAE and ``{"nonzero": "any"}`` for
+            either; they enter the extractor's config, hence the feature cache key and the model files.
+    """
     preset = get_extractor_preset(name)
+    options = dict(point_options or {})
     if preset.image == "texture":
         from mmiad.features.texture import TextureExtractor
 
@@ -72,14 +90,19 @@ def build_extractors(
         from mmiad.features.weights import build_image_extractor
 
         image = build_image_extractor(preset.image, weights_dir=weights_dir, random_init=random_init, seed=seed)
-    if preset.point == "fpfh":
-        from mmiad.features.fpfh import FPFHExtractor
+    try:
+        if preset.point == "fpfh":
+            from mmiad.features.fpfh import FPFHExtractor
 
-        point: PointFeatureExtractor = FPFHExtractor()
-    else:
-        from mmiad.features.weights import build_point_extractor
+            point: PointFeatureExtractor = FPFHExtractor(**options)
+        else:
+            from mmiad.features.weights import build_point_extractor
 
-        point = build_point_extractor(preset.point, weights_dir=weights_dir, random_init=random_init, seed=seed)
+            point = build_point_extractor(
+                preset.point, weights_dir=weights_dir, random_init=random_init, seed=seed, **options
+            )
+    except TypeError as error:  # an option the 3D extractor does not have
+        raise ValueError(f"point_options {options} do not apply to the {preset.point!r} extractor: {error}") from error
     return image, point
 
 
@@ -97,9 +120,15 @@ def build_pipeline(
     random_init: bool = False,
     cache_dir: str | Path | None = None,
     use_feature_cache: bool = True,
+    point_options: Mapping[str, Any] | None = None,
 ) -> FeaturePipeline:
-    """A feature pipeline for an extractor preset and a preprocessing profile, caching under ``cache_dir``."""
-    image, point = build_extractors(extractors, weights_dir=weights_dir, random_init=random_init)
+    """A feature pipeline for an extractor preset and a preprocessing profile, caching under ``cache_dir``.
+
+    ``point_options`` go to the 3D extractor (see :func:`build_extractors`).
+    """
+    image, point = build_extractors(
+        extractors, weights_dir=weights_dir, random_init=random_init, point_options=point_options
+    )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return FeaturePipeline(
         image,
