@@ -9,6 +9,7 @@ DropPath as per-branch factors. Nothing in it calls mmiad's encoder.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmiad.features.pointmae as pointmae
+from mmiad.features.cache import FeatureCache
 from mmiad.features.fpfh import FPFHExtractor
 from mmiad.features.grouping import group_points
 from mmiad.features.pointmae import (
@@ -26,7 +28,7 @@ from mmiad.features.pointmae import (
     drop_path_rates,
     sample_drop_path,
 )
-from mmiad.features.registry import EXTRACTOR_PRESETS, build_extractors
+from mmiad.features.registry import EXTRACTOR_PRESETS, build_extractors, build_pipeline
 from mmiad.features.weights import build_point_extractor
 
 DIM, HEADS = 32, 2
@@ -300,7 +302,15 @@ def test_every_pointmae_preset_defaults_to_the_official_modes() -> None:
             assert (config["batchnorm"], config["drop_path"], config["nonzero"]) == ("cloud", "expected", "all")
 
 
-def test_point_options_reach_the_extractor_config() -> None:
+def test_point_options_reach_the_extractor_config_and_the_cache_key(tmp_path: Path) -> None:
+    files = [tmp_path / "a.bin"]
+    files[0].write_bytes(b"sample")
+    configs = [
+        build_pipeline("weightfree", profile="cfm", cache_dir=tmp_path, point_options=options).config()
+        for options in (None, {"nonzero": "all"}, {"nonzero": "any"})
+    ]
+    keys = {FeatureCache.key(files, config) for config in configs}
+    assert len(keys) == 2  # the default is "all"; "any" is another cache entry
     with pytest.warns(UserWarning, match="RANDOM"):
         _, point = build_extractors(
             "dino-pointmae-t", random_init=True, point_options={"batchnorm": "running", "nonzero": "any"}
