@@ -117,7 +117,8 @@ def _combine_statistics(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> 
     ``M2 = Σ nᵢ (varᵢ + (meanᵢ − mean)²)``, so no sum of squares of raw activations is ever formed (no cancellation
     when a channel's mean is large against its spread).
     """
-    counts = torch.tensor([count for _, _, count in parts], dtype=torch.float64)[:, None]
+    device = parts[0][1].device
+    counts = torch.tensor([count for _, _, count in parts], dtype=torch.float64, device=device)[:, None]
     means = torch.stack([mean.double() for _, mean, _ in parts])
     variances = torch.stack([var.double() for var, _, _ in parts])
     total = counts.sum()
@@ -204,28 +205,32 @@ class MiniPointNet(nn.Module):
         if groups.shape[0] == 0:
             return groups.new_zeros(0, conv3.out_channels)
         starts = range(0, groups.shape[0], _GROUP_CHUNK)
-        single = len(starts) == 1
-        if self.batchnorm == "running":
-            stats0, stats1 = (bn0.running_mean, bn0.running_var), (bn1.running_mean, bn1.running_var)
-        else:
-            stats0 = self._input_statistics(groups)
-            if not single:
-                parts = []
-                for start in starts:
-                    hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0).flatten(0, 1)
-                    var, mean = torch.var_mean(hidden, dim=0, correction=0)
-                    parts.append((var, mean, hidden.shape[0]))
-                mean64, var64 = _combine_statistics(parts)
-                stats1 = (mean64.to(groups.dtype), var64.to(groups.dtype))
+        cloud = self.batchnorm == "cloud"
+        stats0 = self._input_statistics(groups) if cloud else (bn0.running_mean, bn0.running_var)
+        stats1: tuple[torch.Tensor, torch.Tensor] | None = (bn1.running_mean, bn1.running_var)
+        if cloud:  # one chunk: its own statistics are the cloud's, taken below without a second pass
+            stats1 = None if len(starts) == 1 else self._hidden_statistics(groups, stats0)
         outputs = []
         for start in starts:
             hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0)
-            if self.batchnorm == "cloud" and single:
+            if stats1 is None:
                 var, mean = torch.var_mean(hidden.flatten(0, 1), dim=0, correction=0)
                 stats1 = (mean, var)
             hidden = torch.relu(self._norm(hidden, bn1, *stats1))
             outputs.append(self._dense(hidden, conv3).amax(dim=1))
         return torch.cat(outputs)
+
+    def _hidden_statistics(
+        self, groups: torch.Tensor, stats0: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """First pass: the second BatchNorm's cloud mean and biased variance, one chunk of groups at a time."""
+        parts = []
+        for start in range(0, groups.shape[0], _GROUP_CHUNK):
+            hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0).flatten(0, 1)
+            var, mean = torch.var_mean(hidden, dim=0, correction=0)
+            parts.append((var, mean, hidden.shape[0]))
+        mean64, var64 = _combine_statistics(parts)
+        return mean64.to(groups.dtype), var64.to(groups.dtype)
 
 
 class Block(nn.Module):
