@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from mmiad.features.base import PointFeatures, identity_point_features
+from mmiad.features.base import PointFeatures, feature_points, identity_point_features
 
 
 def _features() -> PointFeatures:
@@ -43,3 +44,14 @@ def test_tensor_round_trip_and_identity_features() -> None:
     valid[0, 1] = valid[2, 2] = True
     identity = identity_point_features(torch.tensor([[1.0], [2.0]]), valid)
     assert identity.dense()[0].tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 2]]
+
+
+def test_feature_points_all_rule_drops_points_on_a_coordinate_plane_any_rule_keeps_them() -> None:
+    xyz = np.array(
+        [[[0.1, 0.2, 0.5], [0.0, 0.2, 0.5], [0.1, 0.0, 0.0]], [[0.0, 0.0, 0.0], [0.3, 0.1, 0.4], [0.1, 0.1, 0.0]]]
+    )
+    valid = np.array([[True, True, True], [True, False, True]])
+    assert feature_points(xyz, valid, "all").tolist() == [[True, False, False], [False, False, False]]
+    assert feature_points(xyz, valid, "any").tolist() == [[True, True, True], [False, False, True]]
+    with pytest.raises(ValueError, match="nonzero"):
+        feature_points(xyz, valid, "some")

@@ -205,6 +205,7 @@ def test_config_lists_every_parameter() -> None:
         "feature_max_nn": 100,
         "radius_scale": 1.0,
         "orientation": "open3d",
+        "nonzero": "all",
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +60,23 @@ def cloud(size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return xyz.astype(np.float32), valid
 
 
-def test_encoder_equals_plain_conv1d_formulation() -> None:
-    model = narrow().eval()
+@pytest.mark.parametrize("batchnorm", ["cloud", "running"])
+def test_encoder_equals_plain_conv1d_formulation(batchnorm: str) -> None:
+    """The chunked, split-weight Mini-PointNet against the official Sequentials on all groups at once.
+
+    ``cloud`` must equal the Sequentials in training mode (BatchNorm over all G·K values), ``running`` in eval
+    mode; 300 groups span three chunks.
+    """
+    model = PointMaeEncoder(12, (3, 7, 11), dim=DIM, num_heads=2, batchnorm=batchnorm).eval()
     model.load_state_dict(randomise(model, 0))
+    reference_net = copy.deepcopy(model.encoder).train(batchnorm == "cloud")
     groups = torch.randn(300, 8, 3) * 0.05  # more groups than one chunk
     with torch.no_grad():
         fast = model.encoder(groups)
         x = groups.transpose(2, 1)
-        local = model.encoder.first_conv(x)
+        local = reference_net.first_conv(x)
         both = torch.cat([local.amax(dim=2, keepdim=True).expand(-1, -1, 8), local], dim=1)
-        reference = model.encoder.second_conv(both).amax(dim=2)
+        reference = reference_net.second_conv(both).amax(dim=2)
     torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
 
 

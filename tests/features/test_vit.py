@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch import nn
 
 from mmiad.features.checkpoints import CheckpointError
 from mmiad.features.vit import VIT_PRESETS, VisionTransformer, VitExtractor, VitPreset, load_vit_weights
@@ -164,3 +165,23 @@ def test_bad_inputs_raise_value_errors() -> None:
         extractor.extract(torch.zeros(1, 3, 10, 12))
     with pytest.raises(ValueError, match="keep_blocks"):
         VisionTransformer(replace(TINY, keep_blocks=4))
+
+
+def test_no_batch_dependent_or_stochastic_layer_so_train_mode_changes_nothing() -> None:
+    """The official scripts never call ``.eval()``; for the ViT (timm's DINO: no BatchNorm, drop rates 0) that
+    must not matter. Train and eval mode give identical outputs, and images do not influence each other."""
+    stochastic = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+    for name in ("dino_vitb8_keep1", "dinov2_vits14"):
+        modules = list(VisionTransformer(replace(VIT_PRESETS[name], keep_blocks=1)).modules())
+        assert not [m for m in modules if isinstance(m, stochastic) or "drop" in type(m).__name__.lower()]
+    state = random_state(TINY, 5)
+    model = VisionTransformer(TINY)
+    model.load_state_dict(state)
+    rgb = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        trained = model.train()(rgb)
+        evaluated = model.eval()(rgb)
+        singles = torch.cat([model.train()(rgb[i : i + 1]) for i in range(2)])
+    assert torch.equal(trained, evaluated)
+    torch.testing.assert_close(singles, trained, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained, reference_forward(state, TINY, rgb, 3), rtol=1e-4, atol=1e-5)

@@ -83,10 +83,13 @@ def export_image_extractor(extractor: Any, out_dir: str | Path, image_size: int)
 def export_point_extractor(extractor: PointMaeExtractor, out_dir: str | Path) -> dict[str, Any]:
     """``point_extractor.onnx``: neighbourhoods (G,K,3) + centres (G,3) → features (G,C), G and K dynamic.
 
-    Both axes are dynamic because small clouds form fewer and smaller groups (see ``group_points``).
+    Both axes are dynamic because small clouds form fewer and smaller groups (see ``group_points``). The
+    encoder's BatchNorm mode is traced into the graph (with ``cloud``, the statistics of the graph's input).
     """
     if not isinstance(extractor, PointMaeExtractor):
         raise ValueError(f"only Point-MAE has a network to export, not {type(extractor).__name__}")
+    if extractor.drop_path != "expected":
+        raise ValueError("a Point-MAE with sampled DropPath cannot be exported (a graph has no per-cloud draws)")
     generator = torch.Generator().manual_seed(0)
     example = (torch.randn(6, 5, 3, generator=generator), torch.randn(6, 3, generator=generator))
     spec = GraphSpec(

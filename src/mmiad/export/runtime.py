@@ -21,7 +21,7 @@ from mmiad.data.sample import SampleRecord
 from mmiad.engine import apply_thresholds
 from mmiad.export._deps import cpu_session
 from mmiad.export.manifest import Manifest
-from mmiad.features.base import PointFeatureExtractor, PointFeatures
+from mmiad.features.base import PointFeatureExtractor, PointFeatures, feature_points
 from mmiad.features.grouping import group_points, three_nn_weights
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.features.registry import default_cache_dir
@@ -71,7 +71,9 @@ class OnnxPointMaeExtractor:
         xyz, valid = np.asarray(xyz), np.asarray(valid)
         if xyz.ndim != 3 or xyz.shape[-1] != 3 or valid.shape != xyz.shape[:2] or valid.dtype != np.bool_:
             raise ValueError(f"expected an (S,S,3) cloud and an (S,S) bool mask, got {xyz.shape} and {valid.shape}")
-        pixel_index = np.flatnonzero(valid.reshape(-1))
+        # Exports made before the rule was recorded used "any".
+        used = feature_points(xyz, valid, str(self.source_config.get("nonzero", "any")))
+        pixel_index = np.flatnonzero(used.reshape(-1))
         points = torch.from_numpy(np.ascontiguousarray(xyz.reshape(-1, 3)[pixel_index], dtype=np.float32))
         if points.shape[0] == 0:
             features = torch.zeros(0, self.out_channels)

@@ -22,6 +22,34 @@ from mmiad.features.projection import project_to_grid
 # The sparse projection pays off when each feature row is shared by at least this many pixels.
 SPARSE_ROWS_PER_PIXEL = 4
 
+#: Which points of an organized cloud feed the 3D features: ``"all"`` keeps a point only when all three of its
+#: coordinates are non-zero (the official CFM, M3DM, Uni-RCM and BTF feature code), ``"any"`` when at least one is.
+NONZERO_RULES = ("all", "any")
+
+
+def feature_points(xyz: np.ndarray, valid: np.ndarray, nonzero: str) -> np.ndarray:
+    """The pixels whose points go into the 3D features: ``valid`` and non-zero under the ``nonzero`` rule.
+
+    Reading keeps every point that is not all-zero (:func:`mmiad.data.io.valid_points`), because a real point can
+    lie exactly on a coordinate plane. The official feature code is stricter (``torch.all(pc != 0, dim=1)``), and
+    the published numbers come from it, so the 3D feature path applies ``"all"`` by default on top of ``valid``.
+    The choice changes which points are grouped, so also the FPS centres, the features near such points, and the
+    valid pixels the projection and the foreground mask start from.
+
+    Args:
+        xyz: (S,S,3) organized cloud.
+        valid: (S,S) bool mask from reading and preprocessing.
+        nonzero: One of :data:`NONZERO_RULES`.
+
+    Returns:
+        (S,S) bool mask, a subset of ``valid``.
+    """
+    if nonzero not in NONZERO_RULES:
+        raise ValueError(f"nonzero must be one of {NONZERO_RULES}, got {nonzero!r}")
+    nonzero_coords = np.asarray(xyz) != 0
+    kept = nonzero_coords.all(axis=-1) if nonzero == "all" else nonzero_coords.any(axis=-1)
+    return np.asarray(valid, dtype=bool) & kept
+
 
 @dataclass
 class PointFeatures:

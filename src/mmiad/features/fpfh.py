@@ -29,7 +29,7 @@ import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 
-from mmiad.features.base import PointFeatures, identity_point_features
+from mmiad.features.base import NONZERO_RULES, PointFeatures, feature_points, identity_point_features
 from mmiad.features.registry import register_point_extractor
 
 BINS = 11
@@ -342,6 +342,8 @@ class FPFHExtractor:
         orientation: ``"open3d"`` (BTF's unoriented normals) or ``"camera"`` (normals face the origin).
         backend: ``"numpy"`` (default, the core path), ``"open3d"`` or ``"auto"`` (open3d if importable). All give the
             same features; the tests hold them to each other.
+        nonzero: Which points get features (:data:`~mmiad.features.base.NONZERO_RULES`): ``"all"``, BTF's
+            ``np.all(pc != 0, axis=1)``, or ``"any"``.
     """
 
     out_channels = 3 * BINS
@@ -355,6 +357,7 @@ class FPFHExtractor:
         radius_scale: float = 1.0,
         orientation: str = "open3d",
         backend: str = "numpy",
+        nonzero: str = "all",
     ) -> None:
         if orientation not in ORIENTATIONS:
             raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
@@ -368,6 +371,8 @@ class FPFHExtractor:
         for name, value in (("normal_max_nn", normal_max_nn), ("feature_max_nn", feature_max_nn)):
             if value < 2:
                 raise ValueError(f"{name} must be at least 2, got {value}")
+        if nonzero not in NONZERO_RULES:
+            raise ValueError(f"nonzero must be one of {NONZERO_RULES}, got {nonzero!r}")
         if backend == "open3d" and not open3d_available():
             raise ValueError("backend='open3d' needs the open3d package; use backend='numpy'")
         self.normal_radius = float(normal_radius)
@@ -377,6 +382,7 @@ class FPFHExtractor:
         self.radius_scale = float(radius_scale)
         self.orientation = orientation
         self.backend = backend
+        self.nonzero = nonzero
         self.backend_ = "open3d" if backend == "open3d" or (backend == "auto" and open3d_available()) else "numpy"
 
     @property
@@ -403,6 +409,7 @@ class FPFHExtractor:
             "feature_max_nn": self.feature_max_nn,
             "radius_scale": self.radius_scale,
             "orientation": self.orientation,
+            "nonzero": self.nonzero,
         }
 
     def compute(self, points: np.ndarray) -> np.ndarray:
@@ -425,20 +432,24 @@ class FPFHExtractor:
         return fpfh_features(points, normals, *large, neighbors=far)
 
     def extract(self, xyz: np.ndarray, valid: np.ndarray) -> PointFeatures:
-        """FPFH of the valid pixels of an S×S×3 organized cloud, one feature row per valid pixel."""
+        """FPFH of the valid pixels of an S×S×3 organized cloud, one feature row per used pixel.
+
+        Of the ``valid`` pixels, those failing the ``nonzero`` rule are left out, as BTF leaves them out.
+        """
         xyz = np.asarray(xyz)
         valid = np.asarray(valid)
         if xyz.ndim != 3 or xyz.shape[2] != 3 or xyz.shape[0] != xyz.shape[1]:
             raise ValueError(f"xyz must be an S×S×3 organized cloud, got shape {xyz.shape}")
         if valid.shape != xyz.shape[:2] or valid.dtype != np.bool_:
             raise ValueError(f"valid must be a bool array of shape {xyz.shape[:2]}, got {valid.dtype} {valid.shape}")
-        features = self.compute(xyz[valid])
-        return identity_point_features(torch.from_numpy(features.astype(np.float32)), valid)
+        used = feature_points(xyz, valid, self.nonzero)
+        features = self.compute(xyz[used])
+        return identity_point_features(torch.from_numpy(features.astype(np.float32)), used)
 
 
-def _build_fpfh(**_: Any) -> FPFHExtractor:
-    """Registry factory: FPFH has no weights, so the options do not apply."""
-    return FPFHExtractor()
+def _build_fpfh(*, weights_dir: Any = None, random_init: bool = False, seed: int = 0, **options: Any) -> FPFHExtractor:
+    """Registry factory: FPFH has no weights, so only its own options (e.g. ``nonzero``) apply."""
+    return FPFHExtractor(**options)
 
 
 register_point_extractor("fpfh", _build_fpfh, "FPFH (33-d, BTF's parameters); no weights", needs_weights=False)

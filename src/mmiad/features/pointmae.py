@@ -7,10 +7,18 @@ the shared final LayerNorm: 3 × 384 = 1152 channels. Features go back to every 
 squared-distance weights, kept sparse in :class:`~mmiad.features.base.PointFeatures`.
 
 Parameter names match the official ``pretrain.pth`` after its ``module.``/``MAE_encoder.`` prefixes are stripped.
+
+The official CFM, M3DM and Uni-RCM scripts never put this network in eval mode, so their features (and the
+published numbers) come from the training-mode forward under ``no_grad``: the Mini-PointNet's BatchNorm layers
+normalise with the statistics of the cloud being processed, and DropPath is active. mmiad reproduces that by
+default (``batchnorm="cloud"``) with DropPath at its expected value, the identity, so features stay
+deterministic; ``batchnorm="running"`` (the pre-training statistics, i.e. eval mode) and ``drop_path="sampled"``
+(the official random DropPath, seeded) are the named alternatives.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmiad.features.base import PointFeatures
+from mmiad.features.base import NONZERO_RULES, PointFeatures, feature_points
 from mmiad.features.checkpoints import CheckpointError, load_strict, read_checkpoint, strip_prefixes
 from mmiad.features.grouping import group_points, three_nn_weights
 from mmiad.features.layers import Attention, Mlp
@@ -64,6 +72,37 @@ POINTMAE_PRESETS: dict[str, PointMaePreset] = {
 TRANS_DIM = 384
 NUM_HEADS = 6
 DEPTH = 12
+DROP_PATH_RATE = 0.1  # PointTransformer.drop_path_rate in the official full_models.py
+
+#: ``cloud``: BatchNorm with the statistics of the current cloud (the official scripts' training-mode forward);
+#: ``running``: with the running statistics stored in the checkpoint (eval mode).
+BATCHNORM_MODES = ("cloud", "running")
+#: ``expected``: DropPath at its expected value, the identity; ``sampled``: random DropPath as the official scripts
+#: run it, drawn from a generator seeded per cloud.
+DROP_PATH_MODES = ("expected", "sampled")
+
+
+def drop_path_rates(blocks: int) -> list[float]:
+    """Per-block DropPath rates: the first ``blocks`` of ``linspace(0, 0.1, 12)``, as built before pruning."""
+    return torch.linspace(0, DROP_PATH_RATE, DEPTH).tolist()[:blocks]
+
+
+def sample_drop_path(rates: list[float], generator: torch.Generator) -> list[tuple[float, float]]:
+    """One draw of timm's DropPath for every block: the factors of its attention and MLP branches.
+
+    With one cloud per batch, each residual branch is dropped whole (factor 0) with probability ``rate`` and
+    otherwise scaled by ``1 / (1 - rate)``, so its expected factor is 1. Blocks with rate 0 have no DropPath
+    in the official model and draw nothing.
+    """
+    factors = []
+    for rate in rates:
+        if rate <= 0:
+            factors.append((1.0, 1.0))
+            continue
+        keep = 1.0 - rate
+        attn_draw, mlp_draw = torch.rand(2, generator=generator).tolist()
+        factors.append((1.0 / keep if attn_draw < keep else 0.0, 1.0 / keep if mlp_draw < keep else 0.0))
+    return factors
 
 
 def official_layers(keep_blocks: int) -> tuple[int, ...]:
@@ -71,11 +110,38 @@ def official_layers(keep_blocks: int) -> tuple[int, ...]:
     return {12: (3, 7, 11), 8: (1, 4, 7), 4: (1, 2, 3)}.get(keep_blocks, (keep_blocks - 1,))
 
 
-class MiniPointNet(nn.Module):
-    """Point-MAE's group ``Encoder``: shared point MLP, max-pool, concat global+local, MLP, max-pool."""
+def _combine_statistics(parts: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of a union from per-part ``(variance, mean, count)``, combined in float64.
 
-    def __init__(self, out_dim: int = TRANS_DIM) -> None:
+    Each part's variance is taken about its own mean, and the parts are merged with the exact identity
+    ``M2 = Σ nᵢ (varᵢ + (meanᵢ − mean)²)``, so no sum of squares of raw activations is ever formed (no cancellation
+    when a channel's mean is large against its spread).
+    """
+    device = parts[0][1].device
+    counts = torch.tensor([count for _, _, count in parts], dtype=torch.float64, device=device)[:, None]
+    means = torch.stack([mean.double() for _, mean, _ in parts])
+    variances = torch.stack([var.double() for var, _, _ in parts])
+    total = counts.sum()
+    mean = (counts * means).sum(dim=0) / total
+    var = (counts * (variances + (means - mean) ** 2)).sum(dim=0) / total
+    return mean, var
+
+
+class MiniPointNet(nn.Module):
+    """Point-MAE's group ``Encoder``: shared point MLP, max-pool, concat global+local, MLP, max-pool.
+
+    Args:
+        out_dim: Token width.
+        batchnorm: One of :data:`BATCHNORM_MODES`. ``cloud`` reproduces ``nn.BatchNorm1d`` in training mode
+            applied to all groups of the cloud at once: per channel, the mean and biased variance over all G·K
+            values (eps 1e-5 as in the checkpoint's layers).
+    """
+
+    def __init__(self, out_dim: int = TRANS_DIM, batchnorm: str = "cloud") -> None:
         super().__init__()
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
+        self.batchnorm = batchnorm
         self.first_conv = nn.Sequential(
             nn.Conv1d(3, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
         )
@@ -88,37 +154,91 @@ class MiniPointNet(nn.Module):
         return F.linear(x, conv.weight[..., 0], conv.bias if bias else None)
 
     @staticmethod
-    def _norm(x: torch.Tensor, bn: nn.Module) -> torch.Tensor:
+    def _norm(x: torch.Tensor, bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = F.batch_norm(
-            x.reshape(-1, shape[-1]), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps
-        )
+        out = F.batch_norm(x.reshape(-1, shape[-1]), mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return out.view(shape)
 
-    def forward(self, groups: torch.Tensor) -> torch.Tensor:
-        """(G,K,3) centred groups → (G,C) tokens (inference only: BatchNorm uses running statistics).
+    def _input_statistics(self, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cloud statistics of the first BatchNorm's input, in closed form from the points' moments.
+
+        That input is the affine map ``Wx + b`` of the centred points x, so its per-channel mean is ``Wμ + b`` and
+        its biased variance ``wᵀΣw`` (μ, Σ: mean and biased covariance of all G·K points, in float64). This is
+        exact, needs no pass over the 128-channel activations, and gives exactly 0 for a degenerate cloud.
+        """
+        conv = self.first_conv[0]
+        points = groups.reshape(-1, 3).double()
+        mu = points.mean(dim=0)
+        centred = points - mu
+        covariance = centred.T @ centred / points.shape[0]
+        weight = conv.weight[..., 0].double()
+        mean = weight @ mu + conv.bias.double()
+        var = torch.relu(((weight @ covariance) * weight).sum(dim=1))  # relu: rounding must not make it negative
+        return mean.to(groups.dtype), var.to(groups.dtype)
+
+    def _hidden(self, x: torch.Tensor, stats0: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(g,K,3) groups → (g,K,512) input of the second BatchNorm.
 
         The first layer of ``second_conv`` acts on ``[global; local]``; its global half is the same for every
         point of a group, so it is applied once per group instead of once per point, which saves about a
         third of the encoder's arithmetic without changing the result beyond float rounding.
         """
         conv0, bn0, _, conv1 = self.first_conv
-        conv2, bn1, _, conv3 = self.second_conv
+        conv2 = self.second_conv[0]
+        local = self._dense(torch.relu(self._norm(self._dense(x, conv0), bn0, *stats0)), conv1)  # (g,K,256)
+        pooled = local.amax(dim=1)  # (g,256)
+        weight = conv2.weight[..., 0]
+        width = pooled.shape[-1]
+        return F.linear(local, weight[:, width:]) + F.linear(pooled, weight[:, :width], conv2.bias)[:, None]
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        """(G,K,3) centred groups of one cloud → (G,C) tokens.
+
+        Groups are processed ``_GROUP_CHUNK`` at a time to bound memory. In ``cloud`` mode the chunks must not
+        change the statistics: the first BatchNorm's come in closed form from the points
+        (:meth:`_input_statistics`); the second's need the hidden activations of every group, so with more than
+        one chunk a first pass collects per-chunk mean and variance (merged by :func:`_combine_statistics`) and
+        a second pass recomputes the activations and normalises them.
+        """
+        bn0, bn1 = self.first_conv[1], self.second_conv[1]
+        conv3 = self.second_conv[3]
+        if groups.shape[0] == 0:
+            return groups.new_zeros(0, conv3.out_channels)
+        starts = range(0, groups.shape[0], _GROUP_CHUNK)
+        cloud = self.batchnorm == "cloud"
+        stats0 = self._input_statistics(groups) if cloud else (bn0.running_mean, bn0.running_var)
+        stats1: tuple[torch.Tensor, torch.Tensor] | None = (bn1.running_mean, bn1.running_var)
+        if cloud:  # one chunk: its own statistics are the cloud's, taken below without a second pass
+            stats1 = None if len(starts) == 1 else self._hidden_statistics(groups, stats0)
         outputs = []
-        for start in range(0, groups.shape[0], _GROUP_CHUNK):
-            x = groups[start : start + _GROUP_CHUNK]
-            local = self._dense(torch.relu(self._norm(self._dense(x, conv0), bn0)), conv1)  # (g,K,256)
-            pooled = local.amax(dim=1)  # (g,256)
-            weight = conv2.weight[..., 0]
-            width = pooled.shape[-1]
-            hidden = F.linear(local, weight[:, width:]) + F.linear(pooled, weight[:, :width], conv2.bias)[:, None]
-            hidden = torch.relu(self._norm(hidden, bn1))
+        for start in starts:
+            hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0)
+            if stats1 is None:
+                var, mean = torch.var_mean(hidden.flatten(0, 1), dim=0, correction=0)
+                stats1 = (mean, var)
+            hidden = torch.relu(self._norm(hidden, bn1, *stats1))
             outputs.append(self._dense(hidden, conv3).amax(dim=1))
-        return torch.cat(outputs) if outputs else groups.new_zeros(0, conv3.out_channels)
+        return torch.cat(outputs)
+
+    def _hidden_statistics(
+        self, groups: torch.Tensor, stats0: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """First pass: the second BatchNorm's cloud mean and biased variance, one chunk of groups at a time."""
+        parts = []
+        for start in range(0, groups.shape[0], _GROUP_CHUNK):
+            hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0).flatten(0, 1)
+            var, mean = torch.var_mean(hidden, dim=0, correction=0)
+            parts.append((var, mean, hidden.shape[0]))
+        mean64, var64 = _combine_statistics(parts)
+        return mean64.to(groups.dtype), var64.to(groups.dtype)
 
 
 class Block(nn.Module):
-    """Pre-LN block with PyTorch's default LayerNorm eps (1e-5), as Point-MAE."""
+    """Pre-LN block with PyTorch's default LayerNorm eps (1e-5), as Point-MAE.
+
+    DropPath has no parameters; the caller passes the factors of the two residual branches (1 = identity, the
+    expected value; see :func:`sample_drop_path`). A dropped branch (factor 0) is not computed.
+    """
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -127,9 +247,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, factors: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+        attn_factor, mlp_factor = factors
+        if attn_factor != 0.0:
+            branch = self.attn(self.norm1(x))
+            x = x + (branch if attn_factor == 1.0 else branch * attn_factor)
+        if mlp_factor != 0.0:
+            branch = self.mlp(self.norm2(x))
+            x = x + (branch if mlp_factor == 1.0 else branch * mlp_factor)
+        return x
 
 
 class BlockStack(nn.Module):
@@ -144,6 +270,8 @@ class PointMaeEncoder(nn.Module):
     """Mini-PointNet + positional MLP + the kept transformer blocks + final LayerNorm.
 
     ``dim``/``num_heads`` exist only so tests can use a narrow model; the released checkpoint is 384/6.
+    ``batchnorm`` selects the Mini-PointNet's statistics (:data:`BATCHNORM_MODES`); the module's train/eval flag
+    plays no part, so the forward is the same either way.
     """
 
     def __init__(
@@ -153,6 +281,7 @@ class PointMaeEncoder(nn.Module):
         *,
         dim: int = TRANS_DIM,
         num_heads: int = NUM_HEADS,
+        batchnorm: str = "cloud",
     ) -> None:
         super().__init__()
         if not 1 <= keep_blocks <= DEPTH:
@@ -161,18 +290,34 @@ class PointMaeEncoder(nn.Module):
             raise ValueError(f"output layers {layers} must be within the {keep_blocks} kept blocks")
         self.layers = tuple(layers)
         self.dim = dim
-        self.encoder = MiniPointNet(dim)
+        self.encoder = MiniPointNet(dim, batchnorm)
         self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, dim))
         self.blocks = BlockStack(keep_blocks, dim, num_heads)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, neighborhoods: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        """(G,K,3) centred groups and (G,3) centres → (G, dim·len(layers)) features."""
+    @property
+    def batchnorm(self) -> str:
+        """The Mini-PointNet's BatchNorm mode."""
+        return self.encoder.batchnorm
+
+    def forward(
+        self, neighborhoods: torch.Tensor, centres: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(G,K,3) centred groups and (G,3) centres → (G, dim·len(layers)) features.
+
+        Without ``generator`` DropPath takes its expected value (identity); with one, it is drawn from it as the
+        official training-mode forward does (:func:`sample_drop_path`).
+        """
+        blocks = self.blocks.blocks
+        if generator is None:
+            factors = [(1.0, 1.0)] * len(blocks)
+        else:
+            factors = sample_drop_path(drop_path_rates(len(blocks)), generator)
         x = self.encoder(neighborhoods)[None]
         pos = self.pos_embed(centres)[None]
         picked = []
-        for index, block in enumerate(self.blocks.blocks):
-            x = block(x + pos)
+        for index, block in enumerate(blocks):
+            x = block(x + pos, factors[index])
             if index in self.layers:
                 picked.append(self.norm(x))
         return torch.cat(picked, dim=-1)[0]
@@ -214,32 +359,73 @@ def load_pointmae_weights(model: PointMaeEncoder, path: str | Path) -> None:
 class PointMaeExtractor:
     """:class:`~mmiad.features.base.PointFeatureExtractor` around a frozen :class:`PointMaeEncoder`.
 
-    Attributes:
-        out_channels: 384 × number of output layers (1152 for the papers' preset).
+    The defaults compute the features the official scripts compute: BatchNorm with the cloud's statistics (the
+    model's ``batchnorm``), DropPath at its expected value, and only points with three non-zero coordinates.
+
+    Args:
+        model: The encoder; its ``batchnorm`` mode is part of :meth:`config`.
         preset: Grouping and pruning settings (may carry test-size overrides).
         weights_id: SHA-256 of the weights file, or ``random-<seed>``.
+        fps_backend: See :func:`~mmiad.features.grouping.farthest_point_sample`.
+        drop_path: ``expected`` (identity, deterministic) or ``sampled`` (the official random DropPath). Sampled
+            draws come from a generator seeded by ``drop_path_seed`` and the cloud's coordinates, so a cloud gets
+            the same features whenever and in whatever order it is extracted (and the feature cache stays valid);
+            the draws are not the official run's, which came from the global CUDA generator.
+        drop_path_seed: Seed of the sampled DropPath (recorded in :meth:`config`).
+        nonzero: Which points feed the features (:data:`~mmiad.features.base.NONZERO_RULES`); ``all`` is the
+            official rule.
+
+    Attributes:
+        out_channels: 384 × number of output layers (1152 for the papers' preset).
     """
 
     def __init__(
-        self, model: PointMaeEncoder, preset: PointMaePreset, weights_id: str, fps_backend: str = "auto"
+        self,
+        model: PointMaeEncoder,
+        preset: PointMaePreset,
+        weights_id: str,
+        fps_backend: str = "auto",
+        *,
+        drop_path: str = "expected",
+        drop_path_seed: int = 0,
+        nonzero: str = "all",
     ) -> None:
         if tuple(preset.layers) != model.layers or preset.keep_blocks != len(model.blocks.blocks):
             raise ValueError(f"preset {preset.name} does not match the model's layers/blocks")
+        if drop_path not in DROP_PATH_MODES:
+            raise ValueError(f"drop_path must be one of {DROP_PATH_MODES}, got {drop_path!r}")
+        if nonzero not in NONZERO_RULES:
+            raise ValueError(f"nonzero must be one of {NONZERO_RULES}, got {nonzero!r}")
         self.model = model.eval().requires_grad_(False)
         self.preset = preset
         self.weights_id = weights_id
         self.fps_backend = fps_backend
+        self.drop_path = drop_path
+        self.drop_path_seed = int(drop_path_seed)
+        self.nonzero = nonzero
         self.out_channels = model.dim * len(preset.layers)
 
     def config(self) -> dict[str, Any]:
         """Everything that changes the features (the FPS backend does not: both give identical indices)."""
         settings = {k: v for k, v in asdict(self.preset).items() if k != "weights"}  # candidates only
-        return {"kind": "pointmae", **settings, "weights": self.weights_id}
+        modes: dict[str, Any] = {"batchnorm": self.model.batchnorm, "drop_path": self.drop_path}
+        if self.drop_path == "sampled":
+            modes["drop_path_seed"] = self.drop_path_seed
+        return {"kind": "pointmae", **settings, "weights": self.weights_id, **modes, "nonzero": self.nonzero}
+
+    def _generator(self, points: torch.Tensor) -> torch.Generator | None:
+        """The sampled DropPath's generator for one cloud: seeded by the recorded seed and the coordinates."""
+        if self.drop_path == "expected":
+            return None
+        digest = hashlib.sha256(self.drop_path_seed.to_bytes(8, "little", signed=True))
+        digest.update(points.numpy().tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
 
     def extract(self, xyz: np.ndarray, valid: np.ndarray) -> PointFeatures:
         """Features for one S×S organized cloud; pixels outside ``valid`` are ignored.
 
-        A cloud with no valid point gives zero group features and zero pixels (its dense map is all zeros).
+        Of the ``valid`` pixels, only those passing the ``nonzero`` rule are used (and listed in ``pixel_index``).
+        A cloud with no such point gives zero group features and zero pixels (its dense map is all zeros).
         """
         xyz = np.asarray(xyz)
         valid = np.asarray(valid)
@@ -248,7 +434,7 @@ class PointMaeExtractor:
         if valid.shape != xyz.shape[:2] or valid.dtype != np.bool_:
             raise ValueError(f"expected a bool valid mask of shape {xyz.shape[:2]}, got {valid.dtype} {valid.shape}")
         size = int(xyz.shape[0])
-        pixel_index = np.flatnonzero(valid.reshape(-1))
+        pixel_index = np.flatnonzero(feature_points(xyz, valid, self.nonzero).reshape(-1))
         points = torch.from_numpy(np.ascontiguousarray(xyz.reshape(-1, 3)[pixel_index], dtype=np.float32))
         if not torch.isfinite(points).all():
             raise ValueError("valid points must have finite coordinates")
@@ -260,7 +446,7 @@ class PointMaeExtractor:
                 groups, centres = group_points(
                     points, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
                 )
-                features = self.model(groups, centres)
+                features = self.model(groups, centres, self._generator(points))
                 neighbors, weights = three_nn_weights(points, centres)
         # Clone out of inference mode: inference tensors cannot be used by later autograd (CFM training).
         return PointFeatures(

@@ -11,7 +11,7 @@ Point-MAE and CFM's layer-pruned variants (M: 8 blocks, S: 4 blocks, T: 1 block)
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -145,12 +145,32 @@ def get_extractor_preset(name: str) -> ExtractorPreset:
 
 
 def build_extractors(
-    name: str, *, weights_dir: str | Path | None = None, random_init: bool = False, seed: int = 0
+    name: str,
+    *,
+    weights_dir: str | Path | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+    point_options: Mapping[str, Any] | None = None,
 ) -> tuple[ImageFeatureExtractor, PointFeatureExtractor]:
-    """Instantiate the 2D and 3D extractors of a preset or pair (deep ones load weights from ``weights_dir``)."""
+    """Instantiate the 2D and 3D extractors of a preset or pair (deep ones load weights from ``weights_dir``).
+
+    Args:
+        name: Extractor preset or ``IMAGE+POINT`` pair.
+        weights_dir: The weights folder.
+        random_init: Random weights (tests and smoke runs only).
+        seed: Seed of the random weights.
+        point_options: Keyword options of the 3D extractor, e.g. ``{"batchnorm": "running"}`` or
+            ``{"drop_path": "sampled", "drop_path_seed": 3}`` for Point-MAE and ``{"nonzero": "any"}`` for
+            either; they enter the extractor's config, hence the feature cache key and the model files.
+    """
     image, point = parse_extractors(name)
-    options = {"weights_dir": weights_dir, "random_init": random_init, "seed": seed}
-    return _IMAGE[image].factory(**options), _POINT[point].factory(**options)
+    common = {"weights_dir": weights_dir, "random_init": random_init, "seed": seed}
+    options = dict(point_options or {})
+    try:
+        point_extractor = _POINT[point].factory(**common, **options)
+    except TypeError as error:  # an option the 3D extractor does not have
+        raise ValueError(f"point_options {options} do not apply to the {point!r} extractor: {error}") from error
+    return _IMAGE[image].factory(**common), point_extractor
 
 
 def default_cache_dir() -> Path:
@@ -167,9 +187,15 @@ def build_pipeline(
     random_init: bool = False,
     cache_dir: str | Path | None = None,
     use_feature_cache: bool = True,
+    point_options: Mapping[str, Any] | None = None,
 ) -> FeaturePipeline:
-    """A feature pipeline for extractors (preset or pair) and a preprocessing profile, caching under ``cache_dir``."""
-    image, point = build_extractors(extractors, weights_dir=weights_dir, random_init=random_init)
+    """A feature pipeline for extractors (preset or pair) and a preprocessing profile, caching under ``cache_dir``.
+
+    ``point_options`` go to the 3D extractor (see :func:`build_extractors`).
+    """
+    image, point = build_extractors(
+        extractors, weights_dir=weights_dir, random_init=random_init, point_options=point_options
+    )
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return FeaturePipeline(
         image,

@@ -237,6 +237,10 @@ def build_point_extractor(
     num_group: int | None = None,
     group_size: int | None = None,
     fps_backend: str = "auto",
+    batchnorm: str = "cloud",
+    drop_path: str = "expected",
+    drop_path_seed: int = 0,
+    nonzero: str = "all",
 ) -> PointMaeExtractor:
     """A frozen Point-MAE extractor for a named preset, loaded from the weights folder.
 
@@ -249,6 +253,10 @@ def build_point_extractor(
         num_group: Override the number of FPS centres (small values make tests fast).
         group_size: Override the points per group.
         fps_backend: ``"auto"``, ``"fpsample"`` or ``"numpy"`` (identical results).
+        batchnorm: ``"cloud"`` (default: per-cloud statistics, as the official scripts) or ``"running"``.
+        drop_path: ``"expected"`` (default: identity) or ``"sampled"`` (the official random DropPath, seeded).
+        drop_path_seed: Seed of the sampled DropPath.
+        nonzero: ``"all"`` (default, official: a point needs three non-zero coordinates) or ``"any"``.
     """
     if preset not in POINTMAE_PRESETS:
         raise ValueError(f"unknown point extractor preset {preset!r}; known: {sorted(POINTMAE_PRESETS)}")
@@ -256,16 +264,17 @@ def build_point_extractor(
     if keep_blocks is not None:
         spec = replace(spec, keep_blocks=keep_blocks, layers=official_layers(keep_blocks))
     spec = replace(spec, num_group=num_group or spec.num_group, group_size=group_size or spec.group_size)
+    options = {"drop_path": drop_path, "drop_path_seed": drop_path_seed, "nonzero": nonzero}
     if random_init:
         _random_init_warning(preset, seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = PointMaeEncoder(spec.keep_blocks, spec.layers)
-        return PointMaeExtractor(model, spec, f"random-{seed}", fps_backend)
+            model = PointMaeEncoder(spec.keep_blocks, spec.layers, batchnorm=batchnorm)
+        return PointMaeExtractor(model, spec, f"random-{seed}", fps_backend, **options)
     path = resolve_weights(spec.weights, weights_dir)
-    model = PointMaeEncoder(spec.keep_blocks, spec.layers)
+    model = PointMaeEncoder(spec.keep_blocks, spec.layers, batchnorm=batchnorm)
     load_pointmae_weights(model, path)
-    return PointMaeExtractor(model, spec, _weights_id(path), fps_backend)
+    return PointMaeExtractor(model, spec, _weights_id(path), fps_backend, **options)
 
 
 def _register_presets() -> None:

@@ -205,6 +205,7 @@ class AnomalyModel(ABC):
                 weights_dir=config.weights_dir,
                 random_init=config.random_init,
                 cache_dir=getattr(self, "cache_dir", None),
+                point_options=config.point_options,
             )
         assert self._pipeline is not None
         return self._pipeline

@@ -27,6 +27,8 @@ class MethodSettings:
         profile: Offline preprocessing profile (``cfm``, ``m3dm`` or ``none``).
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         compat: The official code's behaviour where it differs from the paper.
+        point_options: Options of the 3D extractor (e.g. ``{"batchnorm": "running"}`` for Point-MAE's eval-mode
+            statistics, ``{"nonzero": "any"}`` for the any-coordinate point rule); None keeps the official defaults.
     """
 
     extractors: str = "weightfree"
@@ -36,6 +38,7 @@ class MethodSettings:
     profile: str = "cfm"
     device: str = "auto"
     compat: bool = False
+    point_options: dict[str, Any] | None = None
 
     def compat_values(self) -> dict[str, Any]:
         """Field → the official code's value, applied by :meth:`resolved` under ``compat`` to fields left at their
