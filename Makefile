@@ -21,11 +21,13 @@ demo: env
 
 test: env
 	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: env
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 
 bench: env
 	$(BIN)/python -m mmiad.bench stages --out BENCHMARKS.md

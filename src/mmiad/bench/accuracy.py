@@ -247,10 +247,11 @@ def degraded_metrics(run: Path, data: Path, cache: str) -> dict[str, dict]:
     for category, path in run_models(run).items():
         trained = load_trained(path, cache_dir=cache)
         records = list_records(data, category, "test")
-        pipeline = trained.model.pipeline
+        pipeline, fallback = trained.model.pipeline, trained.fallback
+        assert fallback is not None, "the fallback bench trains with the fallback"
         per["full"][category] = evaluate_predictions(list(trained.model.predict(records)))
         for name, missing in (("2D only (no point cloud)", "3d"), ("3D only (no RGB)", "2d")):
-            predictions = [predict_degraded(pipeline, trained.fallback, r, missing) for r in records]
+            predictions = [predict_degraded(pipeline, fallback, r, missing) for r in records]
             per[name][category] = evaluate_predictions(predictions)
     return {name: {"result": summarize(values), "train_s": 0.0, "test_s": float("nan")} for name, values in per.items()}
 

@@ -45,7 +45,7 @@ BACKBONE_STAGES = ("2d_forward", "3d_forward")
 OVERHEAD_STAGES = ("resize", "fps_grouping", "interpolation", "projection", "scoring")
 
 
-def _timed(timings: dict[str, list[float]], stage: str, fn: Callable[[], Any]) -> Any:
+def _timed(timings: dict[str, list[float]], stage: str, fn: Callable[..., Any]) -> Any:
     started = time.perf_counter()
     result = fn()
     timings[stage].append(time.perf_counter() - started)
@@ -105,7 +105,7 @@ def run_stages(preset: str, samples: int, image_size: int, data_root: Path) -> d
             if hasattr(point_extractor, "model"):  # Point-MAE: time grouping, forward and interpolation apart
                 pixel_index = torch.from_numpy(inputs.valid.reshape(-1).nonzero()[0])
                 points = torch.from_numpy(inputs.xyz.reshape(-1, 3)[pixel_index.numpy()].copy())
-                preset_ = point_extractor.preset
+                preset_ = getattr(point_extractor, "preset")  # noqa: B009 (Point-MAE only)
                 groups, centres = _timed(
                     timings, "fps_grouping", lambda: group_points(points, preset_.num_group, preset_.group_size)
                 )

@@ -120,6 +120,7 @@ def _predict(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.onnx is None):
         raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
     errors: list[DataError] = []
+    predictions: Iterable[Any]
     if args.onnx is not None:
         from mmiad.export.runtime import OnnxPredictor
 

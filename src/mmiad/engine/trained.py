@@ -86,7 +86,7 @@ def fit_fallback(
     source: str,
 ) -> None:
     """Fit and calibrate the single-modality fallback models on the model's (cached) nominal features."""
-    pipeline = trained.model.pipeline  # type: ignore[attr-defined]
+    pipeline = trained.model.pipeline
     prepared = pipeline.preprocess(train, errors=[])
     trained.fallback = ModalityFallback().fit(f for _, f in pipeline.iter_features(prepared, errors=[]))
     for missing, present in (("3d", "2d"), ("2d", "3d")):
@@ -122,7 +122,7 @@ def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
     own = {k: v for k, v in tensors.items() if not k.startswith("fallback.")}
     model = method.from_state(config, own, **overrides)
     thresholds = Thresholds.from_dict(config["thresholds"]) if "thresholds" in config else None
-    info = {k: config[k] for k in ("category", "categories", "few_shot", "data_root") if k in config}
+    info: dict[str, Any] = {k: config[k] for k in ("category", "categories", "few_shot", "data_root") if k in config}
     trained = TrainedModel(model, thresholds, info)
     if "fallback" in config:
         trained.fallback = ModalityFallback.from_state(config["fallback"], tensors)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class FeatureCache:
         self.misses = 0
 
     @staticmethod
-    def key(input_files: list[str | Path], config: dict[str, Any]) -> str:
+    def key(input_files: Sequence[str | Path], config: dict[str, Any]) -> str:
         """Content-addressed key: the input files' digests plus the configuration."""
         parts = {"files": [file_sha256(p) for p in input_files], "config": json_sha256(config)}
         return json_sha256(parts)

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -264,7 +265,7 @@ def build_point_extractor(
     if keep_blocks is not None:
         spec = replace(spec, keep_blocks=keep_blocks, layers=official_layers(keep_blocks))
     spec = replace(spec, num_group=num_group or spec.num_group, group_size=group_size or spec.group_size)
-    options = {"drop_path": drop_path, "drop_path_seed": drop_path_seed, "nonzero": nonzero}
+    options: dict[str, Any] = {"drop_path": drop_path, "drop_path_seed": drop_path_seed, "nonzero": nonzero}
     if random_init:
         _random_init_warning(preset, seed)
         with torch.random.fork_rng(devices=[]):

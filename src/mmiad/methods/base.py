@@ -94,6 +94,7 @@ class AnomalyModel(ABC):
     tiny_hparams: ClassVar[dict[str, Any]] = {}
     needs_training: ClassVar[bool] = True
     config: Any
+    fitted_: bool  # set by fit() and from_state(); absent before (scikit-learn's convention)
     _pipeline: FeaturePipeline | None = None
 
     def __init__(self, config: MethodSettings | None = None, *, cache_dir: str | None = None, **hparams: Any) -> None:

@@ -80,7 +80,7 @@ def summarize(per_category: Mapping[str, Mapping[str, float | None]]) -> dict[st
     }
     mean: dict[str, float | None] = {}
     for key in METRIC_KEYS:
-        values = [row[key] for row in rows.values() if row[key] is not None]
+        values = [float(v) for v in (row[key] for row in rows.values()) if v is not None]
         mean[key] = float(sum(values) / len(values)) if values else None
     return {"per_category": rows, "mean": mean}
 

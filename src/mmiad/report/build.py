@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -143,12 +144,12 @@ def collect_category(
         gallery.offer(
             float(prediction.pred_score),
             int(prediction.label),
-            lambda p=prediction: sample_view(p, p.thresholds, options, with_cloud=options.clouds > 0),
+            partial(sample_view, prediction, prediction.thresholds, options, with_cloud=options.clouds > 0),
         )
         kept.append(_slim(prediction))
     if not kept:
         return None
-    metrics = evaluate_predictions(kept, aupro_mode=options.aupro_mode)
+    metrics: dict[str, float | None] = dict(evaluate_predictions(kept, aupro_mode=options.aupro_mode))
     roc, pro = curves(kept, options.aupro_mode)
     ordered = [c.item for c in gallery.ordered(thresholds.image if thresholds is not None else None)]
     for view in ordered[options.clouds :]:

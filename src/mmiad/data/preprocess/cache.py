@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from mmiad.data.errors import DataError
@@ -79,7 +80,7 @@ def _sources(record: SampleRecord) -> dict[str, object] | None:
         return None
 
 
-def _atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, writer: Callable[[Path], object]) -> None:
     """Write through ``writer`` to a temporary file beside ``path`` (same suffix), then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
@@ -181,9 +182,9 @@ def preprocess_dataset(
                 errors.append(error)
                 continue
             sidecar.unlink(missing_ok=True)
-            _atomic_write(xyz_out, lambda temp, xyz=cleaned.xyz: write_xyz(temp, xyz))
+            _atomic_write(xyz_out, partial(write_xyz, xyz=cleaned.xyz))
             if rgb_out is not None:
-                _atomic_write(rgb_out, lambda temp, rgb=cleaned.rgb: write_rgb(temp, rgb))
+                _atomic_write(rgb_out, partial(write_rgb, rgb=cleaned.rgb))
             payload = {
                 "format": SIDECAR_FORMAT,
                 "fingerprint": fingerprint,

@@ -10,6 +10,7 @@ so anomaly maps can be written at the ground truth's resolution, which the offic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def pad_to_square(
     (top, left), side = geometry.pad, geometry.padded_size
     widths = [(top, side - top - array.shape[0]), (left, side - left - array.shape[1])]
     widths += [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, widths, mode=mode), geometry
+    return np.pad(array, widths, mode=cast(Any, mode)), geometry
 
 
 def _legacy_nearest_index(in_size: int, out_size: int) -> np.ndarray:
@@ -105,9 +106,9 @@ def resize_xyz_nearest(xyz: np.ndarray, size: int | tuple[int, int]) -> np.ndarr
 def rgb_to_tensor(rgb: np.ndarray, size: int) -> torch.Tensor:
     """PIL bicubic resize to size×size, scale to [0, 1] and ImageNet-normalise: a (3, S, S) float32 tensor."""
     image = Image.fromarray(np.asarray(rgb, dtype=np.uint8), mode="RGB").resize((size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    scaled = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    normalised = (scaled - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
 
 def resize_mask_nearest(mask: np.ndarray, size: int) -> np.ndarray:

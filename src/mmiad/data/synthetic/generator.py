@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -141,7 +142,7 @@ def resolve_config(
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    overrides = {
+    overrides: dict[str, Any] = {
         "categories": tuple(categories) if categories is not None else None,
         "image_size": tuple(int(x) for x in image_size) if image_size is not None else None,
         "n_train": n_train,
@@ -224,15 +225,15 @@ def generate_dataset(
 
     numbers: dict[tuple[str, str], int] = {}
     with tqdm(total=config.total, desc="synthesizing", unit="sample", disable=not progress) as bar:
-        for category, split, folder, index in _plan(config):
-            generated = generate_sample(config, seed, category, split, folder, index)
+        for category, split, defect, index in _plan(config):
+            generated = generate_sample(config, seed, category, split, defect, index)
             if layout == "eyecandies":
                 number = numbers.get((category, split), 0)
                 numbers[(category, split)] = number + 1
                 data_dir = root / category / EYECANDIES_SPLITS[split] / "data"
                 write_eyecandies_sample(data_dir, f"{number:03d}", generated, with_mask=split == "test")
             else:
-                _write(root / category / split / folder, f"{index:03d}", generated)
+                _write(root / category / split / defect, f"{index:03d}", generated)
             bar.update(1)
     return root
 
