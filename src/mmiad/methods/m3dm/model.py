@@ -64,6 +64,8 @@ class M3DMConfig(BankSettings):
             official feature dump (:func:`~mmiad.methods.m3dm.fusion.official_training_rgb`).
         weights_dir: Folder with pretrained checkpoints (deep presets).
         random_init: Allow random extractor weights (tests, smoke runs).
+        uff_checkpoint: A UFF checkpoint written by the official ``fusion_pretrain.py`` (``mmiad import --method
+            m3dm``): UFF is loaded from it (strictly) instead of trained; the model file keeps the weights.
     """
 
     extractors: str = "weightfree"
@@ -86,6 +88,7 @@ class M3DMConfig(BankSettings):
     compat: bool = False
     weights_dir: str | None = None
     random_init: bool = False
+    uff_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         self.lambdas = tuple(float(v) for v in self.lambdas)  # type: ignore[assignment]
@@ -222,7 +225,11 @@ class M3DM(AnomalyModel):
             raise ValueError("no usable training sample (all were reported as bad)")
         self.uff_: FeatureFusionBlock | None = None
         self.loss_history_ = []
-        if self.config.use_uff:
+        if self.config.use_uff and self.config.uff_checkpoint:
+            from mmiad.methods.m3dm.official import load_official_uff
+
+            self.uff_ = load_official_uff(self.config.uff_checkpoint, first.point.shape[1], first.rgb.shape[1])
+        elif self.config.use_uff:
             self._train_uff(kept, first, progress)
         banks = {name: self.config.new_bank(self.cache_dir, offset) for offset, name in enumerate(BANKS)}
         for record in kept:
