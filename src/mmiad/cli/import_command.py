@@ -49,9 +49,8 @@ def _import(args: argparse.Namespace) -> int:
     )
     report_errors(errors)
     thresholds = "calibrated on --data" if args.data else "none (no --data): predict gives scores without labels"
-    log(
-        f"imported {len(files)} model(s) in {time.perf_counter() - started:.1f} s → {args.out}; thresholds: {thresholds}"
-    )
+    seconds = time.perf_counter() - started
+    log(f"imported {len(files)} model(s) in {seconds:.1f} s → {args.out}; thresholds: {thresholds}")
     return 0
 
 
