@@ -19,6 +19,7 @@ from mmiad.data.mvtec3d import list_records
 from mmiad.engine import load_trained, predict_records
 from mmiad.engine.imports import import_run
 from mmiad.features.checkpoints import CheckpointError
+from mmiad.methods.cfm.scoring import finalize_map
 from mmiad.postprocess.threshold import calibrate
 
 SMALL = {"extractors": "weightfree", "image_size": 64, "grid_size": 32}
@@ -90,7 +91,7 @@ def test_imported_cfm_maps_equal_the_official_forward_and_thresholds_are_calibra
     trained = load_trained(files["puck"], cache_dir=cache)
     model = trained.model
     for record in list_records(tiny_dataset, "puck", "test")[:2]:
-        features = model.pipeline.extract(record)
+        _, features = next(model.pipeline.iter_features(model.pipeline.preprocess([record])))  # as predict does
         grid_2d, grid_3d, foreground = features.on_grid(32)
         rows_2d, rows_3d = grid_2d.flatten(1).T, grid_3d.flatten(1).T
         expected = reference_maps(states["puck"], rows_2d, rows_3d, foreground.flatten().float())
@@ -98,6 +99,16 @@ def test_imported_cfm_maps_equal_the_official_forward_and_thresholds_are_calibra
         for mine, theirs in zip(got, expected, strict=True):
             torch.testing.assert_close(mine.flatten(), theirs, rtol=1e-5, atol=1e-6)
         assert float(expected[0].max()) > 0
+        # The final map of predict is the shared post-processing of exactly these maps.
+        final = finalize_map(
+            expected[0].view(32, 32),
+            out_size=64,
+            smoothing=model.config.smoothing,
+            sigma=model.config.sigma,
+            compat=False,
+        )
+        prediction = next(model.predict([record]))
+        torch.testing.assert_close(torch.from_numpy(prediction.anomaly_map), final.anomaly_map, rtol=1e-5, atol=1e-6)
     # Thresholds are what training's calibration gives on the validation split.
     validation = list_records(tiny_dataset, "puck", "validation")
     held_out = list(model.predict(validation))
