@@ -70,6 +70,36 @@ def test_initialisation_follows_the_official_init_weights() -> None:
     assert not proj.bias.any()
 
 
+def test_block_draws_the_official_initial_weights_in_the_official_order() -> None:
+    """Under one random state, the same draws as the official block: each layer's default init at construction
+    (q, k, v, depthwise conv, rfi_proj, ram_gate.0, ram_gate.2, ram_proj, ffn.0, ffn.3), then ``_init_weights``
+    over ``modules()`` in that order (Xavier for Linear, Kaiming-normal fan-out for the conv)."""
+    dim = 8
+    torch.manual_seed(3)
+    block = RefGuideBlock(dim, 4, "rfi+ram")
+    torch.manual_seed(3)
+    shapes = [(dim, dim)] * 3 + [(dim, 1, 3, 3)] + [(dim, dim), (dim, 2 * dim), (dim, dim), (dim, dim)]
+    shapes += [(2 * dim, dim), (dim, 2 * dim)]
+    for shape in shapes:  # nn.Linear / nn.Conv2d reset_parameters
+        weight = torch.empty(shape)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        fan_in = weight[0].numel()
+        nn.init.uniform_(torch.empty(shape[0]), -(fan_in**-0.5), fan_in**-0.5)
+    expected = []
+    for shape in shapes:  # _init_weights
+        weight = torch.empty(shape)
+        if len(shape) == 4:
+            nn.init.kaiming_normal_(weight, mode="fan_out")
+        else:
+            nn.init.xavier_uniform_(weight)
+        expected.append(weight)
+    names = ["rfi_q", "rfi_k", "rfi_v", "rfi_local.0", "rfi_proj", "ram_gate.0", "ram_gate.2", "ram_proj"]
+    names += ["ffn.0", "ffn.3"]
+    state = block.state_dict()
+    for name, weight in zip(names, expected, strict=True):
+        torch.testing.assert_close(state[f"{name}.weight"], weight, rtol=0, atol=0, msg=name)
+
+
 def test_conv_bias_acts_in_eval_mode_but_gets_no_gradient() -> None:
     torch.manual_seed(0)
     block = RefGuideBlock(16, 4, "rfi")

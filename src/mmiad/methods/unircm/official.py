@@ -100,13 +100,11 @@ def _network_shape(path: Path, state: dict[str, Any], prefix: str) -> dict[str, 
 def load_official_model(path: Path) -> tuple[RefGuidedMapping, RefGuidedMapping]:
     """The (2D→3D, 3D→2D) networks of a released ``UniRCM_*.pth``, checked strictly against the official layout."""
     state = read_official(path)
-    shape_2d3d = _network_shape(path, state, "net_2d3d")
-    shape_3d2d = _network_shape(path, state, "net_3d2d")
-    size = {k: shape_2d3d[k] for k in ("hidden", "grid", "num_blocks")}
-    networks = [RefGuidedMapping(shape_2d3d["in"], shape_2d3d["out"], **size)]
-    networks.append(RefGuidedMapping(shape_2d3d["out"], shape_2d3d["in"], **size))
-    # A 3D→2D net of other sizes shows up as shape mismatches in the one error below.
-    del shape_3d2d
+    shape = _network_shape(path, state, "net_2d3d")
+    _network_shape(path, state, "net_3d2d")  # both halves present; other sizes show up as mismatches below
+    size = {k: shape[k] for k in ("hidden", "grid", "num_blocks")}
+    networks = [RefGuidedMapping(shape["in"], shape["out"], **size)]
+    networks.append(RefGuidedMapping(shape["out"], shape["in"], **size))
     check_against(path, _OfficialModel(*networks), state)
     return networks[0].eval(), networks[1].eval()
 
