@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,20 @@ from mmiad.methods.official import OfficialImport
 IMPORTABLE = ("cfm", "unircm", "m3dm")
 #: The released models were all trained on DINO ViT-B/8 + Point-MAE features.
 DEFAULT_EXTRACTORS = "dino-pointmae"
+
+
+@dataclass
+class _Job:
+    """The options every importer shares (see :func:`import_run`)."""
+
+    data_root: str | Path | None
+    categories: Sequence[str] | None
+    max_fpr: float
+    hparams: dict[str, Any]
+    cache_dir: str | None
+    fallback: bool
+    progress: bool
+    log: Log
 
 
 def import_run(
@@ -77,26 +92,12 @@ def import_run(
     hparams = {"extractors": DEFAULT_EXTRACTORS, **(hparams or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    job = _Job(data_root, categories, max_fpr, hparams, cache_dir, fallback, progress, log)
     try:
         if method == "m3dm":
-            files, errors = _import_m3dm(
-                Path(source), temp, data_root, categories, max_fpr, hparams, cache_dir, fallback, progress, log
-            )
+            files, errors = _import_m3dm(Path(source), temp, job)
         else:
-            files, errors = _import_networks(
-                method,
-                Path(source),
-                orq,
-                temp,
-                data_root,
-                categories,
-                max_fpr,
-                hparams,
-                cache_dir,
-                fallback,
-                progress,
-                log,
-            )
+            files, errors = _import_networks(method, Path(source), orq, temp, job)
         if out.exists():
             out.rmdir()
         os.replace(temp, out)
@@ -106,93 +107,71 @@ def import_run(
     return {key: out / path.name for key, path in files.items()}, errors
 
 
-def _import_m3dm(
-    source: Path,
-    temp: Path,
-    data_root: str | Path | None,
-    categories: Sequence[str] | None,
-    max_fpr: float,
-    hparams: dict[str, Any],
-    cache_dir: str | None,
-    fallback: bool,
-    progress: bool,
-    log: Log,
-) -> tuple[dict[str, Path], list[DataError]]:
+def _import_m3dm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
     """Per category: UFF from the release, banks + DLF from the data (the official ``fusion_module_path`` use)."""
     from mmiad.methods.m3dm.official import uff_state
 
-    if data_root is None:
+    if job.data_root is None:
         raise ValueError(
             "--method m3dm needs --data ROOT: a released M3DM is only its UFF weights; the memory banks and the "
             "decision-fusion SVMs are built from the training samples"
         )
     if not source.is_file():
         raise DataError(source, "give the UFF checkpoint file itself (fusion_pretrain.py's checkpoint-<E>.pth)")
-    if hparams.get("use_uff") is False:
+    if job.hparams.get("use_uff") is False:
         raise ValueError("use_uff=false contradicts importing a UFF checkpoint")
     uff_state(source)  # a wrong file fails here, before any feature is extracted
-    log(f"importing M3DM's UFF from {source}; building memory banks from {data_root}")
+    job.log(f"importing M3DM's UFF from {source}; building memory banks from {job.data_root}")
     return train_run(
         "m3dm",
-        data_root,
+        job.data_root,
         temp,
-        categories=categories,
-        max_fpr=max_fpr,
-        hparams={**hparams, "uff_checkpoint": str(source.resolve())},
-        cache_dir=cache_dir,
-        fallback=fallback,
-        progress=progress,
-        log=log,
+        categories=job.categories,
+        max_fpr=job.max_fpr,
+        hparams={**job.hparams, "uff_checkpoint": str(source.resolve())},
+        cache_dir=job.cache_dir,
+        fallback=job.fallback,
+        progress=job.progress,
+        log=job.log,
     )
 
 
 def _import_networks(
-    method: str,
-    source: Path,
-    orq: str | Path | None,
-    temp: Path,
-    data_root: str | Path | None,
-    categories: Sequence[str] | None,
-    max_fpr: float,
-    hparams: dict[str, Any],
-    cache_dir: str | None,
-    fallback: bool,
-    progress: bool,
-    log: Log,
+    method: str, source: Path, orq: str | Path | None, temp: Path, job: _Job
 ) -> tuple[dict[str, Path], list[DataError]]:
     """CFM (one model per released class) or Uni-RCM (one unified model): weights from files, thresholds from data."""
     if method == "cfm":
         from mmiad.methods.cfm.official import find_cfm_checkpoints, import_cfm_pair
 
         pairs = find_cfm_checkpoints(source)
-        if categories:
-            unknown = [c for c in categories if c not in pairs]
+        if job.categories:
+            unknown = [c for c in job.categories if c not in pairs]
             if unknown:
                 raise ValueError(f"no released CFM files for {', '.join(unknown)}; found: {', '.join(pairs)}")
-            pairs = {c: pairs[c] for c in categories}
+            pairs = {c: pairs[c] for c in job.categories}
         imports = {name: import_cfm_pair(paths) for name, paths in pairs.items()}
         members = {name: [name] for name in imports}
     else:
         from mmiad.methods.unircm.official import import_unircm
 
         imports = {UNIFIED: import_unircm(source, orq)}
-        served = list(categories) if categories else (list_categories(Path(data_root)) if data_root else [])
+        served = list(job.categories or (list_categories(Path(job.data_root)) if job.data_root else []))
         members = {UNIFIED: served}
     splits = {}
     errors: list[DataError] = []
-    if data_root is not None:
+    if job.data_root is not None:
         wanted = sorted({c for names in members.values() for c in names})
         if not wanted:
-            raise DataError(data_root, "no category found (expected <root>/<category>/train/good/{rgb,xyz})")
-        splits = _category_splits(Path(data_root), wanted, None, 0, errors)
+            raise DataError(job.data_root, "no category found (expected <root>/<category>/train/good/{rgb,xyz})")
+        splits = _category_splits(Path(job.data_root), wanted, None, 0, errors)
     files: dict[str, Path] = {}
     for key, imported in imports.items():
-        model = _build(method, imported, hparams, cache_dir)
+        model = _build(method, imported, job.hparams, job.cache_dir)
         info: dict[str, Any] = {"imported": {"method": method, "sources": imported.sources, **imported.facts}}
         info.update({"categories": members[key]} if key == UNIFIED else {"category": key})
-        if data_root is None:
+        if job.data_root is None:
             trained = TrainedModel(model, None)
-            log(f"[{key}] imported {', '.join(s['file'] for s in imported.sources)} (no --data: no thresholds)")
+            job.log(f"[{key}] imported {', '.join(s['file'] for s in imported.sources)} (no --data: no thresholds)")
         else:
             train = [r for c in members[key] for r in splits[c][0]]
             calibration = [r for c in members[key] for r in splits[c][1]]
@@ -201,15 +180,15 @@ def _import_networks(
                 model,
                 train,
                 calibration,
-                max_fpr=max_fpr,
+                max_fpr=job.max_fpr,
                 source=source_names,
-                progress=progress,
+                progress=job.progress,
                 errors=errors,
-                with_fallback=fallback,
+                with_fallback=job.fallback,
             )
-            info["data_root"] = str(Path(data_root).resolve())
+            info["data_root"] = str(Path(job.data_root).resolve())
             assert trained.thresholds is not None
-            log(f"[{key}] imported; image threshold {trained.thresholds.image:.4g} from {source_names}")
+            job.log(f"[{key}] imported; image threshold {trained.thresholds.image:.4g} from {source_names}")
         trained.info = info
         files[key] = save_trained(temp / f"{key}.safetensors", trained)
     index_categories = list(members) if method == "cfm" else members[UNIFIED]
