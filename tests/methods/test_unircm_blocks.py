@@ -58,15 +58,15 @@ def test_initialisation_follows_the_official_init_weights() -> None:
     for linear in linears:
         fan_out, fan_in = linear.weight.shape
         bound = math.sqrt(6 / (fan_in + fan_out))
-        assert float(linear.weight.abs().max()) <= bound
-        assert float(linear.weight.abs().max()) > 0.9 * bound  # uniform up to the bound, not a narrower default
+        assert float(linear.weight.detach().abs().max()) <= bound
+        assert float(linear.weight.detach().abs().max()) > 0.9 * bound  # uniform up to the bound, not a narrower default
         assert not linear.bias.any()
     conv = block.rfi_local[0]
     assert conv.bias is not None and not conv.bias.any()
     # Kaiming normal, gain √2; torch's fan_out ignores groups: out_channels·3·3 = 576, so std √(2/576).
-    assert abs(float(conv.weight.std()) - math.sqrt(2 / (dim * 9))) < 0.006
+    assert abs(float(conv.weight.detach().std()) - math.sqrt(2 / (dim * 9))) < 0.006
     proj = net.feat_embed.proj
-    assert abs(float(proj.weight.std()) - math.sqrt(1 / dim)) < 0.01  # gain 1, fan_out = dim
+    assert abs(float(proj.weight.detach().std()) - math.sqrt(1 / dim)) < 0.01  # gain 1, fan_out = dim
     assert not proj.bias.any()
 
 
