@@ -59,7 +59,7 @@ def test_initialisation_follows_the_official_init_weights() -> None:
         fan_out, fan_in = linear.weight.shape
         bound = math.sqrt(6 / (fan_in + fan_out))
         assert float(linear.weight.detach().abs().max()) <= bound
-        assert float(linear.weight.detach().abs().max()) > 0.9 * bound  # uniform up to the bound, not a narrower default
+        assert float(linear.weight.detach().abs().max()) > 0.9 * bound  # uniform up to the bound, not narrower
         assert not linear.bias.any()
     conv = block.rfi_local[0]
     assert conv.bias is not None and not conv.bias.any()
