@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from mmiad import __version__
-from mmiad.cli import data_commands, export_command, model_commands, report_command
+from mmiad.cli import data_commands, export_command, import_command, model_commands, report_command
 from mmiad.data.errors import DataError
 from mmiad.methods.modelfile import ModelFileError
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands.register(commands)
     export_command.register(commands)
     report_command.register(commands)
+    import_command.register(commands)
     return parser
 
 

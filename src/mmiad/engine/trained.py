@@ -67,6 +67,34 @@ def fit_and_calibrate(
     calibrated the same way, so a degraded prediction still gets a meaningful label.
     """
     model.fit(train, progress=progress, errors=errors)
+    return calibrate_model(
+        model,
+        train,
+        calibration,
+        max_fpr=max_fpr,
+        source=source,
+        progress=progress,
+        errors=errors,
+        with_fallback=with_fallback,
+    )
+
+
+def calibrate_model(
+    model: AnomalyModel,
+    train: Sequence[SampleRecord],
+    calibration: Sequence[SampleRecord],
+    *,
+    max_fpr: float,
+    source: str,
+    progress: bool,
+    errors: list[DataError],
+    with_fallback: bool = True,
+) -> TrainedModel:
+    """Thresholds of a fitted model (and its fallback, fitted on ``train``), as :func:`fit_and_calibrate` sets them.
+
+    Shared by training and by ``mmiad import`` (a released model is fitted already; only its thresholds and
+    fallback come from the user's data).
+    """
     held_out = list(model.predict(calibration, progress=progress, errors=errors))
     if not held_out:
         raise ValueError("no usable held-out nominal sample to calibrate thresholds on")

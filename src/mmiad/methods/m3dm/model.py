@@ -60,6 +60,8 @@ class M3DMConfig(BankSettings):
         ocsvm_max_iter: Their ``max_iter`` (1000).
         smoothing: ``gaussian`` (σ=4) or ``pil_uint8`` (official PIL blur of a uint8 copy).
         sigma: Blur σ (PIL radius for ``pil_uint8``).
+        uff_checkpoint: A UFF checkpoint written by the official ``fusion_pretrain.py`` (``mmiad import --method
+            m3dm``): UFF is loaded from it (strictly) instead of trained; the model file keeps the weights.
 
     ``compat`` follows the official code: PIL blur, mixed normalisation statistics, RGB and fused coresets sized
     from the point coreset, AdamW weight decay 0.01, UFF trained on the position-scrambled RGB rows of the
@@ -81,6 +83,7 @@ class M3DMConfig(BankSettings):
     ocsvm_max_iter: int = 1000
     smoothing: str = "gaussian"
     sigma: float = 4.0
+    uff_checkpoint: str | None = None
 
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs through PIL and never passes its weight decay to AdamW (default 0.01)."""
@@ -222,7 +225,11 @@ class M3DM(AnomalyModel):
             raise ValueError("no usable training sample (all were reported as bad)")
         self.uff_: FeatureFusionBlock | None = None
         self.loss_history_ = []
-        if self.config.use_uff:
+        if self.config.use_uff and self.config.uff_checkpoint:
+            from mmiad.methods.m3dm.official import load_official_uff
+
+            self.uff_ = load_official_uff(self.config.uff_checkpoint, first.point.shape[1], first.rgb.shape[1])
+        elif self.config.use_uff:
             self._train_uff(kept, first, progress)
         banks = {name: self.config.new_bank(self.cache_dir, offset) for offset, name in enumerate(BANKS)}
         for record in kept:

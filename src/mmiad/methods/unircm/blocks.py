@@ -17,6 +17,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP
@@ -25,23 +26,41 @@ BRANCHES = ("none", "rfi", "ram", "rfi+ram")
 
 
 def sincos_position_encoding(grid: int, dim: int) -> torch.Tensor:
-    """Fixed 2D sine-cosine encoding, (G·G, dim): half the channels encode the row, half the column.
+    """Fixed 2D sine-cosine encoding, (G·G, dim), in the official ``PositionalEncoding2D`` channel layout.
 
-    Each half holds sin and cos of the position at dim/4 geometrically spaced frequencies (base 10000), the usual
-    ViT/MAE construction; positions are in row-major order so row i·G+j is grid cell (i, j).
+    The first half of the channels encodes the column, the second half the row; within each half, even channels
+    hold sin and odd channels cos of the position at dim/4 geometrically spaced frequencies
+    ``10000^(-2i/(dim/2))``. Rows are in row-major order (row i·G+j is grid cell (i, j)). The layout matters
+    because released checkpoints were trained against it (and store it as a buffer); computed in float32 with
+    the same operations as the official code so a fresh model's buffer equals a released one's.
     """
     if dim % 4:
         raise ValueError(f"the position encoding needs a hidden size divisible by 4, got {dim}")
-    quarter = dim // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(0.0, half, 2) * -(math.log(10000.0) / half))
+    angles = torch.arange(0.0, grid).unsqueeze(1) * frequencies  # (G, dim/4): position × frequency
+    encoding = torch.zeros(grid, grid, dim)
+    encoding[:, :, 0:half:2] = angles.sin().unsqueeze(0)  # column j of cell (i, j)
+    encoding[:, :, 1:half:2] = angles.cos().unsqueeze(0)
+    encoding[:, :, half::2] = angles.sin().unsqueeze(1)  # row i
+    encoding[:, :, half + 1 :: 2] = angles.cos().unsqueeze(1)
+    return encoding.reshape(grid * grid, dim)
 
-    def encode(positions: torch.Tensor) -> torch.Tensor:
-        angles = positions.reshape(-1, 1) * frequencies
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
 
-    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+class PositionEncoding(nn.Module):
+    """Adds the fixed encoding, held as a *persistent* buffer ``pe`` (1, G·G, dim) as in released checkpoints.
+
+    Persisting it (rather than recomputing it) means a model file carries the exact encoding its weights were
+    trained with, whatever the layout of the code that loads it.
+    """
+
+    def __init__(self, dim: int, grid: int) -> None:
+        super().__init__()
+        self.register_buffer("pe", sincos_position_encoding(grid, dim).unsqueeze(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + encoding, broadcast over the batch."""
+        return x + self.pe
 
 
 class GridBatchNorm(nn.BatchNorm2d):
@@ -78,23 +97,37 @@ class GridBatchNorm(nn.BatchNorm2d):
 
 
 class FeatureEmbedding(nn.Module):
-    """Linear(in, hidden) (Kaiming, fan-out, as the official code) → LayerNorm → + fixed 2D position encoding."""
+    """Linear(in, hidden) → LayerNorm → + fixed 2D position encoding (official ``FeatureEmbedding``).
+
+    The projection is initialised as the official code does: Kaiming normal, fan-out, gain 1 (``linear``), zero
+    bias. State-dict names: ``proj``, ``norm``, ``pos_enc.pe``.
+    """
 
     def __init__(self, in_features: int, hidden: int, grid: int) -> None:
         super().__init__()
         self.proj = nn.Linear(in_features, hidden)
-        nn.init.kaiming_normal_(self.proj.weight, mode="fan_out")
-        nn.init.zeros_(self.proj.bias)
         self.norm = nn.LayerNorm(hidden)
-        self.register_buffer("position", sincos_position_encoding(grid, hidden).unsqueeze(0), persistent=False)
+        self.pos_enc = PositionEncoding(hidden, grid)
+        nn.init.kaiming_normal_(self.proj.weight, mode="fan_out", nonlinearity="linear")
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, G·G, in) → (B, G·G, hidden)."""
-        return self.norm(self.proj(features)) + self.position
+        return self.pos_enc(self.norm(self.proj(features)))
 
 
 class RefGuideBlock(nn.Module):
     """One reference-guided block: RFI and/or RAM branch, α-fusion, pre-LN FFN with residual (eqs. 1-3).
+
+    Parameter names, construction order and initialisation follow the official ``RefGuideBlock``
+    (``models/rcm_nets.py``), so a released checkpoint loads strictly and a fresh block under the same seed
+    draws the same initial weights: every Linear Xavier-uniform with zero bias, the depthwise conv Kaiming
+    normal (fan-out) with zero bias.
+
+    The depthwise conv keeps its bias (released checkpoints hold one, and it matters in eval mode, where the
+    BatchNorm subtracts running statistics) but it gets no gradient: the BatchNorm right after subtracts the
+    batch mean, so its true gradient is exactly zero and the computed one is rounding noise, which Adam would
+    amplify into a random drift (and break multi-process reproducibility).
 
     Args:
         dim: Hidden size C.
@@ -111,46 +144,60 @@ class RefGuideBlock(nn.Module):
         self.grid = grid
         self.use_rfi = "rfi" in branches
         self.use_ram = "ram" in branches
-        self.norm_features = nn.LayerNorm(dim)
-        self.norm_reference = nn.LayerNorm(dim)
+        self.feat_norm = nn.LayerNorm(dim)
+        self.ref_norm = nn.LayerNorm(dim)
         if self.use_rfi:
             self.rfi_q = nn.Linear(dim, dim)
             self.rfi_k = nn.Linear(dim, dim)
             self.rfi_v = nn.Linear(dim, dim)
-            # No conv bias: the BatchNorm right after cancels it, so its gradient is pure rounding noise that
-            # Adam would amplify into random drift (and break multi-process reproducibility).
-            self.rfi_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=False)
-            self.rfi_bn = GridBatchNorm(dim)
-            self.rfi_out = nn.Linear(dim, dim)  # W_RFI
+            self.rfi_local = nn.Sequential(
+                nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim), GridBatchNorm(dim)
+            )
+            self.rfi_proj = nn.Linear(dim, dim)  # W_RFI
         if self.use_ram:
-            self.ram_gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim))
-            self.ram_out = nn.Linear(dim, dim)  # W_RAM
+            self.ram_gate = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.Sigmoid())
+            self.ram_proj = nn.Linear(dim, dim)  # W_RAM
         if self.use_rfi and self.use_ram:
-            self.alpha_logit = nn.Parameter(torch.zeros(()))
+            self.branch_alpha = nn.Parameter(torch.zeros(()))
         self.ffn_norm = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_ratio * dim), nn.GELU(), nn.Linear(ffn_ratio * dim, dim))
+        hidden = ffn_ratio * dim
+        # The dropouts (p=0) only keep the official indices: ffn.0 and ffn.3 are the Linear layers.
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0)
+        )
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+                nn.init.zeros_(module.bias)
 
     @property
     def alpha(self) -> torch.Tensor:
         """Weight of the RFI branch in the fusion (sigmoid of a logit initialised at 0, so 0.5 at start)."""
-        return torch.sigmoid(self.alpha_logit)
+        return torch.sigmoid(self.branch_alpha)
 
     def _rfi(self, features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         q, k, v = self.rfi_q(features), self.rfi_k(reference), self.rfi_v(reference)
         retrieved = torch.sigmoid(q * k / math.sqrt(q.shape[-1])) * v
         batch, _, dim = retrieved.shape
         grid = retrieved.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
-        grid = self.rfi_bn(self.rfi_conv(grid))
-        return self.rfi_out(grid.flatten(2).transpose(1, 2))
+        conv, norm = self.rfi_local[0], self.rfi_local[1]
+        grid = F.conv2d(grid, conv.weight, conv.bias.detach(), padding=conv.padding, groups=conv.groups)
+        return self.rfi_proj(norm(grid).flatten(2).transpose(1, 2))
 
     def _ram(self, features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         gate = self.ram_gate(torch.cat([features, reference.expand_as(features)], dim=-1))
-        return self.ram_out(features * torch.sigmoid(gate))
+        return self.ram_proj(features * gate)
 
     def forward(self, features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """(B, G·G, C) features and a (1, G·G, C) reference → (B, G·G, C)."""
-        features = self.norm_features(features)
-        reference = self.norm_reference(reference)
+        features = self.feat_norm(features)
+        reference = self.ref_norm(reference)
         if self.use_rfi and self.use_ram:
             alpha = self.alpha
             fused = alpha * self._rfi(features, reference) + (1 - alpha) * self._ram(features, reference)
@@ -164,6 +211,8 @@ class RefGuideBlock(nn.Module):
 class RefGuidedMapping(nn.Module):
     """One direction of Uni-RCM: embedding, learnable reference, ``num_blocks`` blocks, output head.
 
+    Parameter names follow the official ``UniRCM_Net`` (``feat_embed``, ``ref_param``, ``ref_pos``, ``blocks``,
+    ``final_norm``, ``out_proj``), so a released ``UniRCM_*.pth`` loads strictly (see :mod:`.official`).
     With ``branches="none"`` it is the paper's baseline mapping: CFM's per-pixel MLP (no reference, no grid).
     """
 
@@ -184,15 +233,12 @@ class RefGuidedMapping(nn.Module):
         if branches == "none":
             self.baseline = FeatureProjectionMLP(in_features, out_features)
             return
-        self.embed = FeatureEmbedding(in_features, hidden, grid)
-        self.reference = nn.Parameter(torch.randn(1, grid * grid, hidden) * 0.1)
-        self.register_buffer(
-            "reference_position", sincos_position_encoding(grid, hidden).unsqueeze(0), persistent=False
-        )
+        self.feat_embed = FeatureEmbedding(in_features, hidden, grid)
+        self.ref_param = nn.Parameter(torch.randn(1, grid * grid, hidden) * 0.1)
+        self.ref_pos = PositionEncoding(hidden, grid)
         self.blocks = nn.ModuleList(RefGuideBlock(hidden, grid, branches) for _ in range(num_blocks))
-        self.head = nn.Sequential(
-            nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out_features)
-        )
+        self.final_norm = nn.LayerNorm(hidden)
+        self.out_proj = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out_features))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, G·G, in) → (B, G·G, out)."""
@@ -202,8 +248,33 @@ class RefGuidedMapping(nn.Module):
             )
         if self.branches == "none":
             return self.baseline(features)
-        hidden = self.embed(features)
-        reference = self.reference + self.reference_position
+        hidden = self.feat_embed(features)
+        reference = self.ref_pos(self.ref_param)
         for block in self.blocks:
             hidden = block(hidden, reference)
-        return self.head(hidden)
+        return self.out_proj(self.final_norm(hidden))
+
+
+#: A key only model files written with mmiad's earlier Uni-RCM layout (before the official names) hold.
+LEGACY_LAYOUT_KEY = "embed.proj.weight"
+
+
+def load_mapping_state(module: RefGuidedMapping, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a mapping's tensors from an mmiad model file, refusing the pre-official layout with a clear message.
+
+    Raises:
+        ModelFileError: For a model file saved with the old parameter names (no conv bias, recomputed position
+            encodings): its numbers cannot be carried over exactly, so it must be retrained (or re-imported).
+    """
+    from mmiad.methods.modelfile import ModelFileError
+
+    if LEGACY_LAYOUT_KEY in state:
+        raise ModelFileError(
+            f"{where}: this Uni-RCM model file uses mmiad's earlier network layout; the networks now follow the "
+            "official parameter layout (released checkpoints load as they are). Retrain the model with this "
+            "version of mmiad, or import the official checkpoint with `mmiad import --method unircm`"
+        )
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelFileError(f"{where}: the Uni-RCM network tensors do not fit the configuration ({error})") from error

@@ -30,7 +30,7 @@ from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.cfm.scoring import finalize_map
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
-from mmiad.methods.unircm.blocks import RefGuidedMapping
+from mmiad.methods.unircm.blocks import RefGuidedMapping, load_mapping_state
 from mmiad.methods.unircm.config import STORE_DTYPES, UniRCMConfig
 from mmiad.methods.unircm.orq import ResidualQuantizer
 from mmiad.methods.unircm.store import GridStore
@@ -384,8 +384,8 @@ class UniRCM(AnomalyModel):
     def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Networks and codebooks from :meth:`state_tensors` output (codebook sizes come from the tensors)."""
         self._build_networks(*config["channels"])
-        self.map_to_3d_.load_state_dict(split_prefixed(tensors, "map_to_3d"))
-        self.map_to_2d_.load_state_dict(split_prefixed(tensors, "map_to_2d"))
+        load_mapping_state(self.map_to_3d_, split_prefixed(tensors, "map_to_3d"), "map_to_3d")
+        load_mapping_state(self.map_to_2d_, split_prefixed(tensors, "map_to_2d"), "map_to_2d")
         self.map_to_3d_.eval()
         self.map_to_2d_.eval()
         self.orq_2d_ = self.orq_3d_ = None

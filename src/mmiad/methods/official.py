@@ -1,0 +1,94 @@
+"""Shared helpers for importing the authors' released checkpoints (``mmiad import``).
+
+Each method's package knows its own official file layout (``methods/<m>/official.py``); what they share is here:
+finding the files a release folder holds, checking the names taken from file names, reading files safely
+(``torch.load(weights_only=True)``, through :func:`mmiad.features.checkpoints.read_checkpoint`), and checking a
+file's tensors against modules built in the official layout, so that a wrong file produces *one* error that names
+the file and lists every missing, unexpected or mis-shaped key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmiad.features.checkpoints import CheckpointError, file_sha256, load_strict, read_checkpoint
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class OfficialImport:
+    """What an importer turned a released file set into: mmiad tensors and hyperparameters for one model.
+
+    Attributes:
+        hparams: Method hyperparameters the file set fixes (network sizes, codebook sizes, ...).
+        channels: The (2D, 3D) feature channels the networks expect; checked against the extractors.
+        tensors: The model's tensors under mmiad's names (what ``from_state`` reads).
+        sources: Provenance: one ``{"file", "sha256"}`` entry per file read.
+        facts: Anything else worth keeping in the model file (epochs and batch size from the file name, ...).
+    """
+
+    hparams: dict[str, Any]
+    channels: tuple[int, int]
+    tensors: dict[str, torch.Tensor]
+    sources: list[dict[str, str]] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def plain_name(name: str, path: Path) -> str:
+    """A category (or model) name taken from a file name, refused unless it is one plain path component."""
+    if not _PLAIN_NAME.match(name) or ".." in name or "/" in name or "\\" in name:
+        raise CheckpointError(path, f"{name!r} is not a plain category name (letters, digits, '_', '-', '.')")
+    return name
+
+
+def find_files(source: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Files whose name matches ``pattern``: ``source`` itself, or found anywhere below a folder (sorted)."""
+    if source.is_file():
+        return [source] if pattern.match(source.name) else []
+    if not source.is_dir():
+        raise CheckpointError(source, "no such file or folder")
+    return sorted(p for p in source.rglob("*") if p.is_file() and pattern.match(p.name))
+
+
+def read_official(path: Path) -> dict[str, Any]:
+    """Read a released file safely; ``argparse.Namespace`` is the one class allowed besides tensors.
+
+    Training scripts built on MAE's ``misc.save_model`` (M3DM's ``fusion_pretrain.py``) store their parsed
+    command line under ``args``; a Namespace only holds plain attributes, so allowing it keeps the load safe.
+    """
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return read_checkpoint(path)
+
+
+def source_entry(path: Path) -> dict[str, str]:
+    """Provenance of one file (name and SHA-256), stored in the model file."""
+    return {"file": path.name, "sha256": file_sha256(path)}
+
+
+def require_keys(path: Path, state: Mapping[str, Any], keys: Iterable[str], kind: str) -> None:
+    """Refuse a file that lacks the keys its shapes are read from: it is another kind of file."""
+    missing = [k for k in keys if not isinstance(state.get(k), torch.Tensor)]
+    if missing:
+        raise CheckpointError(path, f"not a {kind} file", missing=missing)
+
+
+def check_against(path: Path, module: nn.Module, state: Mapping[str, Any]) -> None:
+    """One error naming ``path`` with every missing, unexpected and mis-shaped key (the module is filled too)."""
+    load_strict(module, state, path=path)
+
+
+def count_indexed(state: Mapping[str, Any], prefix: str) -> int:
+    """How many consecutive ``prefix<i>.`` groups the keys hold (blocks, layers)."""
+    count = 0
+    while any(key.startswith(f"{prefix}{count}.") for key in state):
+        count += 1
+    return count
