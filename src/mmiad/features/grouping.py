@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mmiad.utils.threads import single_thread_on_cpu
+
 try:  # optional compiled FPS; results are identical to the fallback
     import fpsample as _fpsample
 except ImportError:  # pragma: no cover - depends on the environment
@@ -111,17 +113,18 @@ def farthest_point_sample_torch(points: torch.Tensor, count: int) -> torch.Tenso
     chosen = torch.empty(count, dtype=torch.long, device=points.device)
     last = torch.full((1,), total - 1, dtype=torch.long, device=points.device)  # reversed position of index 0
     chosen[0] = 0
-    for step in range(1, count):
-        centre = coords.index_select(1, last)  # (3, 1)
-        torch.sub(coords[0], centre[0], out=dist)
-        dist.mul_(dist)
-        for axis in (1, 2):
-            torch.sub(coords[axis], centre[axis], out=term)
-            term.mul_(term)
-            dist.add_(term)
-        torch.minimum(nearest, dist, out=nearest)
-        last = torch.argmax(nearest).view(1)
-        chosen[step : step + 1] = total - 1 - last
+    with single_thread_on_cpu(points.device):  # thousands of small memory-bound ops (see mmiad.utils.threads)
+        for step in range(1, count):
+            centre = coords.index_select(1, last)  # (3, 1)
+            torch.sub(coords[0], centre[0], out=dist)
+            dist.mul_(dist)
+            for axis in (1, 2):
+                torch.sub(coords[axis], centre[axis], out=term)
+                term.mul_(term)
+                dist.add_(term)
+            torch.minimum(nearest, dist, out=nearest)
+            last = torch.argmax(nearest).view(1)
+            chosen[step : step + 1] = total - 1 - last
     return chosen
 
 

@@ -12,9 +12,9 @@ temporary is ever built. What is held is the N×k float16 projection plus one N-
 
 Speed: a greedy step is memory-bound (it reads the whole projected bank once). On a CPU the float32 work buffer
 is sized to stay in cache (about 1 M values) and reused in place for the conversion, difference, square and row
-sum, so per step only the float16 bank travels from memory; on 2 cores this is ~40× faster than converting 16 M
-values per block into fresh temporaries, with bit-identical distances (same float32 operations per row). On an
-accelerator, blocks are large (16 M values) because there launches, not caches, dominate.
+sum, so per step only the float16 bank travels from memory, with bit-identical distances (same float32
+operations per row). On a CPU the loop runs on one thread (see :mod:`mmiad.utils.threads`). On an accelerator,
+blocks are large (16 M values) because there launches, not caches, dominate.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from mmiad.utils.threads import single_thread_on_cpu
 
 Chunks = Sequence[torch.Tensor | np.ndarray]
 
@@ -140,17 +142,18 @@ def _greedy_select(
     # The current index stays a device tensor, so an accelerator never waits for the host between steps.
     selected = torch.empty(n_select, dtype=torch.long, device=device)
     current = torch.zeros(1, dtype=torch.long, device=device)
-    for position in tqdm(range(n_select), desc="coreset", disable=not progress, leave=False):
-        selected[position : position + 1] = current
-        last.copy_(projected.index_select(0, current)[0])
-        for start in range(0, total, step):
-            rows = min(step, total - start)
-            block, block_squared = buffer[:rows], squared[:rows]
-            block.copy_(projected[start : start + rows])
-            block.sub_(last)
-            block.mul_(block)
-            torch.sum(block, dim=1, out=block_squared)
-            target = min_dist[start : start + rows]
-            torch.minimum(target, block_squared, out=target)
-        current = torch.argmax(min_dist).view(1)
+    with single_thread_on_cpu(device):
+        for position in tqdm(range(n_select), desc="coreset", disable=not progress, leave=False):
+            selected[position : position + 1] = current
+            last.copy_(projected.index_select(0, current)[0])
+            for start in range(0, total, step):
+                rows = min(step, total - start)
+                block, block_squared = buffer[:rows], squared[:rows]
+                block.copy_(projected[start : start + rows])
+                block.sub_(last)
+                block.mul_(block)
+                torch.sum(block, dim=1, out=block_squared)
+                target = min_dist[start : start + rows]
+                torch.minimum(target, block_squared, out=target)
+            current = torch.argmax(min_dist).view(1)
     return selected.cpu()
