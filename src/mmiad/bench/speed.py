@@ -336,7 +336,9 @@ def _speed_command(args: argparse.Namespace) -> int:
         f"Machine: {machine_description()}; **shared with other sessions' tests and benchmarks while this ran** "
         "(load average well above 2), so absolute times are inflated and noisy; each pair was run interleaved "
         "on the same inputs, and the ratios are the meaningful part. The previous implementations are verbatim "
-        "copies of commit 0b2669a kept in `mmiad.bench.speed`.\n\n"
+        "copies of commit 0b2669a kept in `mmiad.bench.speed`. The FPS and kNN rows are not before/after: "
+        "they compare the CPU defaults (unchanged) with the new torch paths, which exist to run on an accelerator "
+        "and are timed here on the CPU only because no GPU was available.\n\n"
         "| what | previous | current | speed-up | result |\n|---|---|---|---|---|\n" + "\n".join(summary) + detail
     )
     replace_section(Path(args.out), "speed", body)
