@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmiad.methods.unircm.orq import _nearest, faiss_available, kmeans
+from mmiad.methods.unircm.orq import _initial_centres, _lloyd, _nearest, faiss_available, kmeans
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -37,6 +37,18 @@ def test_kmeans_equals_brute_force_lloyd(device: str, chunk: int) -> None:
         ours = kmeans(points.to(device), 24, iterations=8, seed=seed, chunk=chunk)
         assert ours.device.type == device
         torch.testing.assert_close(ours.cpu().double(), brute_force_kmeans(points, 24, 8, seed), atol=1e-4, rtol=0)
+
+
+def test_bounds_skip_settled_points_without_changing_the_result() -> None:
+    generator = torch.Generator().manual_seed(6)
+    centres = torch.randn(15, 10, generator=generator) * 4
+    points = centres.repeat_interleave(80, dim=0) + torch.randn(1200, 10, generator=generator)
+    for seed in (0, 1):
+        start = _initial_centres(points, 30, seed, "random", 8192)
+        got, compared = _lloyd(points, start, 12, 8192)
+        torch.testing.assert_close(got.double(), brute_force_kmeans(points, 30, 12, seed), atol=1e-4, rtol=0)
+        assert compared[0] == 1.0
+        assert min(compared[1:]) < 0.2  # most points were settled by their bounds, not compared with all centres
 
 
 def as_set(centres: torch.Tensor) -> torch.Tensor:
