@@ -99,6 +99,14 @@ def _previous_lloyd_iteration(points: torch.Tensor, centres: torch.Tensor, chunk
     return centres
 
 
+def _previous_kmeans(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    centres = points[torch.randperm(points.shape[0], generator=generator)[:k]].clone()
+    for _ in range(iterations):
+        centres = _previous_lloyd_iteration(points, centres)
+    return centres
+
+
 # ----------------------------------------------------------------------------- sections
 def bench_coreset(rows: int, steps: int, repeats: int) -> tuple[str, dict[str, float]]:
     from mmiad.methods.memorybank.coreset import _greedy_select, jl_min_dim
@@ -199,6 +207,30 @@ def bench_orq(rows: int, dim: int, codes: int, repeats: int, target_rows: int) -
         f"{medians['previous'] / medians['current']:.1f}× | {agree:.2%} same codes after the iteration |"
     ]
     return summary, rows_out
+
+
+def bench_kmeans(rows: int, dim: int, codes: int, iterations: int) -> tuple[str, list[float]]:
+    """A whole k-means (once each): previous path, current path (with its bounds), faiss."""
+    from mmiad.methods.unircm.orq import _initial_centres, _lloyd, _nearest, faiss_available, kmeans
+
+    points = torch.randn(rows, dim, generator=torch.Generator().manual_seed(0))
+    fns: dict[str, Callable[[], Any]] = {
+        "previous": lambda: _previous_kmeans(points, codes, iterations, 1),
+        "current": lambda: _lloyd(points, _initial_centres(points, codes, 1, "random", 8192), iterations, 8192),
+    }
+    if faiss_available():
+        fns["faiss"] = lambda: kmeans(points, codes, iterations=iterations, seed=1, use_faiss=True)
+    medians, results = _interleaved(fns, 1)
+    centres, compared = results["current"]
+    same = float((_nearest(points, results["previous"], 8192)[0] == _nearest(points, centres, 8192)[0]).float().mean())
+    faiss_cell = f"; faiss {medians['faiss']:.0f} s" if "faiss" in medians else ""
+    line = (
+        f"| ORQ k-means, whole fit of one codebook: {rows:,}×{dim}, K={codes}, {iterations} iterations "
+        f"(mean share of points compared with all centres: {statistics.mean(compared):.0%}) | "
+        f"{medians['previous']:.0f} s | {medians['current']:.0f} s{faiss_cell} | "
+        f"{medians['previous'] / medians['current']:.2f}× | {same:.2%} same final codes |"
+    )
+    return line, compared
 
 
 def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> list[str]:
@@ -311,6 +343,10 @@ def _speed_command(args: argparse.Namespace) -> int:
             "| implementation | per iteration | rate | share of the bare product's speed | full 2D fit |\n"
             "|---|---|---|---|---|\n" + "\n".join(orq_rows)
         )
+    if "kmeans" in sections:
+        line, compared = bench_kmeans(args.kmeans_rows, 768, 1024, 20)
+        summary.append(line)
+        print(line, [round(v, 3) for v in compared], flush=True)
     if "epoch" in sections:
         epoch_rows = bench_epoch(args.preset, args.samples, args.source_size, args.repeats)
         print("\n".join(epoch_rows), flush=True)
@@ -328,7 +364,8 @@ def _speed_command(args: argparse.Namespace) -> int:
         )
     command = (
         f"python -m mmiad.bench speed --repeats {args.repeats} --coreset-rows {args.coreset_rows} "
-        f"--coreset-steps {args.coreset_steps} --orq-rows {args.orq_rows} --samples {args.samples}"
+        f"--coreset-steps {args.coreset_steps} --orq-rows {args.orq_rows} --kmeans-rows {args.kmeans_rows} "
+        f"--samples {args.samples} --only {args.only}"
     )
     body = (
         "### Training-side algorithms: previous vs current implementation, same run\n\n"
@@ -350,12 +387,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     """Add ``speed`` to ``python -m mmiad.bench``."""
     speed = commands.add_parser("speed", help="previous vs current coreset, FPS/kNN, ORQ k-means, epoch from cache")
     speed.add_argument("--out", default="BENCHMARKS.md")
-    speed.add_argument("--only", default="coreset,grouping,orq,epoch", help="comma-separated sections")
+    speed.add_argument("--only", default="coreset,grouping,orq,kmeans,epoch", help="comma-separated sections")
     speed.add_argument("--repeats", type=int, default=3)
     speed.add_argument("--coreset-rows", type=int, default=125_000, help="bank rows (40 training images)")
     speed.add_argument("--coreset-steps", type=int, default=20)
     speed.add_argument("--points", type=int, default=48_000)
     speed.add_argument("--orq-rows", type=int, default=20_000)
+    speed.add_argument("--kmeans-rows", type=int, default=24_576, help="whole k-means: 24 rows per code, as 100k/4096")
     speed.add_argument("--preset", default="dino-pointmae")
     speed.add_argument("--samples", type=int, default=2)
     speed.add_argument("--source-size", type=int, default=800)
