@@ -17,6 +17,7 @@ The previous implementations are kept here, verbatim from commit 0b2669a, only t
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -306,6 +307,7 @@ def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> li
                 loss.backward()
 
             timed(f"step_{grid}", step)
+    shutil.rmtree(temp, ignore_errors=True)
     m = {name: statistics.median(values) for name, values in timings.items()}
     lines = []
     for grid in (224, 56):
