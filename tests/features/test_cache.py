@@ -41,3 +41,24 @@ def test_disabled_cache_stores_nothing(tmp_path) -> None:
     cache = FeatureCache(tmp_path / "off", enabled=False)
     cache.put("ef" * 32, {"x": torch.zeros(1)})
     assert cache.get("ef" * 32) is None and not (tmp_path / "off").exists()
+
+
+def test_cache_hit_defers_reading_the_inputs_until_asked(tiny_dataset, tmp_path, monkeypatch) -> None:
+    """Training from the cache needs only the features: a hit must not re-read and resize the sample's files,
+    yet ``inputs`` (needed by prediction) must be what an eager read gives."""
+    from mmiad.data.mvtec3d import list_categories, list_records
+    from mmiad.features.registry import build_pipeline
+
+    pipeline = build_pipeline("weightfree", profile="cfm", image_size=32, cache_dir=tmp_path)
+    category = list_categories(tiny_dataset)[0]
+    record = pipeline.preprocess(list_records(tiny_dataset, category, "train")[:1])[0]
+    fresh = pipeline.extract(record)  # miss: extracts, stores
+    reads: list[object] = []
+    original = pipeline.load_inputs
+    monkeypatch.setattr(pipeline, "load_inputs", lambda r: reads.append(r) or original(r))
+    cached = pipeline.extract(record)
+    assert pipeline.cache.hits == 1 and reads == []
+    assert torch.equal(cached.image, fresh.image)
+    assert torch.equal(cached.points.to_grid(32), fresh.points.to_grid(32))
+    assert torch.equal(cached.inputs.rgb, fresh.inputs.rgb) and len(reads) == 1
+    assert cached.inputs is cached.inputs and len(reads) == 1  # loaded once

@@ -33,7 +33,7 @@ def grid_cloud() -> np.ndarray:
     return np.stack(axes, axis=-1).reshape(-1, 3).astype(np.float32) * 0.01
 
 
-@pytest.mark.parametrize("backend", ["numpy", "auto"] + (["fpsample"] if grouping.HAS_FPSAMPLE else []))
+@pytest.mark.parametrize("backend", ["numpy", "torch", "auto"] + (["fpsample"] if grouping.HAS_FPSAMPLE else []))
 def test_fps_matches_brute_force_on_random_and_tied_clouds(backend: str) -> None:
     rng = np.random.default_rng(1)
     random_cloud = rng.normal(size=(150, 3)).astype(np.float32)

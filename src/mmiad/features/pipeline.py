@@ -8,8 +8,7 @@ and one feature cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,30 @@ from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor, Po
 from mmiad.features.cache import FeatureCache
 
 
-@dataclass
 class SampleFeatures:
     """Frozen features of one sample plus the model input they came from.
 
     Attributes:
         image: C2×h×w map from the 2D extractor (28×28 for DINO ViT-B/8 at 224).
         points: Sparse 3D features and their projection onto the input grid.
-        inputs: The resized model input (RGB tensor, xyz, masks, geometry for mapping back).
+        inputs: The resized model input (RGB tensor, xyz, masks, geometry for mapping back). On a cache hit it is
+            read and resized only when first asked for: training from the cache never needs it (only prediction
+            does, to map back to the original geometry), and reading it cost more than loading the features.
     """
 
-    image: torch.Tensor
-    points: PointFeatures
-    inputs: ModelInput
+    def __init__(
+        self, image: torch.Tensor, points: PointFeatures, inputs: ModelInput | Callable[[], ModelInput] | None
+    ) -> None:
+        self.image = image
+        self.points = points
+        self._inputs = inputs
+
+    @property
+    def inputs(self) -> ModelInput:
+        """The model input, loaded on first access when it was deferred."""
+        if callable(self._inputs):
+            self._inputs = self._inputs()
+        return self._inputs  # type: ignore[return-value]
 
     def on_grid(self, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(2D map C2×G×G, 3D map C3×G×G, foreground G×G) aligned on a G×G grid.
@@ -104,15 +114,16 @@ class FeaturePipeline:
         return prepare_input(sample, size=self.image_size, rgb_pad_mode=self.profile.rgb_pad_mode)
 
     def extract(self, record: SampleRecord) -> SampleFeatures:
-        """Features of one preprocessed record, from the cache when present."""
-        inputs = self.load_inputs(record)
+        """Features of one preprocessed record, from the cache when present (then the inputs load lazily)."""
         key = None
         if self.cache is not None:
             files = [record.rgb_path, record.xyz_path]
             key = FeatureCache.key(files, self.config())
             stored = self.cache.get(key)
             if stored is not None:
-                return SampleFeatures(stored["image"], PointFeatures.from_tensors(stored, "points"), inputs)
+                points = PointFeatures.from_tensors(stored, "points")
+                return SampleFeatures(stored["image"], points, lambda: self.load_inputs(record))
+        inputs = self.load_inputs(record)
         with torch.inference_mode():
             image = self.image_extractor.extract(inputs.rgb.unsqueeze(0))[0].float().contiguous()
             points = self.point_extractor.extract(inputs.xyz, inputs.valid)

@@ -10,8 +10,9 @@ anomaly score. Choices, following the official code where the paper is silent:
   residuals a layer is fitted on are exactly the residuals it sees at test time.
 * Empty clusters are re-seeded with the points farthest from their assigned centre.
 
-k-means is chunked full-batch Lloyd in torch (the N×K distance matrix never exists whole), so it runs on a
-2-core CPU; ``faiss`` is used instead when installed and asked for.
+k-means is chunked full-batch Lloyd in torch (the N×K distance matrix never exists whole) on the features'
+device; on a CPU it runs near the speed of its matrix products. ``faiss`` runs the same Lloyd iterations from
+the same initial centres when installed and asked for.
 """
 
 from __future__ import annotations
@@ -25,18 +26,136 @@ import torch.nn.functional as F
 INITS = ("kmeans++", "random")
 
 
+#: Distance values per assignment block: the block (≈16 MB of float32) stays in the last-level cache between
+#: the matrix product that writes it and the row minimum that reads it.
+_BLOCK_VALUES = 1 << 22
+
+
 def _nearest(points: torch.Tensor, centres: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index of the nearest centre, squared distance to it) per point, computed chunk by chunk."""
+    """(index of the nearest centre, squared distance to it) per point, computed block by block.
+
+    The argmin runs over ``||c||² − 2·x·cᵀ`` written by one fused matrix product (``addmm``) into a block buffer
+    allocated once, so each block costs one GEMM plus one pass of the row minimum; ``||x||²``, constant per row,
+    is added to the minimum only. ``chunk`` caps the points per block (fewer when K is large, see
+    ``_BLOCK_VALUES``); the result does not depend on it.
+    """
+    count, k = points.shape[0], centres.shape[0]
     centre_norms = (centres * centres).sum(dim=1)
-    indices = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
-    distances = torch.empty(points.shape[0], dtype=points.dtype, device=points.device)
-    for start in range(0, points.shape[0], chunk):
-        block = points[start : start + chunk]
-        squared = (block * block).sum(dim=1, keepdim=True) - 2 * block @ centres.T + centre_norms
-        best, index = squared.min(dim=1)
-        indices[start : start + chunk] = index
-        distances[start : start + chunk] = best.clamp_min(0.0)
+    rows = max(1, min(chunk, count, max(1, _BLOCK_VALUES // max(k, 1))))
+    scores = torch.empty(rows, k, dtype=points.dtype, device=points.device)
+    indices = torch.empty(count, dtype=torch.long, device=points.device)
+    distances = torch.empty(count, dtype=points.dtype, device=points.device)
+    centres_t = centres.T
+    for start in range(0, count, rows):
+        block = points[start : start + rows]
+        size = block.shape[0]
+        block_scores = scores[:size]
+        torch.addmm(centre_norms, block, centres_t, beta=1, alpha=-2, out=block_scores)
+        torch.min(block_scores, dim=1, out=(distances[start : start + size], indices[start : start + size]))
+    distances.add_((points * points).sum(dim=1)).clamp_min_(0.0)
     return indices, distances
+
+
+#: Relative slack on squared distances from the expanded formula: float32 rounding of ``||x||² − 2x·c + ||c||²``
+#: over a few thousand dimensions stays far below it, so a bound built with it never excludes the true value.
+_EXPANSION_SLACK = 1e-4
+
+
+def _nearest_two(
+    points: torch.Tensor, centres: torch.Tensor, point_norms: torch.Tensor, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per point: nearest centre, an upper bound on its distance and a lower bound on every other centre's.
+
+    Same blocked ``addmm`` as :func:`_nearest`, with the two smallest scores per row; the bounds widen the
+    computed (squared) distances by ``_EXPANSION_SLACK`` so that they hold for the exact distances.
+    """
+    count, k = points.shape[0], centres.shape[0]
+    centre_norms = (centres * centres).sum(dim=1)
+    rows = max(1, min(chunk, count, max(1, _BLOCK_VALUES // max(k, 1))))
+    scores = torch.empty(rows, k, dtype=points.dtype, device=points.device)
+    first = torch.empty(count, dtype=points.dtype, device=points.device)
+    second = torch.full((count,), float("inf"), dtype=points.dtype, device=points.device)  # K=1: no other centre
+    index = torch.empty(count, dtype=torch.long, device=points.device)
+    for start in range(0, count, rows):
+        stop = min(start + rows, count)
+        block_scores = scores[: stop - start]
+        torch.addmm(centre_norms, points[start:stop], centres.T, beta=1, alpha=-2, out=block_scores)
+        # The first index wins ties, as in _nearest (topk would split the points of duplicate centres).
+        torch.min(block_scores, dim=1, out=(first[start:stop], index[start:stop]))
+        if k > 1:
+            block_scores.scatter_(1, index[start:stop, None], float("inf"))
+            torch.amin(block_scores, dim=1, out=second[start:stop])
+    slack = _EXPANSION_SLACK * (point_norms + centre_norms.max())
+    upper = (first + point_norms + slack).clamp_min(0.0).sqrt()
+    lower = (second + point_norms - slack).clamp_min(0.0).sqrt()
+    return index, upper, lower
+
+
+def _assigned_distances(
+    points: torch.Tensor, centres: torch.Tensor, assignment: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Squared distance of every point to its assigned centre, by explicit differences (accurate)."""
+    result = torch.empty(points.shape[0], dtype=points.dtype, device=points.device)
+    for start in range(0, points.shape[0], chunk):
+        diff = points[start : start + chunk] - centres[assignment[start : start + chunk]]
+        result[start : start + chunk] = (diff * diff).sum(dim=1)
+    return result
+
+
+def _lloyd(
+    points: torch.Tensor, centres: torch.Tensor, iterations: int, chunk: int
+) -> tuple[torch.Tensor, list[float]]:
+    """Lloyd iterations from ``centres``, skipping points whose nearest centre provably cannot change.
+
+    Hamerly's bounds (2010): each point keeps an upper bound on the distance to its centre and a lower bound on
+    the distance to every other centre. When centres move, the upper bound grows by its centre's drift and the
+    lower bound shrinks by the largest drift of the other centres. A point whose upper bound stays below its
+    lower bound keeps its centre without any distance computation; the others first get their exact distance
+    to their centre, and only those still in doubt are compared with all K centres. Late iterations then touch
+    a few percent of the points. The result is Lloyd's: a point is skipped only when every centre other than its
+    own is farther by more than the rounding of the distance computation. Returns the centres and, per
+    iteration, the fraction of points compared with all centres.
+    """
+    count, k = points.shape[0], centres.shape[0]
+    point_norms = (points * points).sum(dim=1)
+    sums = torch.empty_like(centres)
+    assignment = torch.empty(count, dtype=torch.long, device=points.device)
+    upper = torch.empty(count, dtype=points.dtype, device=points.device)
+    lower = torch.empty(count, dtype=points.dtype, device=points.device)
+    compared: list[float] = []
+    for iteration in range(iterations):
+        if iteration == 0:
+            assignment, upper, lower = _nearest_two(points, centres, point_norms, chunk)
+            compared.append(1.0)
+        else:
+            doubt = torch.nonzero(upper >= lower).flatten()
+            if doubt.numel():
+                exact = _assigned_distances(points[doubt], centres, assignment[doubt], chunk).sqrt_() * (1 + 1e-6)
+                upper[doubt] = exact
+                doubt = doubt[exact >= lower[doubt]]
+            if doubt.numel():
+                index, up, low = _nearest_two(points[doubt], centres, point_norms[doubt], chunk)
+                assignment[doubt], upper[doubt], lower[doubt] = index, up, low
+            compared.append(doubt.numel() / count)
+        sums.zero_().index_add_(0, assignment, points)
+        counts = torch.bincount(assignment, minlength=k)
+        nonempty = counts > 0
+        sums.div_(counts.clamp_min(1).unsqueeze(1).to(points.dtype))
+        moved = torch.where(nonempty.unsqueeze(1), sums, centres)
+        empty = torch.nonzero(~nonempty).flatten()
+        if empty.numel():
+            # Re-seed dead clusters with the worst-fitted points so every code keeps covering data.
+            distances = _assigned_distances(points, centres, assignment, chunk)
+            farthest = torch.argsort(distances, descending=True, stable=True)[: empty.numel()]
+            moved[empty] = points[farthest]
+        drift = torch.linalg.vector_norm((moved.double() - centres.double()), dim=1).to(points.dtype) * (1 + 1e-6)
+        upper.add_(drift[assignment])
+        if k > 1:
+            top = torch.topk(drift, 2)
+            largest_other = torch.where(assignment == top.indices[0], top.values[1], top.values[0])
+            lower.sub_(largest_other)
+        centres = moved
+    return centres, compared
 
 
 def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator, chunk: int) -> torch.Tensor:
@@ -56,6 +175,39 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator, 
     return torch.stack(centres)
 
 
+def faiss_available() -> bool:
+    """Whether ``faiss`` (the optional ``fast`` extra) can be imported."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _initial_centres(points: torch.Tensor, k: int, seed: int, init: str, chunk: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if init == "random":
+        return points[torch.randperm(points.shape[0], generator=generator)[:k].to(points.device)].clone()
+    return _kmeans_plus_plus(points, k, generator, chunk)
+
+
+def _faiss_lloyd(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> torch.Tensor:
+    """faiss's Lloyd iterations from the given centres, on every point (no subsampling).
+
+    faiss differs from :func:`kmeans` only in how it revives an empty cluster (it splits a large one instead of
+    taking the worst-fitted point); without empty clusters both run the same algorithm.
+    """
+    import faiss
+
+    count, dim = points.shape
+    k = centres.shape[0]
+    model = faiss.Kmeans(dim, k, niter=iterations, spherical=False, verbose=False)
+    model.cp.max_points_per_centroid = count // k + 1  # faiss would otherwise subsample to 256 points per centre
+    model.cp.min_points_per_centroid = 1
+    model.train(points.cpu().numpy(), init_centroids=centres.cpu().numpy())
+    return torch.from_numpy(model.centroids).to(points.device)
+
+
 def kmeans(
     points: torch.Tensor,
     k: int,
@@ -66,7 +218,12 @@ def kmeans(
     chunk: int = 8192,
     use_faiss: bool = False,
 ) -> torch.Tensor:
-    """Lloyd's k-means; returns the (k, D) centres.
+    """Lloyd's k-means; returns the (k, D) centres, on the points' device.
+
+    Each iteration assigns every point to its nearest centre, then replaces each centre by the mean of its points
+    (``index_add_`` into a buffer allocated once); a centre left without points is re-seeded with the point
+    farthest from its assigned centre. Points whose centre provably cannot change are not compared with all
+    centres again (:func:`_lloyd`), which makes the later iterations cheap without changing the result.
 
     Args:
         points: (N, D) float points, N >= k.
@@ -74,41 +231,20 @@ def kmeans(
         iterations: Lloyd iterations (official: 20).
         seed: Seeds the initialisation (the result is deterministic for a seed).
         init: ``random`` (k distinct data points, official) or ``kmeans++``.
-        chunk: Points per distance block; bounds memory to chunk·k floats.
-        use_faiss: Use ``faiss.Kmeans`` when it is importable (same init idea; results agree within tolerance,
-            not bit for bit).
+        chunk: Upper bound on points per distance block (bounds memory to chunk·k floats).
+        use_faiss: Run the Lloyd iterations in ``faiss`` when it is importable, from the same initial centres.
+            Assignments agree with the torch path up to float rounding near ties and faiss's different revival
+            of empty clusters (``tests/methods/test_unircm_orq_speed.py`` states the tolerance).
     """
     if points.dim() != 2 or points.shape[0] < k or k < 1:
         raise ValueError(f"k-means needs (N, D) points with N >= k >= 1; got {tuple(points.shape)} and k={k}")
     if init not in INITS:
         raise ValueError(f"unknown k-means init {init!r}; expected one of {INITS}")
     points = points.float()
-    if use_faiss:
-        try:
-            import faiss
-        except ImportError:
-            faiss = None
-        if faiss is not None:
-            model = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed, spherical=False, verbose=False)
-            model.train(points.cpu().numpy())
-            return torch.from_numpy(model.centroids).to(points.device)
-    generator = torch.Generator().manual_seed(seed)
-    if init == "random":
-        centres = points[torch.randperm(points.shape[0], generator=generator)[:k].to(points.device)].clone()
-    else:
-        centres = _kmeans_plus_plus(points, k, generator, chunk)
-    for _ in range(iterations):
-        assignment, distances = _nearest(points, centres, chunk)
-        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
-        counts = torch.bincount(assignment, minlength=k)
-        nonempty = counts > 0
-        centres[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(points.dtype)
-        empty = torch.nonzero(~nonempty).flatten()
-        if empty.numel():
-            # Re-seed dead clusters with the worst-fitted points so every code keeps covering data.
-            farthest = torch.argsort(distances, descending=True)[: empty.numel()]
-            centres[empty] = points[farthest]
-    return centres
+    centres = _initial_centres(points, k, seed, init, chunk)
+    if use_faiss and faiss_available() and iterations > 0:
+        return _faiss_lloyd(points, centres, iterations)
+    return _lloyd(points, centres, iterations, chunk)[0]
 
 
 class ResidualQuantizer:
