@@ -237,7 +237,7 @@ def bench_kmeans(rows: int, dim: int, codes: int, iterations: int) -> tuple[str,
 def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> list[str]:
     """Per training sample: re-extract vs the feature cache (before: eager read + resize; after: lazy)."""
     from mmiad.bench.stages import zoom_on_object
-    from mmiad.data.io import load_sample
+    from mmiad.data.formats import load_sample
     from mmiad.data.mvtec3d import list_categories, list_records
     from mmiad.data.preprocess import get_profile, prepare_input, preprocess_sample
     from mmiad.data.synthetic import generate_dataset
