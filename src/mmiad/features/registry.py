@@ -166,11 +166,12 @@ def build_extractors(
     image, point = parse_extractors(name)
     common = {"weights_dir": weights_dir, "random_init": random_init, "seed": seed}
     options = dict(point_options or {})
+    image_extractor = _IMAGE[image].factory(**common)
     try:
         point_extractor = _POINT[point].factory(**common, **options)
     except TypeError as error:  # an option the 3D extractor does not have
         raise ValueError(f"point_options {options} do not apply to the {point!r} extractor: {error}") from error
-    return _IMAGE[image].factory(**common), point_extractor
+    return image_extractor, point_extractor
 
 
 def default_cache_dir() -> Path:
