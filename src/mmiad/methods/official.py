@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmiad.features.checkpoints import CheckpointError, file_sha256, load_strict, read_checkpoint
+from mmiad.features.checkpoints import CheckpointError, load_strict, read_checkpoint
+from mmiad.utils.hashing import file_sha256
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
