@@ -84,6 +84,14 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("Uni-RCM RFI+RAM", "unircm", {**UNIRCM, "use_orq": False}, unified=True),
     Experiment("Uni-RCM paper-literal ORQ", "unircm", rescore=UNIRCM_PAPER_ORQ, base="Uni-RCM"),
     Experiment("Uni-RCM compat", "unircm", rescore={"compat": True}, base="Uni-RCM"),
+    # ORQ on the plain mapping: cheap to train, so the ORQ scoring options are measured on it too.
+    Experiment("Uni-RCM baseline mapping +ORQ", "unircm", {**UNIRCM, "branches": "none"}, unified=True),
+    Experiment(
+        "Uni-RCM baseline mapping +ORQ, paper-literal ORQ",
+        "unircm",
+        rescore=UNIRCM_PAPER_ORQ,
+        base="Uni-RCM baseline mapping +ORQ",
+    ),
     Experiment("BTF", "btf"),
     Experiment("M3DM", "m3dm"),
 )
@@ -92,6 +100,8 @@ MAIN_ROWS = ("CFM", "CFM unified", "Uni-RCM", "BTF", "M3DM")
 CFM_ROWS = tuple(e.name for e in EXPERIMENTS if e.name.startswith("CFM"))
 UNIRCM_ROWS = (
     "Uni-RCM baseline mapping",
+    "Uni-RCM baseline mapping +ORQ",
+    "Uni-RCM baseline mapping +ORQ, paper-literal ORQ",
     "Uni-RCM RFI",
     "Uni-RCM RAM",
     "Uni-RCM RFI+RAM",
