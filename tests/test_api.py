@@ -27,6 +27,9 @@ def test_train_evaluate_predict(tiny_dataset: Path, tmp_path: Path) -> None:
     assert metrics.mean == metrics.per_category["puck"]
     assert 0.0 <= metrics.mean.pixel_auroc <= 1.0
     assert metrics.to_dict()["mean"]["aupro@0.3"] == metrics.mean.aupro_30
+    assert metrics.to_dict()["mean"]["aupro@0.1"] == metrics.mean.aupro_10 is not None
+    assert metrics.to_dict()["mean"]["aupro@0.05"] == metrics.mean.aupro_5 is not None
+    assert metrics.to_dict()["mean"]["aupro@0.01"] == metrics.mean.aupro_1
     folder = tiny_dataset / "puck" / "test" / "stain"
     predictions = mmiad.predict(run.path, folder, cache_dir=cache)
     assert len(predictions) == len(list((folder / "rgb").iterdir()))

@@ -14,7 +14,14 @@ from mmiad.utils.memory import own_peak_rss_mb
 
 
 def _row(name: str, method: str, i_auroc: float | None) -> dict:
-    metrics = {"image_auroc": i_auroc, "pixel_auroc": 0.9, "aupro@0.3": 0.5, "aupro@0.01": None}
+    metrics = {
+        "image_auroc": i_auroc,
+        "pixel_auroc": 0.9,
+        "aupro@0.3": 0.5,
+        "aupro@0.1": 0.25,
+        "aupro@0.05": 0.125,
+        "aupro@0.01": None,
+    }
     return {
         "run": f"/runs/{name}",
         "method": method,
@@ -27,9 +34,9 @@ def _row(name: str, method: str, i_auroc: float | None) -> dict:
 def test_markdown_has_one_table_per_category_and_mean() -> None:
     text = comparison_markdown([_row("a", "btf", 0.75), _row("b", "m3dm", None)])
     assert text.count("### ") == 2 and "### puck" in text and "### mean" in text
-    assert "| a | btf | 0.750 | 0.900 | 0.500 | - | 12.35 | 812 |" in text
-    assert "| b | m3dm | - | 0.900 | 0.500 | - | 12.35 | 812 |" in text
-    assert "I-AUROC | P-AUROC | AUPRO@30% | AUPRO@1% | samples/s | peak MB" in text
+    assert "| a | btf | 0.750 | 0.900 | 0.500 | 0.250 | 0.125 | - | 12.35 | 812 |" in text
+    assert "| b | m3dm | - | 0.900 | 0.500 | 0.250 | 0.125 | - | 12.35 | 812 |" in text
+    assert "I-AUROC | P-AUROC | AUPRO@30% | AUPRO@10% | AUPRO@5% | AUPRO@1% | samples/s | peak MB" in text
 
 
 def test_compare_runs_measures_each_run_in_a_child(tiny_dataset: Path, tmp_path: Path) -> None:

@@ -140,3 +140,29 @@ def test_test_and_predict_score_a_missing_modality_the_same_way(tiny_dataset: Pa
     overridden = mmiad.predict(tmp_path / "run", folder, cache_dir=cache, threshold=threshold)
     assert all(p.thresholds.image == threshold and p.thresholds.source == "user" for p in overridden)
     assert [p.pred_label for p in overridden] == [int(p.pred_score > threshold) for p in overridden]
+
+
+@pytest.mark.parametrize("how", ["trained", "at test"])
+def test_compat_runs_are_measured_with_the_papers_sampled_aupro(
+    tiny_dataset: Path, tmp_path: Path, tiny_hparams: dict, how: str
+) -> None:
+    from mmiad.engine.evaluation import evaluate_predictions
+
+    cache = str(tmp_path / "cache")
+    hparams = {**tiny_hparams["btf"], "compat": how == "trained"}
+    train_run("btf", tiny_dataset, tmp_path / "run", categories=["puck"], hparams=hparams, cache_dir=cache)
+    overrides = {"compat": True} if how == "at test" else None
+    result, _ = evaluate_run(tmp_path / "run", tiny_dataset, cache_dir=cache, overrides=overrides)
+    trained = load_trained(tmp_path / "run" / "puck.safetensors", cache_dir=cache, compat=True)
+    predictions = list(trained.model.predict(list_records(tiny_dataset, "puck", "test")))
+    # BTF's repository samples 100 thresholds; 99 (CFM's) or the exact curve give other numbers.
+    sampled = evaluate_predictions(predictions, aupro_mode="compat", num_thresholds=100)
+    assert result["per_category"]["puck"] == pytest.approx(sampled, abs=1e-12)
+    for other in (
+        evaluate_predictions(predictions, aupro_mode="compat", num_thresholds=99),
+        evaluate_predictions(predictions),
+    ):
+        assert other["aupro@0.3"] != pytest.approx(sampled["aupro@0.3"], abs=1e-9)
+    # An explicit choice still wins.
+    exact, _ = evaluate_run(tmp_path / "run", tiny_dataset, cache_dir=cache, overrides=overrides, aupro_mode="exact")
+    assert exact["per_category"]["puck"] == pytest.approx(evaluate_predictions(predictions), abs=1e-12)

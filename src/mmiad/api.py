@@ -22,17 +22,30 @@ from mmiad.methods.base import Prediction
 
 @dataclass(frozen=True)
 class CategoryMetrics:
-    """The four benchmark metrics of one category (None where undefined, e.g. a single class)."""
+    """The benchmark metrics of one category (None where undefined, e.g. a single class).
+
+    ``aupro_10`` and ``aupro_5`` come last (and default to None, as in results written before they existed) so
+    code that builds the object positionally keeps working.
+    """
 
     image_auroc: float | None
     pixel_auroc: float | None
     aupro_30: float | None
     aupro_1: float | None
+    aupro_10: float | None = None
+    aupro_5: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict[str, float | None]) -> CategoryMetrics:
-        """From the JSON schema's keys (``image_auroc``, ``pixel_auroc``, ``aupro@0.3``, ``aupro@0.01``)."""
-        return cls(values["image_auroc"], values["pixel_auroc"], values["aupro@0.3"], values["aupro@0.01"])
+        """From the JSON schema's keys (``image_auroc``, ``pixel_auroc``, ``aupro@0.3``, ``aupro@0.1``, ...)."""
+        return cls(
+            values["image_auroc"],
+            values["pixel_auroc"],
+            values["aupro@0.3"],
+            values["aupro@0.01"],
+            values.get("aupro@0.1"),
+            values.get("aupro@0.05"),
+        )
 
 
 @dataclass(frozen=True)
@@ -110,12 +123,16 @@ def evaluate(
     run: str | Path | None = None,
     maps: str | Path | None = None,
     categories: Sequence[str] | None = None,
-    aupro_mode: str = "exact",
+    aupro_mode: str | None = None,
     cache_dir: str | Path | None = None,
     format: str | None = None,
     progress: bool = False,
 ) -> Metrics:
-    """``mmiad test`` (with ``run``) or ``mmiad evaluate`` (with ``maps``): metrics on the test split."""
+    """``mmiad test`` (with ``run``) or ``mmiad evaluate`` (with ``maps``): metrics on the test split.
+
+    ``aupro_mode`` None means: a run's own protocol (the papers' sampled AUPRO for compat runs, see
+    :func:`mmiad.metrics.aupro_protocol`), the exact curve for a maps folder.
+    """
     if (run is None) == (maps is None):
         raise ValueError("give exactly one of run= (a trained run) or maps= (a folder of anomaly maps)")
     if run is not None:
@@ -129,7 +146,7 @@ def evaluate(
         from mmiad.metrics import evaluate_maps_dir
 
         result, skipped = evaluate_maps_dir(
-            data, maps, categories=categories, aupro_mode=aupro_mode, format=format, progress=progress
+            data, maps, categories=categories, aupro_mode=aupro_mode or "exact", format=format, progress=progress
         )
     return _metrics(result, skipped)
 

@@ -12,7 +12,7 @@ import pytest
 from mmiad.cli.main import build_parser, main
 from mmiad.data.io import read_map
 
-KEYS = {"image_auroc", "pixel_auroc", "aupro@0.3", "aupro@0.01"}
+KEYS = {"image_auroc", "pixel_auroc", "aupro@0.3", "aupro@0.1", "aupro@0.05", "aupro@0.01"}
 
 
 def test_help_lists_the_subcommands(capsys) -> None:
@@ -115,3 +115,26 @@ def test_set_passes_typed_hyperparameters(tmp_path: Path, capsys) -> None:
     bad = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--set", "novalue"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         _hparams(bad)
+
+
+def test_test_compat_rescores_officially_and_leaves_the_aupro_to_the_run(monkeypatch, tmp_path: Path) -> None:
+    import mmiad.engine
+    from mmiad.metrics import summarize
+
+    calls: list[dict] = []
+
+    def fake_evaluate_run(run: object, data: object, **kwargs: object) -> tuple[dict, list]:
+        calls.append(kwargs)
+        return summarize({}), []
+
+    monkeypatch.setattr(mmiad.engine, "evaluate_run", fake_evaluate_run)
+    base = ["test", "--run", str(tmp_path), "--data", str(tmp_path)]
+    assert main([*base, "--compat"]) == 0
+    assert main(base) == 0
+    assert main([*base, "--aupro", "compat", "--num-thresholds", "50"]) == 0
+    # None lets each model's protocol decide (the papers' sampled AUPRO with the method's count under compat).
+    assert [(c["overrides"], c["aupro_mode"], c["num_thresholds"]) for c in calls] == [
+        ({"compat": True}, None, None),
+        (None, None, None),
+        (None, "compat", 50),
+    ]

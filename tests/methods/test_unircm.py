@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -97,12 +98,18 @@ def test_rms_scales_are_measured_on_the_training_store_and_saved() -> None:
 
 
 def test_config_defaults_and_compat() -> None:
-    assert (UniRCMConfig().resolved().beta_2d, UniRCMConfig().resolved().beta_3d) == (0.1, 0.1)
-    compat = UniRCMConfig(compat=True)
-    assert compat.beta_2d is None and (compat.resolved().beta_2d, compat.resolved().beta_3d) == (0.05, 0.1)
-    assert UniRCMConfig().grid_size == 56 and UniRCMConfig().learning_rate == 3e-4
+    default = UniRCMConfig()
+    assert (default.beta_2d, default.beta_3d, default.orq_normalization) == (0.05, 0.1, "image_max")
+    assert default.grid_size == 56 and default.learning_rate == 3e-4 and default.smoothing == "gaussian"
+    # compat is read at scoring time; it rewrites no other hyperparameter.
+    assert asdict(UniRCMConfig(compat=True)) == {**asdict(default), "compat": True}
+    assert UniRCMConfig(beta_2d=0.1, orq_normalization="none").beta_2d == 0.1
     with pytest.raises(ValueError, match="branches"):
         UniRCMConfig(branches="both")
+    with pytest.raises(ValueError, match="orq_normalization"):
+        UniRCMConfig(orq_normalization="max")
+    with pytest.raises(ValueError, match="beta_2d"):
+        UniRCMConfig(beta_2d=None)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +126,11 @@ def test_training_is_deterministic_and_reduces_loss(fitted: UniRCM) -> None:
     assert len(fitted.loss_history_) == 4 and fitted.loss_history_[-1] < fitted.loss_history_[0]
 
 
-def test_score_maps_zero_background_and_combine(fitted: UniRCM) -> None:
+def test_paper_literal_scoring_uses_raw_orq_norms(fitted: UniRCM) -> None:
+    paper = UniRCM(**{**TINY, "orq_normalization": "none", "beta_2d": 0.1, "beta_3d": 0.1})
+    paper.load_state(_config(fitted), fitted.state_tensors())
     rows_2d, rows_3d, mask = category(1, 0.0, seed=5)[0]
-    maps = fitted.score_grids(rows_2d, rows_3d, mask)
+    maps = paper.score_grids(rows_2d, rows_3d, mask)
     assert set(maps) == {"combined", "2d", "3d", "orq_2d", "orq_3d"}
     background = ~mask.view(GRID, GRID)
     assert all(float(m[background].abs().sum()) == 0 for m in maps.values())
@@ -131,11 +140,12 @@ def test_score_maps_zero_background_and_combine(fitted: UniRCM) -> None:
     torch.testing.assert_close(maps["orq_3d"].flatten()[mask], fitted.orq_3d_.score(rows_3d[mask]))
 
 
-def test_compat_max_normalises_orq_maps(fitted: UniRCM) -> None:
-    compat = UniRCM(**{**TINY, "compat": True})
-    compat.load_state(_config(fitted), fitted.state_tensors())
-    maps = compat.score_grids(*category(1, 0.0, seed=5)[0])
+def test_default_max_normalises_orq_maps(fitted: UniRCM) -> None:
+    rows_2d, rows_3d, mask = category(1, 0.0, seed=5)[0]
+    maps = fitted.score_grids(rows_2d, rows_3d, mask)
     assert float(maps["orq_2d"].max()) == pytest.approx(1.0) and float(maps["orq_3d"].max()) == pytest.approx(1.0)
+    raw = fitted.orq_3d_.score(rows_3d[mask])
+    torch.testing.assert_close(maps["orq_3d"].flatten()[mask], raw / raw.max())
     expected = (maps["2d"] + 0.05 * maps["orq_2d"]) * (maps["3d"] + 0.1 * maps["orq_3d"])
     torch.testing.assert_close(maps["combined"], expected)
 

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mmiad.metrics import PixelScores, aupro, aupro_many, pro_curve, trapezoid_to
+from mmiad.metrics import (
+    AUPRO_LIMITS,
+    PAPER_AUPRO_THRESHOLDS,
+    PixelScores,
+    aupro,
+    aupro_key,
+    aupro_many,
+    aupro_protocol,
+    category_metrics,
+    pro_curve,
+    trapezoid_to,
+)
 from mmiad.metrics.pro import _exact_curve
 
 
@@ -202,3 +213,72 @@ def test_bad_inputs_raise_clear_errors() -> None:
         aupro(masks, maps, mode="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2 ground-truth masks but 1"):
         aupro(masks, maps[:1])
+
+
+def sampled_curve_by_brute_force(
+    masks: list[np.ndarray], maps: list[np.ndarray], num_thresholds: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The repositories' sampled curve from its description, counting every region's pixels above each threshold."""
+    ok_scores, regions = [], []
+    for mask, amap in zip(masks, maps, strict=True):
+        labelled, n_here = ndimage.label(mask, structure=np.ones((3, 3)))
+        ok_scores.append(amap[labelled == 0])
+        regions += [amap[labelled == k] for k in range(1, n_here + 1)]
+    ok = np.sort(np.concatenate(ok_scores))
+    fprs, pros = [1.0], [1.0]
+    for position in np.linspace(0, ok.size - 1, num=num_thresholds, dtype=int):
+        fprs.append(1.0 - (position + 1) / ok.size)
+        pros.append(float(np.mean([np.mean(region > ok[position]) for region in regions])))
+    return np.array(fprs[::-1]), np.array(pros[::-1])
+
+
+def area_to_by_loop(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Trapezoids one by one up to ``limit``; the last ends at y interpolated from the last point at x <= limit."""
+    area = 0.0
+    for i in range(1, x.size):
+        if x[i] <= limit:
+            area += 0.5 * (y[i] + y[i - 1]) * (x[i] - x[i - 1])
+            continue
+        if x[i - 1] < limit:
+            y_limit = y[i - 1] + (y[i] - y[i - 1]) * (limit - x[i - 1]) / (x[i] - x[i - 1])
+            area += 0.5 * (y_limit + y[i - 1]) * (limit - x[i - 1])
+        break
+    return area / limit
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("mode", "num_thresholds"), [("exact", 99), ("compat", 99), ("compat", 100)])
+def test_every_reported_limit_matches_brute_force(seed: int, mode: str, num_thresholds: int) -> None:
+    rng = np.random.default_rng(seed)
+    masks = [rng.random((12, 15)) < 0.12 for _ in range(5)]
+    maps = [np.round(rng.random((12, 15)) * 40) / 40 + 0.3 * mask * rng.random((12, 15)) for mask in masks]
+    if mode == "exact":
+        fpr, pro = official_exact_curve(masks, maps)
+    else:
+        fpr, pro = sampled_curve_by_brute_force(masks, maps, num_thresholds)
+    labels = [int(mask.any()) for mask in masks]
+    result = category_metrics(
+        labels, [m.max() for m in maps], masks, maps, aupro_mode=mode, num_thresholds=num_thresholds
+    )
+    values = [result[aupro_key(limit)] for limit in AUPRO_LIMITS]
+    assert [aupro_key(limit) for limit in AUPRO_LIMITS] == ["aupro@0.3", "aupro@0.1", "aupro@0.05", "aupro@0.01"]
+    np.testing.assert_allclose(values, [area_to_by_loop(fpr, pro, limit) for limit in AUPRO_LIMITS], atol=1e-12)
+    assert len({round(v, 9) for v in values}) == 4  # the limits really give four different numbers here
+
+
+def test_protocol_picks_each_papers_sampled_aupro_under_compat() -> None:
+    assert PAPER_AUPRO_THRESHOLDS == {"cfm": 99, "unircm": 99, "m3dm": 100, "btf": 100}
+    assert [aupro_protocol(m, True) for m in ("cfm", "unircm", "m3dm", "btf")] == [
+        ("compat", 99),
+        ("compat", 99),
+        ("compat", 100),
+        ("compat", 100),
+    ]
+    assert aupro_protocol("m3dm", False) == ("exact", 100)  # the count is unused by the exact curve
+    # Explicit choices win; a sampled curve without a count takes the method's.
+    assert aupro_protocol("btf", True, mode="exact") == ("exact", 100)
+    assert aupro_protocol("btf", False, mode="compat") == ("compat", 100)
+    assert aupro_protocol("cfm", True, num_thresholds=50) == ("compat", 50)
+    assert aupro_protocol("other", True) == ("compat", 99)
+    with pytest.raises(ValueError, match="unknown AUPRO mode"):
+        aupro_protocol("cfm", False, mode="sampled")  # type: ignore[arg-type]

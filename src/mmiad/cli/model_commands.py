@@ -104,6 +104,7 @@ def _test(args: argparse.Namespace) -> int:
         num_thresholds=args.num_thresholds,
         cache_dir=args.cache_dir,
         format=args.format,
+        overrides={"compat": True} if args.compat else None,
         progress=True,
         log=log,
     )
@@ -251,8 +252,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     test.add_argument("--json", help="write the metrics as JSON here")
     test.add_argument("--maps", help="also write maps at the original resolution here (for `mmiad evaluate`)")
     test.add_argument("--categories", help="comma-separated subset of categories")
-    test.add_argument("--aupro", default="exact", choices=["exact", "compat"], help="AUPRO curve (default exact)")
-    test.add_argument("--num-thresholds", type=int, default=99, help="thresholds of the compat AUPRO")
+    test.add_argument(
+        "--compat",
+        action="store_true",
+        help="score the official way (as a run trained with --compat) and use the papers' sampled AUPRO",
+    )
+    test.add_argument(
+        "--aupro",
+        choices=["exact", "compat"],
+        help="AUPRO curve (default: compat for compat runs, exact otherwise)",
+    )
+    test.add_argument(
+        "--num-thresholds",
+        type=int,
+        help="thresholds of the compat AUPRO (default: the method's; 99 CFM/Uni-RCM, 100 M3DM/BTF)",
+    )
     test.add_argument("--cache-dir", help="cache folder")
     test.set_defaults(handler=_test)
 

@@ -14,30 +14,24 @@ from mmiad.data.formats import open_dataset
 from mmiad.engine.predicting import RunModels
 from mmiad.engine.runs import Log, quiet, served_categories
 from mmiad.methods.base import Prediction
-from mmiad.metrics import aupro_many, image_auroc, pixel_auroc, summarize
+from mmiad.metrics import aupro_protocol, category_metrics, summarize
+from mmiad.metrics.pro import AuproMode
 
 
 def evaluate_predictions(
-    predictions: Sequence[Prediction], *, aupro_mode: str = "exact", num_thresholds: int = 99
+    predictions: Sequence[Prediction], *, aupro_mode: AuproMode = "exact", num_thresholds: int = 99
 ) -> dict[str, float]:
-    """The four metrics of one category, from predictions at the model resolution (the papers' protocol)."""
-    labels = [p.label for p in predictions]
+    """The metrics of one category, from predictions at the model resolution (the papers' protocol)."""
     masks = [p.gt_mask if p.gt_mask is not None else np.zeros(p.anomaly_map.shape, bool) for p in predictions]
-    result = {"image_auroc": float("nan"), "pixel_auroc": float("nan"), "aupro@0.3": float("nan")}
-    result["aupro@0.01"] = float("nan")
-    if len(set(labels)) == 2:
-        result["image_auroc"] = image_auroc(labels, [p.pred_score for p in predictions])
-    if any(m.any() for m in masks):
-        result["pixel_auroc"] = pixel_auroc(masks, [p.map_for("pixel_auroc") for p in predictions])
-        curves = aupro_many(
-            masks,
-            [p.map_for("aupro") for p in predictions],
-            limits=(0.3, 0.01),
-            mode=aupro_mode,
-            num_thresholds=num_thresholds,
-        )
-        result["aupro@0.3"], result["aupro@0.01"] = curves[0.3], curves[0.01]
-    return result
+    return category_metrics(
+        [p.label for p in predictions],
+        [p.pred_score for p in predictions],
+        masks,
+        [p.map_for("aupro") for p in predictions],
+        pixel_maps=[p.map_for("pixel_auroc") for p in predictions],
+        aupro_mode=aupro_mode,
+        num_thresholds=num_thresholds,
+    )
 
 
 def evaluate_run(
@@ -46,8 +40,8 @@ def evaluate_run(
     *,
     categories: Sequence[str] | None = None,
     maps_dir: str | Path | None = None,
-    aupro_mode: str = "exact",
-    num_thresholds: int = 99,
+    aupro_mode: AuproMode | None = None,
+    num_thresholds: int | None = None,
     cache_dir: str | None = None,
     overrides: dict[str, Any] | None = None,
     format: str | None = None,
@@ -58,7 +52,10 @@ def evaluate_run(
 
     Samples are scored exactly as ``mmiad predict`` scores them (:meth:`RunModels.predict`: a sample missing a
     modality is scored by the fallback and counted). ``overrides`` replaces inference-time hyperparameters of
-    the loaded models (e.g. ``{"aggregation": "sum"}`` rescores a CFM run without retraining).
+    the loaded models (e.g. ``{"aggregation": "sum"}`` rescores a CFM run without retraining; ``{"compat": True}``
+    scores it the official way). ``aupro_mode`` and ``num_thresholds`` default to each model's protocol
+    (:func:`mmiad.metrics.aupro_protocol`): the papers' sampled AUPRO with the method's threshold count for a
+    compat model, the exact curve otherwise.
     """
     from mmiad.data.io import write_map
     from mmiad.data.preprocess import map_to_original
@@ -81,6 +78,10 @@ def evaluate_run(
         if not predictions:
             log(f"[{category}] no usable test sample")
             continue
-        per_category[category] = evaluate_predictions(predictions, aupro_mode=aupro_mode, num_thresholds=num_thresholds)
+        model = models.trained(models.key_for(category)).model
+        mode, count = aupro_protocol(
+            model.name, bool(model.config.compat), mode=aupro_mode, num_thresholds=num_thresholds
+        )
+        per_category[category] = evaluate_predictions(predictions, aupro_mode=mode, num_thresholds=count)
         log(f"[{category}] {len(predictions)} test samples evaluated")
     return summarize(per_category), errors

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from mmiad.metrics.maps_dir import evaluate_maps_dir, map_path
 from mmiad.metrics.pixels import PixelScores, UndefinedMetricError
-from mmiad.metrics.pro import aupro, aupro_many, pro_curve, trapezoid_to
-from mmiad.metrics.report import METRIC_KEYS, category_metrics, format_table, summarize
+from mmiad.metrics.pro import PAPER_AUPRO_THRESHOLDS, aupro, aupro_many, aupro_protocol, pro_curve, trapezoid_to
+from mmiad.metrics.report import AUPRO_LIMITS, METRIC_KEYS, aupro_key, category_metrics, format_table, summarize
 from mmiad.metrics.roc import image_auroc, pixel_auroc
 
 __all__ = [
+    "AUPRO_LIMITS",
     "METRIC_KEYS",
+    "PAPER_AUPRO_THRESHOLDS",
     "PixelScores",
     "UndefinedMetricError",
     "aupro",
+    "aupro_key",
     "aupro_many",
+    "aupro_protocol",
     "category_metrics",
     "evaluate_maps_dir",
     "format_table",

@@ -25,6 +25,9 @@ from mmiad.metrics.pixels import PixelScores
 
 AuproMode = Literal["exact", "compat"]
 DEFAULT_LIMITS = (0.3, 0.01)
+# Thresholds of the sampled AUPRO in each method's official evaluation (CFM's and Uni-RCM's
+# ``utils/metrics_utils.py``: 99; BTF's and M3DM's ``utils/au_pro_util.py``: 100).
+PAPER_AUPRO_THRESHOLDS = {"cfm": 99, "unircm": 99, "m3dm": 100, "btf": 100}
 
 
 def _group_starts(ascending: np.ndarray) -> np.ndarray:
@@ -198,3 +201,19 @@ def aupro(
 ) -> float:
     """Area under the PRO curve up to ``fpr_limit``, divided by ``fpr_limit`` (1.0 for a perfect detector)."""
     return aupro_many(masks, maps, (fpr_limit,), mode=mode, num_thresholds=num_thresholds)[float(fpr_limit)]
+
+
+def aupro_protocol(
+    method: str, compat: bool, *, mode: AuproMode | None = None, num_thresholds: int | None = None
+) -> tuple[AuproMode, int]:
+    """The AUPRO variant and threshold count a run's metrics use.
+
+    A run scored the official way (``compat``) is measured as its paper measured it: the sampled variant with
+    the method's own threshold count (:data:`PAPER_AUPRO_THRESHOLDS`); otherwise the exact curve. An explicit
+    ``mode`` or ``num_thresholds`` wins; a sampled curve without a count uses the method's (99 if unknown).
+    """
+    chosen: AuproMode = mode if mode is not None else ("compat" if compat else "exact")
+    if chosen not in ("exact", "compat"):
+        raise ValueError(f"unknown AUPRO mode {chosen!r}; expected 'exact' or 'compat'")
+    count = num_thresholds if num_thresholds is not None else PAPER_AUPRO_THRESHOLDS.get(method, 99)
+    return chosen, count

@@ -1,4 +1,7 @@
-"""The four benchmark numbers per category, their mean, and how they are shown.
+"""The benchmark numbers per category, their mean, and how they are shown.
+
+I-AUROC, P-AUROC and AUPRO at the FPR limits the papers report: 30 % and 1 % (CFM, M3DM, Uni-RCM Tab. I), 10 %
+and 5 % (the official CFM/Uni-RCM scripts, Uni-RCM's and G2SF's tables). All four AUPROs come from one PRO curve.
 
 The result schema ``{"per_category": {cat: {...}}, "mean": {...}}`` is what ``mmiad evaluate`` writes as JSON, so
 undefined values (a category whose test set has a single class) are ``None`` rather than NaN: ``json.dumps``
@@ -18,8 +21,16 @@ from mmiad.metrics.pixels import PixelScores, UndefinedMetricError
 from mmiad.metrics.pro import AuproMode, aupro_many_from
 from mmiad.metrics.roc import image_auroc, pixel_auroc_from
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro@0.3", "aupro@0.01")
-COLUMN_TITLES = ("I-AUROC", "P-AUROC", "AUPRO@30%", "AUPRO@1%")
+AUPRO_LIMITS = (0.3, 0.1, 0.05, 0.01)
+
+
+def aupro_key(limit: float) -> str:
+    """The JSON key of AUPRO up to an FPR limit: ``aupro@0.3``, ``aupro@0.1``, ``aupro@0.05``, ``aupro@0.01``."""
+    return f"aupro@{limit:g}"
+
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", *(aupro_key(limit) for limit in AUPRO_LIMITS))
+COLUMN_TITLES = ("I-AUROC", "P-AUROC", *(f"AUPRO@{limit * 100:g}%" for limit in AUPRO_LIMITS))
 
 
 def category_metrics(
@@ -28,10 +39,11 @@ def category_metrics(
     masks: Sequence[np.ndarray],
     maps: Sequence[np.ndarray],
     *,
+    pixel_maps: Sequence[np.ndarray] | None = None,
     aupro_mode: AuproMode = "exact",
     num_thresholds: int = 99,
 ) -> dict[str, float]:
-    """I-AUROC, P-AUROC, AUPRO@30% and AUPRO@1% of one category, pooling its pixels only once.
+    """I-AUROC, P-AUROC and AUPRO at every limit of :data:`AUPRO_LIMITS` of one category.
 
     A metric that is undefined because the test set has a single class (no defective image, or no anomalous
     pixel) is NaN, so one degenerate category does not stop a whole benchmark; bad input still raises.
@@ -40,7 +52,9 @@ def category_metrics(
         labels: Image labels, 1 = anomalous.
         scores: Image scores, higher = more anomalous.
         masks: H×W ground-truth masks, one per image (all False for good images).
-        maps: H×W anomaly maps of the same shapes.
+        maps: H×W anomaly maps of the same shapes (AUPRO, and P-AUROC unless ``pixel_maps`` is given).
+        pixel_maps: Separate maps for P-AUROC (the official code normalises them differently); None reuses
+            ``maps`` and pools the pixels only once.
         aupro_mode: ``"exact"`` or ``"compat"`` (see :mod:`mmiad.metrics.pro`).
         num_thresholds: Sampled thresholds in compat mode.
 
@@ -52,12 +66,13 @@ def category_metrics(
         result["image_auroc"] = image_auroc(labels, scores)
     pixels = PixelScores.from_maps(masks, maps)
     try:
-        result["pixel_auroc"] = pixel_auroc_from(pixels)
-        by_limit = aupro_many_from(pixels, (0.3, 0.01), mode=aupro_mode, num_thresholds=num_thresholds)
+        result["pixel_auroc"] = pixel_auroc_from(
+            pixels if pixel_maps is None else PixelScores.from_maps(masks, pixel_maps)
+        )
+        by_limit = aupro_many_from(pixels, AUPRO_LIMITS, mode=aupro_mode, num_thresholds=num_thresholds)
     except UndefinedMetricError:
         return result
-    result["aupro@0.3"] = by_limit[0.3]
-    result["aupro@0.01"] = by_limit[0.01]
+    result.update({aupro_key(limit): value for limit, value in by_limit.items()})
     return result
 
 

@@ -1,10 +1,17 @@
-"""Uni-RCM hyperparameters: the paper's values as defaults, the official code's deviations behind ``compat``."""
+"""Uni-RCM hyperparameters: the published numbers' settings as defaults, the alternatives behind named options.
+
+Where the paper fixes a value, the default is the paper's. Where it leaves a value open, the default is what the
+official inference (``uni_rcm_infer.py``) ran to produce the published numbers: the ORQ residual norm of each
+modality is divided by its per-image maximum (``orq_normalization="image_max"``) and weighted β2D=0.05,
+β3D=0.10. Eq. 8 does not say at which scale the ORQ term enters; raw norms are in feature units and can swamp
+the mapping term. The paper-literal variant (raw norms, β=0.1 for both, as its text states) is
+``orq_normalization="none", beta_2d=0.1, beta_3d=0.1``. Nothing here is rewritten after construction:
+``compat`` is read where it matters (smoothing and the per-metric normalisations at scoring time).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -13,11 +20,12 @@ from mmiad.methods.unircm.blocks import BRANCHES
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MSE_NORMALIZATIONS = ("none", "feature_rms")
+ORQ_NORMALIZATIONS = ("image_max", "none")
 
 
 @dataclass
 class UniRCMConfig(MethodSettings):
-    """Uni-RCM hyperparameters (paper defaults; the official code's deviations sit behind ``compat``).
+    """Uni-RCM hyperparameters (see the module docstring for where each default comes from).
 
     The pipeline fields (extractors, image size, weights, profile, device, compat) are
     :class:`~mmiad.methods.settings.MethodSettings`'.
@@ -37,8 +45,11 @@ class UniRCMConfig(MethodSettings):
             for DINO/Point-MAE features of roughly unit scale; on features hundreds of times larger (FPFH in the
             weight-free preset) the raw MSE term swamps the cosine term the scores are made of.
         seed: Seed of initialisation, shuffling and k-means (115).
-        beta_2d: ORQ weight for 2D; None → 0.1 (paper) or 0.05 (compat).
-        beta_3d: ORQ weight for 3D; None → 0.1.
+        beta_2d: ORQ weight of the 2D factor (0.05, official; the paper's text says 0.1).
+        beta_3d: ORQ weight of the 3D factor (0.10).
+        orq_normalization: ``image_max`` (official: each ORQ map, zero on the background, divided by its
+            per-image maximum when that is > 0, so the ORQ term lies in [0, β]) or ``none`` (paper-literal: the raw
+            residual norm, in feature units).
         orq_layers: Cascaded codebooks per modality (4).
         codebook_size_2d: Codes per 2D layer (4096).
         codebook_size_3d: Codes per 3D layer (1024).
@@ -51,6 +62,11 @@ class UniRCMConfig(MethodSettings):
         store_dtype: dtype of the stored training grids (``float16`` halves the memory of big runs).
         memory_budget_gb: RAM for the training grids; beyond it they spill to memory-mapped files (in the feature
             cache folder) and are read back per batch, with identical results.
+
+    ``compat`` applies the official smoothing and normalisations: pixel and AUPRO maps blurred by PIL's GaussianBlur
+    (radius σ) on a uint8 copy, the image score from the 5×5/7×7 box cascade, CFM's per-metric normalisations;
+    ``mmiad test`` then also uses the papers' sampled AUPRO (99 thresholds). The ORQ scoring is the official one by
+    default either way, and follows ``orq_normalization``/``beta_*``.
     """
 
     grid_size: int = 56
@@ -64,8 +80,9 @@ class UniRCMConfig(MethodSettings):
     mse_weight: float = 0.01
     mse_normalization: str = "none"
     seed: int = 115
-    beta_2d: float | None = None
-    beta_3d: float | None = None
+    beta_2d: float = 0.05
+    beta_3d: float = 0.10
+    orq_normalization: str = "image_max"
     orq_layers: int = 4
     codebook_size_2d: int = 4096
     codebook_size_3d: int = 1024
@@ -78,21 +95,6 @@ class UniRCMConfig(MethodSettings):
     store_dtype: str = "float32"
     memory_budget_gb: float = 4.0
 
-    def compat_values(self) -> dict[str, Any]:
-        """The official inference scripts weight the 2D ORQ score by 0.05 (the paper says 0.1)."""
-        return {"beta_2d": 0.05}
-
-    def resolved(self) -> UniRCMConfig:
-        """As :meth:`MethodSettings.resolved`, then an unset β takes the paper's 0.1."""
-        settings = super().resolved()
-        if settings.beta_2d is None or settings.beta_3d is None:
-            settings = dataclasses.replace(
-                settings,
-                beta_2d=0.1 if settings.beta_2d is None else settings.beta_2d,
-                beta_3d=0.1 if settings.beta_3d is None else settings.beta_3d,
-            )
-        return settings
-
     def __post_init__(self) -> None:
         if self.branches not in BRANCHES:
             raise ValueError(f"unknown branches {self.branches!r}; expected one of {BRANCHES}")
@@ -102,5 +104,11 @@ class UniRCMConfig(MethodSettings):
             )
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store_dtype {self.store_dtype!r}; expected one of {tuple(STORE_DTYPES)}")
+        if self.orq_normalization not in ORQ_NORMALIZATIONS:
+            raise ValueError(
+                f"unknown orq_normalization {self.orq_normalization!r}; expected one of {ORQ_NORMALIZATIONS}"
+            )
+        if not (isinstance(self.beta_2d, int | float) and isinstance(self.beta_3d, int | float)):
+            raise ValueError(f"beta_2d and beta_3d must be numbers, got {self.beta_2d!r} and {self.beta_3d!r}")
         if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1 or self.orq_layers < 1:
             raise ValueError("need grid_size <= image_size, epochs >= 0, batch_size >= 1 and orq_layers >= 1")

@@ -153,7 +153,7 @@ def unircm_scorer(model: UniRCM) -> UniRcmScorer:
         model.orq_3d_,
         beta_2d=float(config.beta_2d),
         beta_3d=float(config.beta_3d),
-        normalize_orq=False,
+        normalize_orq=config.orq_normalization == "image_max",
         out_size=config.image_size,
         smoothing=config.smoothing,
         sigma=config.sigma,

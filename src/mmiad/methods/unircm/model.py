@@ -7,8 +7,11 @@ kept in memory; under ``torchrun`` it is data-parallel (:mod:`.distributed`).
 
 Scoring (eq. 8): ``S = (S2D_map + β2D·S2D_orq) · (S3D_map + β3D·S3D_orq)``. The mapping scores are CFM's
 discrepancy (distance of L2-normalised features, as the official code; eq. 7 writes a raw distance). Every map is
-zero on the background. ``compat=True`` follows the official code: ORQ maps max-normalised per image, β2D=0.05,
-β3D=0.10, PIL-uint8 blur for the pixel maps and the box cascade for the image score, CFM's normalisations.
+zero on the background. By default the ORQ maps are scored as the official inference does (each divided by its
+per-image maximum, β2D=0.05, β3D=0.10), because the paper leaves their scale open; ``orq_normalization="none"``
+with β=0.1/0.1 is the paper-literal variant. The final map is smoothed with the paper's Gaussian (σ=4);
+``compat=True`` switches to the official PIL-uint8 blur for the pixel maps, the box cascade for the image score
+and CFM's per-metric normalisations.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction
 from mmiad.methods.cfm.mapping import feature_discrepancy
-from mmiad.methods.cfm.scoring import finalize_map
+from mmiad.methods.cfm.scoring import ScoredMap, finalize_map
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.unircm.blocks import RefGuidedMapping, load_mapping_state
@@ -36,6 +39,20 @@ from mmiad.methods.unircm.orq import ResidualQuantizer
 from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import Grids, feature_mean_squares, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
+
+
+def normalize_orq_map(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """One image's ORQ map (zero on the background) scaled as ``orq_normalization`` says.
+
+    ``image_max`` divides by the map's maximum when it is positive (the official inference), so the ORQ term of
+    eq. 8 is at most β whatever the feature scale; ``none`` keeps the raw residual norms.
+    """
+    if how == "none":
+        return scores
+    if how != "image_max":
+        raise ValueError(f"unknown orq_normalization {how!r}")
+    peak = scores.max() if scores.numel() else scores.new_zeros(())
+    return scores / peak if float(peak) > 0 else scores
 
 
 def combine_scores(
@@ -299,9 +316,7 @@ class UniRCM(AnomalyModel):
                 for name, quantizer, rows in (("orq_2d", self.orq_2d_, rows_2d), ("orq_3d", self.orq_3d_, rows_3d)):
                     scores = torch.zeros(grid * grid, device=self.device)
                     scores[mask] = quantizer.score(rows[mask])
-                    if settings.compat and float(scores.max()) > 0:
-                        scores = scores / scores.max()
-                    maps[name] = scores
+                    maps[name] = normalize_orq_map(scores, settings.orq_normalization)
             maps["combined"] = (
                 combine_scores(
                     maps["2d"],
@@ -315,6 +330,20 @@ class UniRCM(AnomalyModel):
             )
         return {name: m.view(grid, grid).cpu() for name, m in maps.items()}
 
+    def finalize(self, combined: torch.Tensor) -> ScoredMap:
+        """A G×G combined map upsampled to the input size, smoothed, and its image score.
+
+        Default: the paper's Gaussian (``smoothing``, σ) for the map, its maximum as the score. Under ``compat``
+        the official inference: the map (and the AUPRO/P-AUROC maps, with CFM's normalisations) blurred by PIL on
+        a uint8 copy, the image score from the box-cascade map, max ÷ sqrt(mean of its non-zero values).
+        """
+        c = self.config
+        if not c.compat:
+            return finalize_map(combined, out_size=c.image_size, smoothing=c.smoothing, sigma=c.sigma, compat=False)
+        pixels = finalize_map(combined, out_size=c.image_size, smoothing="pil_uint8", sigma=c.sigma, compat=True)
+        image = finalize_map(combined, out_size=c.image_size, smoothing="box_cascade", sigma=c.sigma, compat=True)
+        return ScoredMap(pixels.anomaly_map, image.score, pixels.metric_maps)
+
     def predict(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
     ) -> Iterator[Prediction]:
@@ -322,30 +351,16 @@ class UniRCM(AnomalyModel):
         self.check_fitted()
         self.map_to_3d_.eval()
         self.map_to_2d_.eval()
-        c = self.settings
         prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
         for record, features in self.pipeline.iter_features(
             prepared, progress=progress, errors=errors, description="predict unircm"
         ):
             maps = self.score_grids(*self.grids_of(features))
-            combined = maps.pop("combined")
-            if c.compat:
-                scored = finalize_map(
-                    combined, out_size=c.image_size, smoothing="pil_uint8", sigma=c.sigma, compat=True
-                )
-                score = finalize_map(
-                    combined, out_size=c.image_size, smoothing="box_cascade", sigma=c.sigma, compat=True
-                )
-                pred_score = score.score
-            else:
-                scored = finalize_map(
-                    combined, out_size=c.image_size, smoothing=c.smoothing, sigma=c.sigma, compat=False
-                )
-                pred_score = scored.score
+            scored = self.finalize(maps.pop("combined"))
             inputs = features.inputs
             yield Prediction(
                 record=record,
-                pred_score=pred_score,
+                pred_score=scored.score,
                 anomaly_map=scored.anomaly_map.numpy(),
                 label=inputs.label,
                 gt_mask=inputs.gt_mask,
