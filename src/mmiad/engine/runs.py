@@ -97,10 +97,16 @@ def train_run(
     if not names:
         raise DataError(root, "no category found (expected <root>/<category>/train/good/{rgb,xyz})")
     errors: list[DataError] = []
-    build_model(method, cache_dir, hparams)  # fail on a bad option before any work
+    prototype = build_model(method, cache_dir, hparams)  # fail on a bad option before any work
     distributed = ddp.init_from_env()
     splits = _category_splits(root, names, shots, seed, errors)
     groups = {UNIFIED: names} if unified else {category: [category] for category in names}
+    # Optional method hook: what per-category models share is trained once on all categories (M3DM's UFF).
+    fit_shared = getattr(prototype, "fit_shared", None)
+    shared = None
+    if fit_shared is not None and not unified:
+        log(f"training the part of {method} shared by {len(names)} categories")
+        shared = fit_shared({c: splits[c][0] for c in names}, progress=progress, errors=errors)
     files: dict[str, Path] = {}
     for key, members in groups.items():
         train = [r for c in members for r in splits[c][0]]
@@ -112,6 +118,8 @@ def train_run(
             info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
         log(f"[{key}] training {method} on {len(train)} nominal samples")
         model = build_model(method, cache_dir, hparams)
+        if shared is not None:
+            model.use_shared(shared)  # type: ignore[attr-defined]
         trained = fit_and_calibrate(
             model,
             train,
