@@ -118,9 +118,9 @@ def reweighted_score(
     neighbours = neighbours[0, 1:]
     if neighbours.numel() == 0:
         return s_star
-    scale = math.sqrt(queries.shape[1])
+    root_dim = math.sqrt(queries.shape[1])
     distances = torch.linalg.vector_norm(m_test - search.bank[neighbours], dim=1).double() / scale
-    weight = 1.0 - math.exp(s_star / scale) / float(torch.exp(distances / scale).sum())
+    weight = 1.0 - math.exp(s_star / root_dim) / float(torch.exp(distances / root_dim).sum())
     return weight * s_star
 
 
