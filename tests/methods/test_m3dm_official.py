@@ -196,3 +196,42 @@ def test_options_are_validated() -> None:
         with pytest.raises(ValueError):
             M3DM(**bad)
     assert not M3DM(variant="double").config.trains_uff and M3DM().config.trains_uff
+
+
+# ---------------------------------------------------------------------- UFF over all categories (fusion_pretrain.py)
+def _uff_state(model: M3DM) -> dict[str, torch.Tensor]:
+    assert model.uff_ is not None
+    return model.uff_.state_dict()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_uff_is_trained_once_on_all_categories_of_a_run(tiny_dataset, tiny_hparams, tmp_path) -> None:
+    """Official: one UFF trained on the union of every category's first ``max_train_samples`` training samples."""
+    from mmiad.data.mvtec3d import list_records
+    from mmiad.engine import train_run
+    from mmiad.engine.trained import load_trained
+
+    hparams = {**tiny_hparams["m3dm"], "epochs": 1, "batch_size": 2, "accum_iter": 1, "max_train_samples": 2}
+    cache = str(tmp_path / "cache")
+    files, _ = train_run("m3dm", tiny_dataset, tmp_path / "run", hparams=hparams, cache_dir=cache, fallback=False)
+    models = {category: load_trained(path, cache_dir=cache).model for category, path in files.items()}
+    assert sorted(models) == ["block", "puck"]
+    # The tiny dataset has a validation split, so the training records are the whole train split; the reference
+    # UFF is trained directly on the (preprocessed) records the official fusion_pretrain.py would have seen.
+    reference = M3DM(**hparams, cache_dir=cache)
+    usable = {c: reference._usable(list_records(tiny_dataset, c, "train"), False, None) for c in models}
+    assert all(len(records) == 2 for records in usable.values())  # max_train_samples
+    reference._train_uff([r for c in sorted(usable) for r in usable[c]], progress=False)
+    shared = _uff_state(reference)
+    for category, model in models.items():
+        assert _same(_uff_state(model), shared), category
+        assert model.get_config()["uff"] == {"scope": "shared", "categories": ["block", "puck"], "n_samples": 4}
+        assert model.n_train_samples_ == 2  # max_train_samples caps the banks too
+    # uff_scope="category": nothing is shared, and a UFF of one category's samples differs from the shared one
+    assert M3DM(**hparams, uff_scope="category").fit_shared(usable) is None
+    assert M3DM(**hparams, variant="double").fit_shared(usable) is None
+    reference._train_uff(usable["puck"], progress=False)
+    assert not _same(_uff_state(reference), shared)
