@@ -235,3 +235,68 @@ def test_uff_is_trained_once_on_all_categories_of_a_run(tiny_dataset, tiny_hpara
     assert M3DM(**hparams, variant="double").fit_shared(usable) is None
     reference._train_uff(usable["puck"], progress=False)
     assert not _same(_uff_state(reference), shared)
+
+
+# ---------------------------------------------------------------------- UFF optimisation (engine_fusion_pretrain.py)
+def official_lr(epoch: float, base: float, warmup: int, epochs: int) -> float:
+    """``lr_sched.adjust_learning_rate`` with ``min_lr=0``: linear warm-up, then half-cycle cosine, per iteration."""
+    if epoch < warmup:
+        return base * epoch / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_uff_training_follows_the_official_gradient_accumulation(compat: bool, monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(11)
+    rows = {i: (torch.randn(6, POINT_DIM, generator=gen), torch.randn(6, RGB_DIM, generator=gen)) for i in range(8)}
+    options = {"epochs": 3, "warmup_epochs": 1, "batch_size": 2, "accum_iter": 3, "learning_rate": 0.01}
+    model = M3DM(**options, weight_decay=0.01, compat=compat)
+    monkeypatch.setattr(model, "_uff_dims", lambda record: (POINT_DIM, RGB_DIM))
+    monkeypatch.setattr(
+        model, "_uff_batch", lambda records, g: tuple(torch.cat([rows[r][j] for r in records]) for j in (0, 1))
+    )
+    history = model._train_uff(list(range(8)), progress=False)
+    assert len(history) == 3
+
+    # train_one_epoch: lr set at the first batch of each group of accum_iter batches, loss / accum_iter, a step
+    # after each full group; the leftover 4th batch of each epoch is discarded officially (applied by default).
+    torch.manual_seed(0)
+    block = FeatureFusionBlock(POINT_DIM, RGB_DIM)
+    optimizer = torch.optim.AdamW(block.parameters(), lr=0.01, betas=(0.9, 0.95), weight_decay=0.01)
+    order_gen = torch.Generator().manual_seed(0)  # mmiad's shuffle (the official DistributedSampler's differs)
+    for epoch in range(3):
+        order = torch.randperm(8, generator=order_gen).tolist()
+        optimizer.zero_grad()
+        for step in range(4):
+            if step % 3 == 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = official_lr(step / 4 + epoch, 0.01, 1, 3)
+            batch = order[2 * step : 2 * step + 2]
+            loss = block.contrastive_loss(
+                torch.cat([rows[r][0] for r in batch]), torch.cat([rows[r][1] for r in batch])
+            )
+            (loss / 3).backward()
+            if (step + 1) % 3 == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+        if not compat:
+            optimizer.step()
+    expected = block.state_dict()
+    for key, value in model.uff_.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("patches", ["nonzero", "foreground"])
+def test_uff_patches_are_the_official_all_channels_nonzero_rows(patches: str, monkeypatch) -> None:
+    train, _ = _data()
+    sets = train[0]
+    sets.point[sets.foreground.nonzero()[:3, 0], 2] = 0.0  # foreground rows with one empty channel (FPFH-like)
+    model = M3DM(uff_patches=patches, rgb_grid=RGB_GRID, point_grid=GRID)
+    model._pipeline = type("Stub", (), {"extract": staticmethod(lambda record: record)})()
+    monkeypatch.setattr(model, "_sets", lambda features: features)
+    point, rgb = model._uff_batch([sets], torch.Generator())
+    # official FeatureFusionBlock.forward: torch.all(xyz_feature != 0, dim=1)
+    keep = torch.all(sets.point != 0, dim=1) if patches == "nonzero" else sets.foreground
+    assert int(keep.sum()) == int(sets.foreground.sum()) - (3 if patches == "nonzero" else 0)
+    torch.testing.assert_close(point, sets.point[keep])
+    torch.testing.assert_close(rgb, sets.rgb_fine[keep])

@@ -38,6 +38,7 @@ BANKS = ("point", "rgb", "fused")
 VARIANTS = {"triple": BANKS, "double": BANKS[:2]}
 POINT_CORESETS = ("all_rows", "foreground")
 UFF_SCOPES = ("all", "category")
+UFF_PATCHES = ("nonzero", "foreground")
 #: The official double-bank variant divides s* and the reweighting distances by this before the image score.
 DOUBLE_SCORE_SCALE = 1000.0
 
@@ -77,7 +78,10 @@ class M3DMConfig(BankSettings):
         learning_rate: AdamW learning rate (README: 0.003).
         weight_decay: AdamW weight decay (intended 1.5e-6; the official code never passes it: 0.01 under compat).
         warmup_epochs: Linear warm-up before the cosine schedule (1).
-        uff_max_patches: Cap on foreground patches per InfoNCE step (None = all; logits are N×N).
+        uff_patches: Which patches enter InfoNCE: ``nonzero`` (official ``FeatureFusionBlock.forward``: rows whose
+            point feature has no zero channel; for Point-MAE features the foreground) or ``foreground`` (the
+            projected valid-pixel mask; keeps FPFH rows with empty histogram bins).
+        uff_max_patches: Cap on patches per InfoNCE step (None = all; logits are N×N).
         lambdas: Weights of the (point, rgb, fused) scores and maps before DLF (official 1.0, 0.1, 1.0).
         ocsvm_nu: ``nu`` of both one-class SVMs (0.5).
         ocsvm_max_iter: Their ``max_iter`` (1000).
@@ -106,6 +110,7 @@ class M3DMConfig(BankSettings):
     learning_rate: float = 0.003
     weight_decay: float = 1.5e-6
     warmup_epochs: int = 1
+    uff_patches: str = "nonzero"
     uff_max_patches: int | None = None
     lambdas: tuple[float, float, float] = (1.0, 0.1, 1.0)
     ocsvm_nu: float = 0.5
@@ -133,6 +138,7 @@ class M3DMConfig(BankSettings):
             ("variant", self.variant, tuple(VARIANTS)),
             ("point_coreset", self.point_coreset, POINT_CORESETS),
             ("uff_scope", self.uff_scope, UFF_SCOPES),
+            ("uff_patches", self.uff_patches, UFF_PATCHES),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
@@ -259,9 +265,8 @@ class M3DM(AnomalyModel):
     def _train_uff(self, records: list[SampleRecord], progress: bool) -> list[float]:
         """Train ``self.uff_`` on ``records`` (shuffled each epoch); returns the mean loss per epoch."""
         config = self.config
-        first = self._sets(self.pipeline.extract(records[0]))
         torch.manual_seed(config.seed)
-        self.uff_ = FeatureFusionBlock(first.point.shape[1], first.rgb.shape[1])
+        self.uff_ = FeatureFusionBlock(*self._uff_dims(records[0]))
         optimizer = torch.optim.AdamW(
             self.uff_.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
         )
@@ -296,14 +301,20 @@ class M3DM(AnomalyModel):
         self.uff_.eval().requires_grad_(False)
         return history
 
+    def _uff_dims(self, record: SampleRecord) -> tuple[int, int]:
+        """(point, RGB) feature widths, read from one sample."""
+        sets = self._sets(self.pipeline.extract(record))
+        return int(sets.point.shape[1]), int(sets.rgb.shape[1])
+
     def _uff_batch(self, records: list[SampleRecord], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aligned (point, RGB) foreground rows of a batch of images, capped at ``uff_max_patches``."""
+        """Aligned (point, RGB) rows of a batch of images (see ``uff_patches``), capped at ``uff_max_patches``."""
         point_rows, rgb_rows = [], []
         for record in records:
             sets = self._sets(self.pipeline.extract(record))
-            point_rows.append(sets.point[sets.foreground])
+            keep = (sets.point != 0).all(dim=1) if self.config.uff_patches == "nonzero" else sets.foreground
+            point_rows.append(sets.point[keep])
             rgb = official_training_rgb(sets.rgb, len(sets.point)) if self.config.compat else sets.rgb_fine
-            rgb_rows.append(rgb[sets.foreground])
+            rgb_rows.append(rgb[keep])
         point, rgb = torch.cat(point_rows), torch.cat(rgb_rows)
         cap = self.config.uff_max_patches
         if cap is not None and point.shape[0] > cap:
