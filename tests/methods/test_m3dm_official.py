@@ -300,3 +300,20 @@ def test_uff_patches_are_the_official_all_channels_nonzero_rows(patches: str, mo
     assert int(keep.sum()) == int(sets.foreground.sum()) - (3 if patches == "nonzero" else 0)
     torch.testing.assert_close(point, sets.point[keep])
     torch.testing.assert_close(rgb, sets.rgb_fine[keep])
+
+
+def test_max_train_samples_counts_per_category() -> None:
+    """``--max_sample 400`` is per class in the official loop; a unified run must keep every category's first N."""
+    from pathlib import Path
+
+    from mmiad.data.sample import SampleRecord
+
+    records = [SampleRecord(Path(f"{c}{i}.png"), Path(f"{c}{i}.tiff"), c, "train") for c in "ab" for i in range(4)]
+    model = M3DM(max_train_samples=3)
+    stub = type("Stub", (), {})()
+    stub.preprocess = lambda chosen, **_: chosen
+    stub.iter_features = lambda prepared, **_: ((record, None) for record in prepared)
+    model._pipeline = stub
+    kept = model._usable(records, False, None)
+    assert [(r.category, r.xyz_path.name) for r in kept] == [(c, f"{c}{i}.tiff") for c in "ab" for i in range(3)]
+    assert M3DM().config.max_train_samples == 401

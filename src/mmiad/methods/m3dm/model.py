@@ -235,14 +235,16 @@ class M3DM(AnomalyModel):
         """Train the UFF of every category at once (official ``fusion_pretrain.py`` over all classes).
 
         Each category contributes its first ``max_train_samples`` usable training samples, as the official
-        feature dump does. Returns None when nothing is shared (no UFF, ``double``, or ``uff_scope="category"``);
-        the engine then just fits per category.
+        feature dump does. Unreadable samples are skipped here without being added to ``errors``: each
+        category's :meth:`fit` reads them again and reports them once. Returns None when nothing is shared (no
+        UFF, ``double``, or ``uff_scope="category"``); the engine then just fits per category.
         """
         if not self.config.trains_uff or self.config.uff_scope != "all":
             return None
         union: list[SampleRecord] = []
+        skipped: list[DataError] = []  # each category's fit reads (and reports) the same bad samples again
         for records in records_by_category.values():
-            union.extend(self._usable(records, progress, errors))
+            union.extend(self._usable(records, progress, skipped))
         if not union:
             raise ValueError("no usable training sample in any category (all were reported as bad)")
         history = self._train_uff(union, progress)
@@ -255,9 +257,17 @@ class M3DM(AnomalyModel):
     def _usable(
         self, records: Sequence[SampleRecord], progress: bool, errors: list[DataError] | None
     ) -> list[SampleRecord]:
-        """The first ``max_train_samples`` records, less those that cannot be read (reported in ``errors``)."""
+        """The first ``max_train_samples`` records *of each category*, less those that cannot be read.
+
+        Per category, so a unified run over several categories keeps each one's first samples.
+        """
         limit = self.config.max_train_samples
-        chosen = list(records)[:limit] if limit is not None else list(records)
+        taken: dict[str, int] = {}
+        chosen = []
+        for record in records:
+            if limit is None or taken.get(record.category, 0) < limit:
+                chosen.append(record)
+                taken[record.category] = taken.get(record.category, 0) + 1
         prepared = self.pipeline.preprocess(chosen, progress=progress, errors=errors)
         return [record for record, _ in self.pipeline.iter_features(prepared, progress=progress, errors=errors)]
 
