@@ -287,7 +287,7 @@ def test_uff_training_follows_the_official_gradient_accumulation(compat: bool, m
 
 
 @pytest.mark.parametrize("patches", ["nonzero", "foreground"])
-def test_uff_patches_are_the_official_all_channels_nonzero_rows(patches: str, monkeypatch) -> None:
+def test_uff_patches_foreground_or_the_literal_all_channels_nonzero_test(patches: str, monkeypatch) -> None:
     train, _ = _data()
     sets = train[0]
     sets.point[sets.foreground.nonzero()[:3, 0], 2] = 0.0  # foreground rows with one empty channel (FPFH-like)

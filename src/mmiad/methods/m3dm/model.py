@@ -38,7 +38,7 @@ BANKS = ("point", "rgb", "fused")
 VARIANTS = {"triple": BANKS, "double": BANKS[:2]}
 POINT_CORESETS = ("all_rows", "foreground")
 UFF_SCOPES = ("all", "category")
-UFF_PATCHES = ("nonzero", "foreground")
+UFF_PATCHES = ("foreground", "nonzero")
 #: The official double-bank variant divides s* and the reweighting distances by this before the image score.
 DOUBLE_SCORE_SCALE = 1000.0
 
@@ -78,9 +78,11 @@ class M3DMConfig(BankSettings):
         learning_rate: AdamW learning rate (README: 0.003).
         weight_decay: AdamW weight decay (intended 1.5e-6; the official code never passes it: 0.01 under compat).
         warmup_epochs: Linear warm-up before the cosine schedule (1).
-        uff_patches: Which patches enter InfoNCE: ``nonzero`` (official ``FeatureFusionBlock.forward``: rows whose
-            point feature has no zero channel; for Point-MAE features the foreground) or ``foreground`` (the
-            projected valid-pixel mask; keeps FPFH rows with empty histogram bins).
+        uff_patches: Which patches enter InfoNCE: ``foreground`` (the projected valid-pixel mask) or ``nonzero``
+            (the literal test of the official ``FeatureFusionBlock.forward``: rows whose point feature has no zero
+            channel). For Point-MAE features, which are never exactly zero on the foreground, both select the same
+            rows; for FPFH histograms, which almost always have an empty bin, ``nonzero`` selects (almost) nothing
+            and UFF would not train, hence the default.
         uff_max_patches: Cap on patches per InfoNCE step (None = all; logits are N×N).
         lambdas: Weights of the (point, rgb, fused) scores and maps before DLF (official 1.0, 0.1, 1.0).
         ocsvm_nu: ``nu`` of both one-class SVMs (0.5).
@@ -110,7 +112,7 @@ class M3DMConfig(BankSettings):
     learning_rate: float = 0.003
     weight_decay: float = 1.5e-6
     warmup_epochs: int = 1
-    uff_patches: str = "nonzero"
+    uff_patches: str = "foreground"
     uff_max_patches: int | None = None
     lambdas: tuple[float, float, float] = (1.0, 0.1, 1.0)
     ocsvm_nu: float = 0.5
