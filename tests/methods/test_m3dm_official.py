@@ -227,6 +227,7 @@ def test_uff_is_trained_once_on_all_categories_of_a_run(tiny_dataset, tiny_hpara
     reference._train_uff([r for c in sorted(usable) for r in usable[c]], progress=False)
     shared = _uff_state(reference)
     for category, model in models.items():
+        assert model.loss_history_ and all(math.isfinite(v) for v in model.loss_history_)  # the UFF did train
         assert _same(_uff_state(model), shared), category
         assert model.get_config()["uff"] == {"scope": "shared", "categories": ["block", "puck"], "n_samples": 4}
         assert model.n_train_samples_ == 2  # max_train_samples caps the banks too
