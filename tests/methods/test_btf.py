@@ -51,3 +51,16 @@ def test_fit_reports_bank_size_and_scores_train_samples_low(tiny_dataset: Path, 
     first = next(iter(model.predict(train[:1])))
     assert first.modality_maps["patch"][0, 0] == 0.0
     assert first.anomaly_map.shape == (64, 64)
+
+
+def test_btf_rgb_weights_prefer_timms_racm_file(tmp_path) -> None:
+    """3D-ADS loads timm's ``wide_resnet50_2`` (unpinned timm): timm's racm weights, not torchvision's."""
+    from mmiad.features.weights import resolve_weights
+
+    torchvision_file = tmp_path / "wide_resnet50_2-95faca4d.pth"
+    torchvision_file.write_bytes(b"x")
+    assert resolve_weights("wide_resnet50_2", tmp_path) == torchvision_file  # still usable alone
+    racm = tmp_path / "wide_resnet50_2.racm_in1k" / "model.safetensors"
+    racm.parent.mkdir()
+    racm.write_bytes(b"x")
+    assert resolve_weights("wide_resnet50_2", tmp_path) == racm

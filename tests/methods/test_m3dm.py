@@ -88,7 +88,7 @@ def _banks() -> dict[str, MemoryBank]:
 def test_paper_normalisation_and_coreset_sizes() -> None:
     banks = _banks()
     stats = {name: bank.statistics() for name, bank in banks.items()}
-    M3DM()._finalize_banks(banks, progress=False)
+    M3DM(point_coreset="foreground")._finalize_banks(banks, progress=False)
     assert [len(banks[n]) for n in ("point", "rgb", "fused")] == [20, 30, 80]
     for name, bank in banks.items():
         assert (bank.mean, bank.std) == pytest.approx(stats[name])
@@ -97,7 +97,7 @@ def test_paper_normalisation_and_coreset_sizes() -> None:
 def test_compat_uses_mixed_statistics_and_missized_coresets() -> None:
     banks = _banks()
     point_mean, rgb_std = banks["point"].statistics()[0], banks["rgb"].statistics()[1]
-    model = M3DM(compat=True)
+    model = M3DM(compat=True, point_coreset="foreground")
     assert model.settings.smoothing == "pil_uint8" and model.settings.weight_decay == 0.01
     model._finalize_banks(banks, progress=False)
     # point: 10% of all 300 patches (background included); rgb and fused: 10% of the point coreset
@@ -131,8 +131,8 @@ def test_compat_trains_uff_on_the_scrambled_rows(tiny_dataset, tiny_hparams, tmp
     records = list_records(tiny_dataset, "puck", "train")[:2]
     states = []
     for compat in (False, True):  # same weight decay, so only the RGB training rows differ
-        model = M3DM(**tiny_hparams["m3dm"], compat=compat, weight_decay=0.01, cache_dir=str(tmp_path))
-        model._train_uff(records, model._sets(model.pipeline.extract(records[0])), progress=False)
+        model = M3DM(**tiny_hparams["m3dm"], compat=compat, weight_decay=0.01, accum_iter=1, cache_dir=str(tmp_path))
+        model._train_uff(records, progress=False)
         states.append(model.uff_.state_dict())
     assert states[0]["xyz_head.weight"].shape == states[1]["xyz_head.weight"].shape
     assert not torch.equal(states[0]["rgb_mlp.fc1.weight"], states[1]["rgb_mlp.fc1.weight"])

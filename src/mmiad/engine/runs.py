@@ -101,12 +101,18 @@ def train_run(
     if not names:
         raise DataError(root, f"no category found ({dataset.name} layout)")
     errors: list[DataError] = []
-    probe = build_model(method, cache_dir, hparams)  # fail on a bad option before any work
-    if not probe.needs_training:
+    prototype = build_model(method, cache_dir, hparams)  # fail on a bad option before any work
+    if not prototype.needs_training:
         raise ValueError(f"method {method!r} needs no training; score a dataset with `mmiad test --method {method}`")
     distributed = ddp.init_from_env()
     splits = _category_splits(dataset, names, shots, seed, errors)
     groups = {UNIFIED: names} if unified else {category: [category] for category in names}
+    # What per-category models share is trained once on all categories (M3DM's UFF); most methods share nothing.
+    shared = None
+    if not unified:
+        shared = prototype.fit_shared({c: splits[c][0] for c in names}, progress=progress, errors=errors)
+        if shared is not None:
+            log(f"trained the part of {method} shared by {len(names)} categories")
     files: dict[str, Path] = {}
     for key, members in groups.items():
         train = [r for c in members for r in splits[c][0]]
@@ -118,6 +124,8 @@ def train_run(
             info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
         log(f"[{key}] training {method} on {len(train)} nominal samples")
         model = build_model(method, cache_dir, hparams)
+        if shared is not None:
+            model.use_shared(shared)
         trained = fit_and_calibrate(
             model,
             train,

@@ -100,16 +100,23 @@ KNOWN_WEIGHTS: dict[str, WeightsEntry] = {
             (KnownFile("dinov2_vitb14_pretrain.pth"),),
             f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
         ),
+        # BTF (3D-ADS) calls timm.create_model("wide_resnet50_2", pretrained=True) with an unpinned timm; every
+        # timm of its time (2022, 0.5-0.6) resolves that to timm's own RA/CutMix/Mixup-trained weights
+        # (wide_resnet50_racm-8234f177.pth, on the HF hub as wide_resnet50_2.racm_in1k since timm 0.9), not
+        # torchvision's. They are preferred when several files are present; the others remain usable.
         WeightsEntry(
             "wide_resnet50_2",
             (
+                KnownFile("wide_resnet50_2.racm_in1k/model.safetensors"),
+                KnownFile("wide_resnet50_racm-8234f177.pth"),
                 KnownFile("wide_resnet50_2-95faca4d.pth"),
                 KnownFile("wide_resnet50_2.tv_in1k/model.safetensors"),
-                KnownFile("wide_resnet50_2.racm_in1k/model.safetensors"),
             ),
-            "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth (torchvision), or timm's "
-            "wide_resnet50_2.tv_in1k / .racm_in1k model.safetensors from huggingface.co/timm, into a folder of that "
-            "name",
+            "https://huggingface.co/timm/wide_resnet50_2.racm_in1k (model.safetensors, into a folder of that name; "
+            "the weights BTF's official code loads through timm), or the same weights as "
+            "https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/"
+            "wide_resnet50_racm-8234f177.pth; torchvision's wide_resnet50_2-95faca4d.pth also loads but is not "
+            "what the published BTF numbers used",
         ),
         WeightsEntry(
             "pointmae",

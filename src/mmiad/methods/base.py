@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -176,6 +176,21 @@ class AnomalyModel(ABC):
         return model
 
     # ------------------------------------------------------------------ hooks
+    def fit_shared(
+        self,
+        records_by_category: Mapping[str, Sequence[SampleRecord]],
+        *,
+        progress: bool = False,
+        errors: list[DataError] | None = None,
+    ) -> Any:
+        """Train, once, what the per-category models of one run share (M3DM's UFF, trained on all categories as
+        the official code does); the engine hands the result to each category's :meth:`use_shared` before
+        :meth:`fit`. None (the default) means nothing is shared."""
+        return None
+
+    def use_shared(self, shared: Any) -> None:  # noqa: B027 (a hook: most methods share nothing)
+        """Receive :meth:`fit_shared`'s result before :meth:`fit` (ignored by methods that share nothing)."""
+
     def export_scorer(self, out_dir: Any) -> dict[str, Any]:
         """Write ``scorer.onnx`` for ``mmiad export`` and describe it; methods that cannot be exported refuse.
 

@@ -5,12 +5,17 @@ and UFF fuses the two per patch. Three PatchCore banks (RGB, point, fused) each 
 reweighted image score; decision-layer fusion (DLF) combines them with two linear one-class SVMs, one on the
 3-vectors of image scores, one on the per-pixel 3-vectors of maps. Like the official code, the SVMs are fitted on
 the *training* samples scored against banks built from those same samples.
+
+``variant="double"`` is the official ``DINO+Point_MAE`` method (``DoubleRGBPointFeatures``): the point and RGB
+banks only, no UFF, the same DLF on 2-vectors. With ``uff_scope="all"`` (the official ``fusion_pretrain.py``)
+one UFF is trained on the union of every category of a run, through :meth:`M3DM.fit_shared`, before the
+per-category banks are built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,6 +36,12 @@ from mmiad.methods.registry import register_method
 from mmiad.postprocess.smoothing import SMOOTHINGS
 
 BANKS = ("point", "rgb", "fused")
+VARIANTS = {"triple": BANKS, "double": BANKS[:2]}
+POINT_CORESETS = ("all_rows", "foreground")
+UFF_SCOPES = ("all", "category")
+UFF_PATCHES = ("foreground", "nonzero")
+#: The official double-bank variant divides s* and the reweighting distances by this before the image score.
+DOUBLE_SCORE_SCALE = 1000.0
 
 
 @dataclass
@@ -44,17 +55,36 @@ class M3DMConfig(BankSettings):
 
     Attributes:
         profile: Preprocessing profile (``m3dm``: plane removal, RGB background zeroed).
+        variant: ``triple`` (official ``DINO+Point_MAE+Fusion``: point, RGB and fused banks) or ``double``
+            (official ``DINO+Point_MAE``: point and RGB banks, no UFF, image scores with the official /1000).
+        point_coreset: ``all_rows`` (official): the point bank holds every patch of every image, background
+            included, the coreset keeps 10 % of *all* rows (starting at row 0) and test patches are all searched;
+            in ``triple`` the bank then drops rows with an exact zero and gains one all-zero row, as
+            ``TripleFeatures.run_coreset`` does. ``foreground``: only foreground patches are stored, 10 % of them
+            kept, and background test patches score 0.
+        uff_scope: ``all`` (official ``fusion_pretrain.py``): one UFF trained on the union of all categories of a
+            run (:meth:`M3DM.fit_shared`), stored in every category's model file; ``category``: one per category.
+        max_train_samples: Training samples used per category, in order (official ``--max_sample 400`` keeps the
+            first 401; only Eyecandies' 1000-sample categories are affected). None uses all.
         rgb_grid: RGB patch grid (28).
         point_grid: Point and fused patch grid (56).
         use_uff: Train and use UFF; without it the fused feature is the plain concatenation (users of the
             official code report UFF often hurts).
         epochs: UFF epochs (official default 3).
-        batch_size: Images per UFF step (official 16).
+        batch_size: Images per UFF InfoNCE batch (official 16).
+        accum_iter: Batches whose gradients are accumulated per optimizer step (README command: 16); the
+            learning rate is updated at the start of each group. A partial group at the end of an epoch is applied
+            (the official code discards it, so sets under 256 images never train; under ``compat`` it is discarded).
         learning_rate: AdamW learning rate (README: 0.003).
         weight_decay: AdamW weight decay (intended 1.5e-6; the official code never passes it, so AdamW's 0.01 is
             the default under compat).
         warmup_epochs: Linear warm-up before the cosine schedule (1).
-        uff_max_patches: Cap on foreground patches per InfoNCE step (None = all; logits are N×N).
+        uff_patches: Which patches enter InfoNCE: ``foreground`` (the projected valid-pixel mask) or ``nonzero``
+            (the literal test of the official ``FeatureFusionBlock.forward``: rows whose point feature has no zero
+            channel). For Point-MAE features, which are never exactly zero on the foreground, both select the same
+            rows; for FPFH histograms, which almost always have an empty bin, ``nonzero`` selects (almost) nothing
+            and UFF would not train, hence the default.
+        uff_max_patches: Cap on patches per InfoNCE step (None = all; logits are N×N).
         lambdas: Weights of the (point, rgb, fused) scores and maps before DLF (official 1.0, 0.1, 1.0).
         ocsvm_nu: ``nu`` of both one-class SVMs (0.5).
         ocsvm_max_iter: Their ``max_iter`` (1000).
@@ -69,14 +99,20 @@ class M3DMConfig(BankSettings):
     """
 
     profile: str = "m3dm"
+    variant: str = "triple"
+    point_coreset: str = "all_rows"
+    uff_scope: str = "all"
+    max_train_samples: int | None = 401
     rgb_grid: int = 28
     point_grid: int = 56
     use_uff: bool = True
     epochs: int = 3
     batch_size: int = 16
+    accum_iter: int = 16
     learning_rate: float = 0.003
     weight_decay: float = 1.5e-6
     warmup_epochs: int = 1
+    uff_patches: str = "foreground"
     uff_max_patches: int | None = None
     lambdas: tuple[float, float, float] = (1.0, 0.1, 1.0)
     ocsvm_nu: float = 0.5
@@ -96,8 +132,28 @@ class M3DMConfig(BankSettings):
         if len(self.lambdas) != 3:
             raise ValueError(f"lambdas needs three weights (point, rgb, fused), got {self.lambdas}")
         self.check_bank_settings()
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("need epochs >= 0 and batch_size >= 1")
+        if self.epochs < 0 or self.batch_size < 1 or self.accum_iter < 1:
+            raise ValueError("need epochs >= 0, batch_size >= 1 and accum_iter >= 1")
+        for name, value, allowed in (
+            ("variant", self.variant, tuple(VARIANTS)),
+            ("point_coreset", self.point_coreset, POINT_CORESETS),
+            ("uff_scope", self.uff_scope, UFF_SCOPES),
+            ("uff_patches", self.uff_patches, UFF_PATCHES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError("max_train_samples must be positive (or None for all)")
+
+    @property
+    def banks(self) -> tuple[str, ...]:
+        """The banks of the variant, in DLF order."""
+        return VARIANTS[self.variant]
+
+    @property
+    def trains_uff(self) -> bool:
+        """Whether a UFF is trained (only the triple variant fuses)."""
+        return self.use_uff and self.variant == "triple"
 
 
 @dataclass
@@ -122,12 +178,34 @@ def patch_sets(features: SampleFeatures, rgb_grid: int, point_grid: int) -> Patc
     )
 
 
+@dataclass
+class SharedUFF:
+    """A UFF trained once for several categories (``uff_scope="all"``), handed to each category's model.
+
+    Attributes:
+        block: The trained fusion block (eval mode, frozen).
+        loss_history: Mean InfoNCE per epoch.
+        categories: The categories whose training samples it saw.
+        n_samples: How many samples that was.
+    """
+
+    block: FeatureFusionBlock
+    loss_history: list[float] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    n_samples: int = 0
+
+
 @register_method("m3dm")
 class M3DM(AnomalyModel):
-    """Multi-3D-Memory: three memory banks + UFF + decision-layer fusion (Wang et al., CVPR 2023).
+    """Multi-3D-Memory: three (or two) memory banks + UFF + decision-layer fusion (Wang et al., CVPR 2023).
 
-    See :class:`M3DMConfig`. Learned state: ``uff_`` (None without UFF), ``banks_`` (point, rgb, fused),
+    See :class:`M3DMConfig`. Learned state: ``uff_`` (None without UFF), ``banks_`` (point, rgb[, fused]),
     ``detect_coef_`` and ``segment_coef_`` (the linear OCSVM weights: ``score_samples(x) = x·coef``).
+
+    Multi-category runs: the engine calls :meth:`fit_shared` once, on one instance, with every category's
+    training records, then :meth:`use_shared` with its result on each category's model before :meth:`fit`.
+    Without that call (a single ``fit``) the UFF sees only the records given to ``fit``, which is what
+    ``uff_scope="category"`` always does.
     """
 
     config_class = M3DMConfig
@@ -139,6 +217,7 @@ class M3DM(AnomalyModel):
         "epochs": 2,
         "batch_size": 2,
     }
+    _shared: SharedUFF | None = None
 
     def _sets(self, features: SampleFeatures) -> PatchSets:
         return patch_sets(features, self.config.rgb_grid, self.config.point_grid)
@@ -150,111 +229,195 @@ class M3DM(AnomalyModel):
         with torch.no_grad():
             return self.uff_.fuse(sets.point, sets.rgb_fine)
 
+    # ------------------------------------------------------------------ shared (multi-category) training
+    def fit_shared(
+        self,
+        records_by_category: Mapping[str, Sequence[SampleRecord]],
+        *,
+        progress: bool = False,
+        errors: list[DataError] | None = None,
+    ) -> SharedUFF | None:
+        """Train the UFF of every category at once (official ``fusion_pretrain.py`` over all classes).
+
+        Each category contributes its first ``max_train_samples`` usable training samples, as the official
+        feature dump does. Unreadable samples are skipped here without being added to ``errors``: each
+        category's :meth:`fit` reads them again and reports them once. Returns None when nothing is shared (no
+        UFF, ``double``, or ``uff_scope="category"``); the engine then just fits per category.
+        """
+        if not self.config.trains_uff or self.config.uff_scope != "all" or self.config.uff_checkpoint:
+            return None
+        union: list[SampleRecord] = []
+        skipped: list[DataError] = []  # each category's fit reads (and reports) the same bad samples again
+        for records in records_by_category.values():
+            union.extend(self._usable(records, progress, skipped))
+        if not union:
+            raise ValueError("no usable training sample in any category (all were reported as bad)")
+        history = self._train_uff(union, progress)
+        return SharedUFF(self.uff_, history, sorted(records_by_category), len(union))  # type: ignore[arg-type]
+
+    def use_shared(self, shared: Any) -> None:
+        """Use ``shared`` (from :meth:`fit_shared`) instead of training a UFF in :meth:`fit`."""
+        self._shared = shared
+
+    def _usable(
+        self, records: Sequence[SampleRecord], progress: bool, errors: list[DataError] | None
+    ) -> list[SampleRecord]:
+        """The first ``max_train_samples`` records *of each category*, less those that cannot be read.
+
+        Per category, so a unified run over several categories keeps each one's first samples.
+        """
+        limit = self.config.max_train_samples
+        taken: dict[str, int] = {}
+        chosen = []
+        for record in records:
+            if limit is None or taken.get(record.category, 0) < limit:
+                chosen.append(record)
+                taken[record.category] = taken.get(record.category, 0) + 1
+        prepared = self.pipeline.preprocess(chosen, progress=progress, errors=errors)
+        return [record for record, _ in self.pipeline.iter_features(prepared, progress=progress, errors=errors)]
+
     # ------------------------------------------------------------------ training
-    def _train_uff(self, records: list[SampleRecord], first: PatchSets, progress: bool) -> None:
+    def _train_uff(self, records: list[SampleRecord], progress: bool) -> list[float]:
+        """Train ``self.uff_`` on ``records`` (shuffled each epoch); returns the mean loss per epoch."""
         config = self.settings
         torch.manual_seed(config.seed)
-        self.uff_ = FeatureFusionBlock(first.point.shape[1], first.rgb.shape[1])
+        self.uff_ = FeatureFusionBlock(*self._uff_dims(records[0]))
         optimizer = torch.optim.AdamW(
             self.uff_.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
         )
         generator = torch.Generator().manual_seed(config.seed)
-        steps_per_epoch = -(-len(records) // config.batch_size)
-        total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
-        self.loss_history_: list[float] = []
-        step = 0
-        for _ in tqdm(range(config.epochs), desc="train uff", disable=not progress, leave=False):
+        batches_per_epoch = -(-len(records) // config.batch_size)
+        total, warmup = config.epochs * batches_per_epoch, config.warmup_epochs * batches_per_epoch
+        history: list[float] = []
+        for epoch in tqdm(range(config.epochs), desc="train uff", disable=not progress, leave=False):
             order = torch.randperm(len(records), generator=generator).tolist()
             losses = []
-            for start in range(0, len(order), config.batch_size):
-                point_rows, rgb_rows = [], []
-                for index in order[start : start + config.batch_size]:
-                    sets = self._sets(self.pipeline.extract(records[index]))
-                    point_rows.append(sets.point[sets.foreground])
-                    rgb = official_training_rgb(sets.rgb, len(sets.point)) if config.compat else sets.rgb_fine
-                    rgb_rows.append(rgb[sets.foreground])
-                point, rgb = torch.cat(point_rows), torch.cat(rgb_rows)
-                if config.uff_max_patches is not None and point.shape[0] > config.uff_max_patches:
-                    keep = torch.randperm(point.shape[0], generator=generator)[: config.uff_max_patches]
-                    point, rgb = point[keep], rgb[keep]
-                if point.shape[0] < 2:
-                    continue
-                for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, total, warmup, config.learning_rate)
-                loss = self.uff_.contrastive_loss(point, rgb)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("UFF training diverged (non-finite loss); try a lower learning rate")
-                optimizer.zero_grad()
-                loss.backward()
+            optimizer.zero_grad()
+            pending = 0
+            for batch, start in enumerate(range(0, len(order), config.batch_size)):
+                if batch % config.accum_iter == 0:  # per-iteration schedule, set at each accumulation group
+                    for group in optimizer.param_groups:
+                        group["lr"] = cosine_lr(epoch * batches_per_epoch + batch, total, warmup, config.learning_rate)
+                point, rgb = self._uff_batch([records[i] for i in order[start : start + config.batch_size]], generator)
+                if point.shape[0] >= 2:
+                    loss = self.uff_.contrastive_loss(point, rgb)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError("UFF training diverged (non-finite loss); try a lower learning rate")
+                    (loss / config.accum_iter).backward()
+                    losses.append(float(loss.detach()))
+                    pending += 1
+                if (batch + 1) % config.accum_iter == 0:
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    pending = 0
+            if pending and not config.compat:
                 optimizer.step()
-                losses.append(float(loss.detach()))
-                step += 1
-            self.loss_history_.append(float(np.mean(losses)) if losses else float("nan"))
+            history.append(float(np.mean(losses)) if losses else float("nan"))
         self.uff_.eval().requires_grad_(False)
+        return history
+
+    def _uff_dims(self, record: SampleRecord) -> tuple[int, int]:
+        """(point, RGB) feature widths, read from one sample."""
+        sets = self._sets(self.pipeline.extract(record))
+        return int(sets.point.shape[1]), int(sets.rgb.shape[1])
+
+    def _uff_batch(self, records: list[SampleRecord], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aligned (point, RGB) rows of a batch of images (see ``uff_patches``), capped at ``uff_max_patches``."""
+        point_rows, rgb_rows = [], []
+        for record in records:
+            sets = self._sets(self.pipeline.extract(record))
+            keep = (sets.point != 0).all(dim=1) if self.config.uff_patches == "nonzero" else sets.foreground
+            point_rows.append(sets.point[keep])
+            rgb = official_training_rgb(sets.rgb, len(sets.point)) if self.config.compat else sets.rgb_fine
+            rgb_rows.append(rgb[keep])
+        point, rgb = torch.cat(point_rows), torch.cat(rgb_rows)
+        cap = self.config.uff_max_patches
+        if cap is not None and point.shape[0] > cap:
+            keep = torch.randperm(point.shape[0], generator=generator)[:cap]
+            point, rgb = point[keep], rgb[keep]
+        return point, rgb
 
     def _finalize_banks(self, banks: dict[str, MemoryBank], progress: bool) -> None:
-        """Normalise and subsample: per-bank statistics and 10% each (paper) or the official quirks (compat)."""
+        """Normalise and subsample each bank (see ``point_coreset`` and ``compat`` in :class:`M3DMConfig`)."""
+        config = self.config
         stats = {name: bank.statistics() for name, bank in banks.items()}
-        if not self.config.compat:
-            for name, bank in banks.items():
-                bank.finalize(mean=stats[name][0], std=stats[name][1], progress=progress)
-            return
-        # Official TripleFeatures: every mean from the point bank, every std from the RGB bank; the RGB and fused
-        # coresets get 10% of the *point coreset's* size instead of their own.
-        mean, std = stats["point"][0], stats["rgb"][1]
+        # Official: every mean from the point bank, every std from the RGB bank (compat); paper: each its own.
+        norms = {name: (stats["point"][0], stats["rgb"][1]) if config.compat else stats[name] for name in banks}
         point = banks["point"]
-        all_point_rows = point.count // max(point.store.chunks[0].shape[1], 1)
-        point.finalize(mean=mean, std=std, n_select=max(1, int(self.config.coreset_fraction * all_point_rows)))
-        for name in ("rgb", "fused"):
-            size = max(1, int(self.config.coreset_fraction * len(point)))
-            banks[name].finalize(mean=mean, std=std, n_select=size, progress=progress)
+        point_select = None  # all_rows: fraction of the stored rows, which are all rows
+        if config.point_coreset == "foreground" and config.compat:
+            all_rows = point.count // max(point.store.chunks[0].shape[1], 1)
+            point_select = max(1, int(config.coreset_fraction * all_rows))
+        point.finalize(mean=norms["point"][0], std=norms["point"][1], n_select=point_select, progress=progress)
+        for name in banks:
+            if name == "point":
+                continue
+            # Official: the RGB and fused coresets get 10 % of the *point coreset's* size (compat).
+            size = max(1, int(config.coreset_fraction * len(point))) if config.compat else None
+            banks[name].finalize(mean=norms[name][0], std=norms[name][1], n_select=size, progress=progress)
+        if config.point_coreset == "all_rows" and config.variant == "triple":
+            # TripleFeatures.run_coreset: drop normalised rows with any exact zero, append one all-zero row.
+            assert point.bank is not None
+            kept = point.bank[(point.bank != 0).all(dim=1)]
+            point.load(torch.cat([kept, torch.zeros(1, point.bank.shape[1])]), point.mean, point.std)
 
     def fit(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
     ) -> M3DM:
-        """UFF (optional) → three banks → DLF one-class SVMs on the training samples' own scores."""
+        """UFF (shared, own, or none) → banks → DLF one-class SVMs on the training samples' own scores."""
         if not records:
             raise ValueError("M3DM.fit needs at least one nominal training sample")
-        prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
-        kept: list[SampleRecord] = []
-        first: PatchSets | None = None
-        for record, features in self.pipeline.iter_features(prepared, progress=progress, errors=errors):
-            kept.append(record)
-            first = first or self._sets(features)
-        if first is None:
+        config = self.config
+        kept = self._usable(records, progress, errors)
+        if not kept:
             raise ValueError("no usable training sample (all were reported as bad)")
         self.uff_: FeatureFusionBlock | None = None
-        self.loss_history_ = []
-        if self.config.use_uff and self.config.uff_checkpoint:
+        self.loss_history_: list[float] = []
+        self.uff_info_: dict[str, Any] = {}
+        if config.trains_uff and config.uff_checkpoint:
             from mmiad.methods.m3dm.official import load_official_uff
 
-            self.uff_ = load_official_uff(self.config.uff_checkpoint, first.point.shape[1], first.rgb.shape[1])
-        elif self.config.use_uff:
-            self._train_uff(kept, first, progress)
-        banks = {name: self.config.new_bank(self.cache_dir, offset) for offset, name in enumerate(BANKS)}
-        for record in kept:
-            sets = self._sets(self.pipeline.extract(record))
-            background = int((~sets.foreground).sum())
-            banks["point"].add(sets.point[sets.foreground], uncounted_zero_rows=background)
-            banks["rgb"].add(sets.rgb)
-            banks["fused"].add(self.fused(sets))
-        self.n_collected_ = {name: bank.collected for name, bank in banks.items()}
-        self._finalize_banks(banks, progress)
-        self.banks_ = banks
+            self.uff_ = load_official_uff(config.uff_checkpoint, *self._uff_dims(kept[0]))
+            self.uff_info_ = {"scope": "imported", "file": config.uff_checkpoint}
+        elif config.trains_uff and self._shared is not None:
+            self.uff_, self.loss_history_ = self._shared.block, list(self._shared.loss_history)
+            self.uff_info_ = {"scope": "shared", "categories": self._shared.categories}
+            self.uff_info_["n_samples"] = self._shared.n_samples
+        elif config.trains_uff:
+            self.loss_history_ = self._train_uff(kept, progress)
+            self.uff_info_ = {"scope": "fit", "categories": sorted({r.category for r in kept}), "n_samples": len(kept)}
+        self._build_banks((self._sets(self.pipeline.extract(record)) for record in kept), progress)
         self._fit_dlf(kept, progress)
         self.n_train_samples_ = len(kept)
         self.fitted_ = True
         return self
 
+    def _build_banks(self, training_sets: Iterable[PatchSets], progress: bool = False) -> None:
+        """Collect every training image's patch rows into the banks, then normalise and subsample them."""
+        config = self.config
+        banks = {name: config.new_bank(self.cache_dir, offset) for offset, name in enumerate(config.banks)}
+        for sets in training_sets:
+            if config.point_coreset == "all_rows":
+                banks["point"].add(sets.point)
+            else:
+                background = int((~sets.foreground).sum())
+                banks["point"].add(sets.point[sets.foreground], uncounted_zero_rows=background)
+            banks["rgb"].add(sets.rgb)
+            if "fused" in banks:
+                banks["fused"].add(self.fused(sets))
+        self.n_collected_ = {name: bank.collected for name, bank in banks.items()}
+        self._finalize_banks(banks, progress)
+        self.banks_ = banks
+
     def _fit_dlf(self, records: list[SampleRecord], progress: bool) -> None:
-        """Linear OCSVMs on the training samples' weighted (point, rgb, fused) scores and per-pixel maps."""
+        """Linear OCSVMs on the training samples' weighted per-bank scores and per-pixel maps."""
         from sklearn.linear_model import SGDOneClassSVM
 
         scores, pixels = [], []
         for record in tqdm(records, desc="fit dlf", disable=not progress, leave=False):
             score, maps = self._bank_outputs(self.pipeline.extract(record))
             scores.append(score)
-            pixels.append(maps.reshape(3, -1).T)
+            pixels.append(maps.reshape(len(maps), -1).T)
         fusers = []
         for data in (np.stack(scores), np.concatenate(pixels)):
             svm = SGDOneClassSVM(nu=self.config.ocsvm_nu, max_iter=self.config.ocsvm_max_iter, random_state=42)
@@ -263,23 +426,35 @@ class M3DM(AnomalyModel):
 
     # ------------------------------------------------------------------ inference
     def _bank_outputs(self, features: SampleFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """(3 weighted image scores, 3×S×S weighted maps) in the order point, rgb, fused."""
+        """(weighted image scores, B×S×S weighted maps) per bank, in the order of ``config.banks``."""
+        return self._score_sets(self._sets(features))
+
+    def _score_sets(self, sets: PatchSets) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_bank_outputs` of one image's patch rows."""
         config = self.settings
-        sets = self._sets(features)
-        point_dist = torch.zeros(sets.point.shape[0])
-        point_score = 0.0
-        if sets.foreground.any():
-            found, point_score = self.banks_["point"].score(sets.point[sets.foreground], reweight_k=config.reweight_k)
-            point_dist[sets.foreground] = found
-        rgb_dist, rgb_score = self.banks_["rgb"].score(sets.rgb, reweight_k=config.reweight_k)
-        fused_dist, fused_score = self.banks_["fused"].score(self.fused(sets), reweight_k=config.reweight_k)
-        grids = (config.point_grid, config.rgb_grid, config.point_grid)
+        scale = DOUBLE_SCORE_SCALE if config.variant == "double" else 1.0
+        k = config.reweight_k
+        if config.point_coreset == "all_rows":
+            point_dist, point_score = self.banks_["point"].score(sets.point, reweight_k=k, score_scale=scale)
+        else:
+            point_dist, point_score = torch.zeros(sets.point.shape[0]), 0.0
+            if sets.foreground.any():
+                found, point_score = self.banks_["point"].score(
+                    sets.point[sets.foreground], reweight_k=k, score_scale=scale
+                )
+                point_dist[sets.foreground] = found
+        results = [(point_dist, point_score, config.point_grid)]
+        rgb_dist, rgb_score = self.banks_["rgb"].score(sets.rgb, reweight_k=k, score_scale=scale)
+        results.append((rgb_dist, rgb_score, config.rgb_grid))
+        if "fused" in self.banks_:
+            fused_dist, fused_score = self.banks_["fused"].score(self.fused(sets), reweight_k=k)
+            results.append((fused_dist, fused_score, config.point_grid))
         maps = [
             patch_map(dist, grid, config.image_size, smoothing=config.smoothing, sigma=config.sigma).numpy()
-            for dist, grid in zip((point_dist, rgb_dist, fused_dist), grids, strict=True)
+            for dist, _, grid in results
         ]
-        weights = np.asarray(config.lambdas, dtype=np.float64)
-        score = weights * np.array([point_score, rgb_score, fused_score])
+        weights = np.asarray(config.lambdas[: len(results)], dtype=np.float64)
+        score = weights * np.array([value for _, value, _ in results])
         return score, weights[:, None, None] * np.stack(maps).astype(np.float64)
 
     def predict(
@@ -303,12 +478,12 @@ class M3DM(AnomalyModel):
                 label=inputs.label,
                 gt_mask=inputs.gt_mask,
                 geometry=inputs,
-                modality_maps={name: maps[i].astype(np.float32) for i, name in enumerate(BANKS)},
+                modality_maps={name: maps[i].astype(np.float32) for i, name in enumerate(self.config.banks)},
             )
 
     # ------------------------------------------------------------------ persistence
     def learned_facts(self) -> dict[str, Any]:
-        """Bank sizes, feature widths, UFF's loss history and the DLF weights."""
+        """Bank sizes, feature widths, where the UFF came from, its loss history and the DLF weights."""
         return {
             "n_train_samples": self.n_train_samples_,
             "banks": {
@@ -318,6 +493,7 @@ class M3DM(AnomalyModel):
             },
             "channels": [self.banks_["point"].bank.shape[1], self.banks_["rgb"].bank.shape[1]],
             "loss_history": self.loss_history_,
+            "uff": getattr(self, "uff_info_", {}),
             "dlf": {"detect_coef": self.detect_coef_.tolist(), "segment_coef": self.segment_coef_.tolist()},
         }
 
@@ -337,14 +513,15 @@ class M3DM(AnomalyModel):
         return tensors
 
     def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Banks with their statistics, UFF when stored, and the DLF weights."""
-        missing = [f"bank.{n}" for n in BANKS if f"bank.{n}" not in tensors]
-        missing += [f"bank_stats.{n}" for n in BANKS if f"bank_stats.{n}" not in tensors]
+        """The variant's banks with their statistics, UFF when stored, and the DLF weights."""
+        names = self.config.banks
+        missing = [f"bank.{n}" for n in names if f"bank.{n}" not in tensors]
+        missing += [f"bank_stats.{n}" for n in names if f"bank_stats.{n}" not in tensors]
         missing += [k for k in ("dlf.detect_coef", "dlf.segment_coef") if k not in tensors]
         if missing:
             raise ModelFileError(f"M3DM model file lacks tensors: {', '.join(missing)}")
         self.banks_ = {}
-        for offset, name in enumerate(BANKS):
+        for offset, name in enumerate(names):
             bank = self.config.new_bank(self.cache_dir, offset)
             mean, std = tensors[f"bank_stats.{name}"].tolist()
             bank.load(tensors[f"bank.{name}"], mean, std)
@@ -359,5 +536,6 @@ class M3DM(AnomalyModel):
         self.detect_coef_ = tensors["dlf.detect_coef"].double()
         self.segment_coef_ = tensors["dlf.segment_coef"].double()
         self.loss_history_ = list(config.get("loss_history", []))
+        self.uff_info_ = dict(config.get("uff", {}))
         self.n_collected_ = {k: int(v.get("collected", 0)) for k, v in config.get("banks", {}).items()}
         self.n_train_samples_ = int(config.get("n_train_samples", 0))

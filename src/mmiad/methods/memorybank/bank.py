@@ -94,27 +94,33 @@ class PatchStore:
 
 
 def reweighted_score(
-    queries: torch.Tensor, min_dist: torch.Tensor, nn_index: torch.Tensor, search: NearestNeighbors, k: int = 3
+    queries: torch.Tensor,
+    min_dist: torch.Tensor,
+    nn_index: torch.Tensor,
+    search: NearestNeighbors,
+    k: int = 3,
+    scale: float = 1.0,
 ) -> float:
     """PatchCore's image score: the largest patch distance s*, damped when its nearest bank point m* is isolated.
 
     ``w = 1 − exp(s*/√D) / Σ_j exp(‖m_test − n_j‖/√D)`` over the ``k`` nearest bank points of m* with m* itself
     dropped (k−1 terms), and the score is ``w·s*``, as in the official BTF and M3DM code. With a one-row bank
-    there is no neighbour to compare with and s* is returned unchanged.
+    there is no neighbour to compare with and s* is returned unchanged. ``scale`` divides s* and the neighbour
+    distances before all of this (the official M3DM two-bank variant divides them by 1000, which moves w).
     """
     if min_dist.numel() == 0:
         raise ValueError("no patch to score")
     worst = int(torch.argmax(min_dist))
-    s_star = float(min_dist[worst])
+    s_star = float(min_dist[worst]) / scale
     m_test = queries[worst : worst + 1].float()
     m_star = search.bank[int(nn_index[worst]) : int(nn_index[worst]) + 1]
     _, neighbours = search.search(m_star, k)
     neighbours = neighbours[0, 1:]
     if neighbours.numel() == 0:
         return s_star
-    scale = math.sqrt(queries.shape[1])
-    distances = torch.linalg.vector_norm(m_test - search.bank[neighbours], dim=1).double()
-    weight = 1.0 - math.exp(s_star / scale) / float(torch.exp(distances / scale).sum())
+    root_dim = math.sqrt(queries.shape[1])
+    distances = torch.linalg.vector_norm(m_test - search.bank[neighbours], dim=1).double() / scale
+    weight = 1.0 - math.exp(s_star / root_dim) / float(torch.exp(distances / root_dim).sum())
     return weight * s_star
 
 
@@ -222,12 +228,17 @@ class MemoryBank:
             self._search = NearestNeighbors(self.bank, backend=self.knn_backend)
         return self._search
 
-    def score(self, patches: torch.Tensor, *, reweight_k: int = 3) -> tuple[torch.Tensor, float]:
-        """(per-patch nearest distance, reweighted image score) of raw (unnormalised) N×D test patches."""
+    def score(
+        self, patches: torch.Tensor, *, reweight_k: int = 3, score_scale: float = 1.0
+    ) -> tuple[torch.Tensor, float]:
+        """(per-patch nearest distance, reweighted image score) of raw (unnormalised) N×D test patches.
+
+        ``score_scale`` divides the distances entering the image score only (see :func:`reweighted_score`).
+        """
         queries = (patches.float() - self.mean) / self.std
         distance, index = self.search.search(queries, 1)
         min_dist = distance[:, 0]
-        return min_dist, reweighted_score(queries, min_dist, index[:, 0], self.search, reweight_k)
+        return min_dist, reweighted_score(queries, min_dist, index[:, 0], self.search, reweight_k, score_scale)
 
     def __len__(self) -> int:
         return 0 if self.bank is None else int(self.bank.shape[0])
