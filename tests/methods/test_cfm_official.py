@@ -103,7 +103,7 @@ def test_imported_cfm_maps_equal_the_official_forward_and_thresholds_are_calibra
         final = finalize_map(
             expected[0].view(32, 32),
             out_size=64,
-            smoothing=model.config.smoothing,
+            smoothing=model.settings.smoothing,
             sigma=model.config.sigma,
             compat=False,
         )

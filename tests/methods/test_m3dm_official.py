@@ -141,7 +141,7 @@ def test_triple_all_rows_point_bank_matches_official(compat: bool) -> None:
             mean, std = stats[name]
             min_val, score = official_single((rows[name] - mean) / std, banks[name])
             assert scores[i] == pytest.approx(lambdas[i] * score, rel=1e-5)
-            expected = lambdas[i] * official_map(min_val, grids[name], model.config.smoothing).double().numpy()
+            expected = lambdas[i] * official_map(min_val, grids[name], model.settings.smoothing).double().numpy()
             assert maps[i] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_foreground_point_coreset_option_matches_its_reference() -> None:
         min_val[sets.foreground] = min_fg
         assert scores[0] == pytest.approx(score, rel=1e-5)
         assert maps[0] == pytest.approx(
-            official_map(min_val, GRID, model.config.smoothing).double().numpy(), rel=1e-4, abs=1e-5
+            official_map(min_val, GRID, model.settings.smoothing).double().numpy(), rel=1e-4, abs=1e-5
         )
 
 
@@ -185,7 +185,7 @@ def test_double_variant_matches_official_dino_point_mae(compat: bool) -> None:
             min_val, score = official_single((rows - mean) / std, banks[name], scale=1000.0)
             assert scores[i] == pytest.approx(model.config.lambdas[i] * score, rel=1e-5)
             # the maps are *not* divided by 1000
-            expected = model.config.lambdas[i] * official_map(min_val, grid, model.config.smoothing).double().numpy()
+            expected = model.config.lambdas[i] * official_map(min_val, grid, model.settings.smoothing).double().numpy()
             assert maps[i] == pytest.approx(expected, rel=1e-4, abs=1e-5)
         unscaled = official_single((sets.point - stats["point"][0]) / stats["point"][1], banks["point"])[1]
         assert scores[0] != pytest.approx(unscaled / 1000.0, rel=1e-3)  # the /1000 also moves the weight w
