@@ -18,6 +18,7 @@ from typing import Any
 
 from mmiad.data.errors import DataError
 from mmiad.methods.base import Prediction
+from mmiad.metrics.pro import AuproMode
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def evaluate(
     run: str | Path | None = None,
     maps: str | Path | None = None,
     categories: Sequence[str] | None = None,
-    aupro_mode: str | None = None,
+    aupro_mode: AuproMode | None = None,
     cache_dir: str | Path | None = None,
     format: str | None = None,
     progress: bool = False,
@@ -144,6 +145,8 @@ def evaluate(
         )
     else:
         from mmiad.metrics import evaluate_maps_dir
+
+        assert maps is not None
 
         result, skipped = evaluate_maps_dir(
             data, maps, categories=categories, aupro_mode=aupro_mode or "exact", format=format, progress=progress

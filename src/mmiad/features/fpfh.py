@@ -296,16 +296,16 @@ def fpfh_features(
         flat = (r[None, :] * (3 * BINS) + offsets + bins).ravel()
         lo = int(r[0]) * 3 * BINS
         spfh[lo:] += np.bincount(flat - lo, weights=np.tile(incr[r], 3), minlength=spfh.size - lo)
-    spfh = spfh.reshape(n_points, 3 * BINS)
+    histograms = spfh.reshape(n_points, 3 * BINS)
 
     # Neighbours' SPFH weighted by 1/d² (coincident points skipped) as one sparse product; rows stay sorted.
     keep = d2 != 0
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=n_points))])
     weight = sp.csr_matrix((1.0 / d2[keep], cols[keep], indptr), shape=(n_points, n_points))
-    mixed = np.asarray(weight @ spfh).reshape(n_points, 3, BINS)
+    mixed = np.asarray(weight @ histograms).reshape(n_points, 3, BINS)
     totals = mixed.sum(axis=2, keepdims=True)
     mixed *= np.where(totals != 0, 100.0 / np.where(totals != 0, totals, 1.0), 0.0)
-    return mixed.reshape(n_points, 3 * BINS) + spfh
+    return mixed.reshape(n_points, 3 * BINS) + histograms
 
 
 def _open3d_fpfh(points: np.ndarray, extractor: FPFHExtractor) -> np.ndarray:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -149,12 +149,30 @@ class MiniPointNet(nn.Module):
             nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, out_dim, 1)
         )
 
+    def _layers(self) -> tuple[nn.Conv1d, nn.BatchNorm1d, nn.Conv1d, nn.Conv1d, nn.BatchNorm1d, nn.Conv1d]:
+        """The six learned layers with their types (indexing an ``nn.Sequential`` gives an untyped module)."""
+        first, second = self.first_conv, self.second_conv
+        return (
+            cast(nn.Conv1d, first[0]),
+            cast(nn.BatchNorm1d, first[1]),
+            cast(nn.Conv1d, first[3]),
+            cast(nn.Conv1d, second[0]),
+            cast(nn.BatchNorm1d, second[1]),
+            cast(nn.Conv1d, second[3]),
+        )
+
     @staticmethod
-    def _dense(x: torch.Tensor, conv: nn.Module, bias: bool = True) -> torch.Tensor:
+    def _running(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+        """A BatchNorm's running (mean, variance): the pre-training statistics of ``batchnorm="running"``."""
+        assert bn.running_mean is not None and bn.running_var is not None, "Point-MAE tracks running statistics"
+        return bn.running_mean, bn.running_var
+
+    @staticmethod
+    def _dense(x: torch.Tensor, conv: nn.Conv1d, bias: bool = True) -> torch.Tensor:
         return F.linear(x, conv.weight[..., 0], conv.bias if bias else None)
 
     @staticmethod
-    def _norm(x: torch.Tensor, bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    def _norm(x: torch.Tensor, bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = F.batch_norm(x.reshape(-1, shape[-1]), mean, var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return out.view(shape)
@@ -166,7 +184,8 @@ class MiniPointNet(nn.Module):
         its biased variance ``wᵀΣw`` (μ, Σ: mean and biased covariance of all G·K points, in float64). This is
         exact, needs no pass over the 128-channel activations, and gives exactly 0 for a degenerate cloud.
         """
-        conv = self.first_conv[0]
+        conv = self._layers()[0]
+        assert conv.bias is not None
         points = groups.reshape(-1, 3).double()
         mu = points.mean(dim=0)
         centred = points - mu
@@ -183,8 +202,7 @@ class MiniPointNet(nn.Module):
         point of a group, so it is applied once per group instead of once per point, which saves about a
         third of the encoder's arithmetic without changing the result beyond float rounding.
         """
-        conv0, bn0, _, conv1 = self.first_conv
-        conv2 = self.second_conv[0]
+        conv0, bn0, conv1, conv2, _, _ = self._layers()
         local = self._dense(torch.relu(self._norm(self._dense(x, conv0), bn0, *stats0)), conv1)  # (g,K,256)
         pooled = local.amax(dim=1)  # (g,256)
         weight = conv2.weight[..., 0]
@@ -200,14 +218,13 @@ class MiniPointNet(nn.Module):
         one chunk a first pass collects per-chunk mean and variance (merged by :func:`_combine_statistics`) and
         a second pass recomputes the activations and normalises them.
         """
-        bn0, bn1 = self.first_conv[1], self.second_conv[1]
-        conv3 = self.second_conv[3]
+        _, bn0, _, _, bn1, conv3 = self._layers()
         if groups.shape[0] == 0:
             return groups.new_zeros(0, conv3.out_channels)
         starts = range(0, groups.shape[0], _GROUP_CHUNK)
         cloud = self.batchnorm == "cloud"
-        stats0 = self._input_statistics(groups) if cloud else (bn0.running_mean, bn0.running_var)
-        stats1: tuple[torch.Tensor, torch.Tensor] | None = (bn1.running_mean, bn1.running_var)
+        stats0 = self._input_statistics(groups) if cloud else self._running(bn0)
+        stats1: tuple[torch.Tensor, torch.Tensor] | None = self._running(bn1)
         if cloud:  # one chunk: its own statistics are the cloud's, taken below without a second pass
             stats1 = None if len(starts) == 1 else self._hidden_statistics(groups, stats0)
         outputs = []

@@ -11,7 +11,7 @@ ignored. BatchNorm always runs in eval mode: the backbone is frozen.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +72,9 @@ class WideResNet50Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        layer2 = self.layer2(self.layer1(x))
-        return layer2, self.layer3(layer2)
+        layer1, layer2, layer3 = (cast(nn.Sequential, getattr(self, f"layer{i}")) for i in (1, 2, 3))
+        second = layer2(layer1(x))
+        return second, layer3(second)
 
 
 def _unused(key: str) -> bool:

@@ -21,6 +21,7 @@ from mmiad.data.formats import open_dataset
 from mmiad.engine import Log, RunModels, evaluate_predictions, quiet, served_categories
 from mmiad.methods.base import Prediction
 from mmiad.metrics import pro_curve, summarize
+from mmiad.metrics.pro import AuproMode
 from mmiad.postprocess.threshold import Thresholds
 from mmiad.report import images
 from mmiad.report.gallery import WorstFirst, verdict
@@ -47,7 +48,7 @@ class ReportOptions:
     thumb_size: int = images.DEFAULT_THUMB
     max_points: int = images.DEFAULT_POINTS
     clouds: int = 3
-    aupro_mode: str = "exact"
+    aupro_mode: AuproMode = "exact"
 
 
 def overlay_scale(prediction: Prediction, thresholds: Thresholds | None) -> float:
@@ -108,7 +109,7 @@ def _slim(prediction: Prediction) -> Prediction:
     )
 
 
-def curves(predictions: Sequence[Prediction], aupro_mode: str) -> tuple[Any, Any]:
+def curves(predictions: Sequence[Prediction], aupro_mode: AuproMode) -> tuple[Any, Any]:
     """(image ROC, PRO curve up to FPR 0.3), each None when the test set lacks one of the two classes."""
     labels = [p.label for p in predictions]
     roc = None
@@ -118,7 +119,7 @@ def curves(predictions: Sequence[Prediction], aupro_mode: str) -> tuple[Any, Any
     masks = [p.gt_mask if p.gt_mask is not None else np.zeros(p.anomaly_map.shape, bool) for p in predictions]
     pro = None
     if any(m.any() for m in masks) and not all(m.all() for m in masks):
-        fpr, overlap = pro_curve(masks, [p.map_for("aupro") for p in predictions], mode=aupro_mode)  # type: ignore[arg-type]
+        fpr, overlap = pro_curve(masks, [p.map_for("aupro") for p in predictions], mode=aupro_mode)
         pro = clip_curve(fpr, overlap, PRO_LIMIT)
     return roc, pro
 

@@ -96,9 +96,9 @@ class UniRcmScorer(nn.Module):
         check_exportable_smoothing(smoothing)
         self.map_to_3d = map_to_3d
         self.map_to_2d = map_to_2d
-        use_orq = orq_2d is not None and orq_3d is not None
-        self.orq_2d = OrqScore(orq_2d) if use_orq else None
-        self.orq_3d = OrqScore(orq_3d) if use_orq else None
+        both = (orq_2d, orq_3d) if orq_2d is not None and orq_3d is not None else None
+        self.orq_2d = OrqScore(both[0]) if both is not None else None
+        self.orq_3d = OrqScore(both[1]) if both is not None else None
         self.beta_2d, self.beta_3d = float(beta_2d), float(beta_3d)
         self.normalize_orq = normalize_orq
         self.out_size = out_size

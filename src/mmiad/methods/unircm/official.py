@@ -102,9 +102,11 @@ def load_official_model(path: Path) -> tuple[RefGuidedMapping, RefGuidedMapping]
     state = read_official(path)
     shape = _network_shape(path, state, "net_2d3d")
     _network_shape(path, state, "net_3d2d")  # both halves present; other sizes show up as mismatches below
-    size = {k: shape[k] for k in ("hidden", "grid", "num_blocks")}
-    networks = [RefGuidedMapping(shape["in"], shape["out"], **size)]
-    networks.append(RefGuidedMapping(shape["out"], shape["in"], **size))
+    hidden, grid, blocks = shape["hidden"], shape["grid"], shape["num_blocks"]
+    networks = [
+        RefGuidedMapping(shape["in"], shape["out"], hidden=hidden, grid=grid, num_blocks=blocks),
+        RefGuidedMapping(shape["out"], shape["in"], hidden=hidden, grid=grid, num_blocks=blocks),
+    ]
     check_against(path, _OfficialModel(*networks), state)
     return networks[0].eval(), networks[1].eval()
 
