@@ -71,7 +71,9 @@ def check_trained_config(
 def _check_fallback(path: Path, fallback: Any, tensors: dict[str, torch.Tensor]) -> None:
     if not isinstance(fallback, dict):
         raise ModelFileError(f"{path}: field 'fallback' must be a JSON object")
-    grid, fraction, seed = fallback.get("grid"), fallback.get("fraction"), fallback.get("seed")
+    grid: Any = fallback.get("grid")
+    fraction: Any = fallback.get("fraction")
+    seed: Any = fallback.get("seed")
     if not (isinstance(grid, int) and not isinstance(grid, bool) and grid > 0):
         raise ModelFileError(f"{path}: field 'fallback.grid' must be a positive integer, got {grid!r}")
     if not (_is_number(fraction) and 0 < fraction <= 1):

@@ -143,10 +143,10 @@ def fit_fallback(
             found.append(DataError(None, f"the {present}-only fallback has no threshold: no calibration sample scored"))
     if errors is not None:
         known = {str(e) for e in errors}
-        for error in found:
-            if str(error) not in known:
-                known.add(str(error))
-                errors.append(error)
+        for problem in found:
+            if str(problem) not in known:
+                known.add(str(problem))
+                errors.append(problem)
 
 
 def save_trained(path: Path, trained: TrainedModel) -> Path:
@@ -182,7 +182,8 @@ def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
     try:
         model = method.from_state(config, own, **overrides)
         thresholds = Thresholds.from_dict(config["thresholds"]) if "thresholds" in config else None
-        info: dict[str, Any] = {k: config[k] for k in ("category", "categories", "few_shot", "data_root") if k in config}
+        facts = ("category", "categories", "few_shot", "data_root")
+        info: dict[str, Any] = {k: config[k] for k in facts if k in config}
         trained = TrainedModel(model, thresholds, info)
         if "fallback" in config:
             check_fallback_widths(path, model, tensors)
