@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -11,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from mmiad.data.errors import DataError
+from mmiad.utils import atomic
+
+# Exit statuses of every command (documented in the README's "Reliability" section).
+EXIT_OK = 0  # done; for predict: every input was scored
+EXIT_ERROR = 1  # a bad input file, model file or option: one line on stderr names it
+EXIT_USAGE = 2  # the command line itself is wrong (argparse)
+EXIT_PARTIAL = 3  # predict: some inputs could not be scored; every other one was scored and written
+EXIT_INTERNAL = 4  # a bug in mmiad: one line, the traceback with --debug or MMIAD_DEBUG=1
+EXIT_INTERRUPTED = 130  # Ctrl-C
 
 
 def log(message: str) -> None:
@@ -25,6 +33,17 @@ def report_errors(errors: Sequence[DataError], what: str = "skipped") -> None:
     log(f"{len(errors)} file(s) {what}:")
     for error in errors:
         log(f"  - {error}")
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` for thresholds and rates: ``nan`` or ``inf`` would silently label every sample good."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from error
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def split_list(value: str | None) -> list[str] | None:
@@ -47,10 +66,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Strict JSON (NaN becomes null), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_json_safe(data), indent=2, allow_nan=False))
-    return path
+    return atomic.write_json(path, _json_safe(data), allow_nan=False)
 
 
 def add_format_option(parser: argparse.ArgumentParser) -> None:

@@ -9,10 +9,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmiad.cli.common import add_format_option, log, report_errors, split_list, write_json
+from mmiad.cli.common import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    add_format_option,
+    finite_float,
+    log,
+    report_errors,
+    split_list,
+    write_json,
+)
 from mmiad.data.errors import DataError
 from mmiad.features.registry import extractors_help
 from mmiad.methods.registry import available_methods, methods_help
+from mmiad.utils.atomic import write_text
 
 # CLI option → method hyperparameter; only options the user actually gave are passed on.
 _HPARAM_OPTIONS = {
@@ -139,20 +150,25 @@ def _predict(args: argparse.Namespace) -> int:
         category = args.category or models.key_for(None)
         records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
         predictions = models.predict(records, category, progress=True, errors=errors)
-    rows = _write_predictions(predictions, Path(args.out))
+    rows = _write_predictions(predictions, Path(args.out), errors)
     report_errors(errors)
-    return 0 if rows else 1
+    if not rows:
+        return EXIT_ERROR
+    return EXIT_PARTIAL if errors else EXIT_OK
 
 
-def _write_predictions(predictions: Iterable[Any], out: Path) -> list[Any]:
-    """Maps, overlays, masks and the summary of ``predict``; a line for each degraded sample and a total."""
+def _write_predictions(predictions: Iterable[Any], out: Path, errors: list[DataError]) -> list[Any]:
+    """Maps, overlays, masks and the summary of ``predict``; a line for each degraded sample and a total.
+
+    A sample whose outputs cannot be written is added to ``errors``; the others are still written.
+    """
     from mmiad.postprocess.outputs import write_predictions
 
     def announce(row: Any) -> None:
         if row.degraded:
             log(f"  {row.name}: DEGRADED, scored from {row.modality} only (a sensor dropped out)")
 
-    rows, csv_path = write_predictions(predictions, out, on_row=announce)
+    rows, csv_path = write_predictions(predictions, out, on_row=announce, errors=errors)
     flagged = sum(1 for row in rows if row.label == 1)
     log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
     return rows
@@ -165,8 +181,7 @@ def _compare(args: argparse.Namespace) -> int:
     markdown = comparison_markdown(rows)
     print(markdown)
     if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(markdown + "\n")
+        write_text(args.markdown, markdown + "\n")
     if args.json:
         write_json(args.json, rows)
     return 0
@@ -196,7 +211,10 @@ def _demo(args: argparse.Namespace) -> int:
     for category in sorted(p.name for p in data.iterdir() if p.is_dir()):
         folders = sorted(p for p in (data / category / "test").iterdir() if p.is_dir() and p.name != "good")
         records = input_records(folders[0], category=category)
-        _write_predictions(models.predict(records, category, progress=True), out / "predictions" / category)
+        predict_errors: list[DataError] = []
+        predictions = models.predict(records, category, progress=True, errors=predict_errors)
+        _write_predictions(predictions, out / "predictions" / category, predict_errors)
+        report_errors(predict_errors)
     log(f"done: metrics in {out / 'metrics.json'}, maps in {out / 'maps'}, predictions in {out / 'predictions'}")
     return 0
 
@@ -235,7 +253,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--unified", action="store_true", help="one model for all categories (no category labels)")
     train.add_argument("--shots", type=int, help="few-shot: k nominal samples per category, drawn with --seed")
     train.add_argument("--seed", type=int, help="seed of the few-shot draw and of training")
-    train.add_argument("--max-fpr", type=float, default=0.01, help="false-alarm rate the thresholds allow")
+    train.add_argument("--max-fpr", type=finite_float, default=0.01, help="false-alarm rate the thresholds allow")
     train.add_argument("--cache-dir", help="cache folder (default $MMIAD_CACHE or ~/.cache/mmiad)")
     train.add_argument(
         "--no-fallback", action="store_true", help="skip the single-modality models used when a sensor drops out"
@@ -283,7 +301,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--xyz", help="the xyz TIFF when --input is a single RGB file")
     predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument("--category", help="which category's model to use (needed when the run has several)")
-    predict.add_argument("--threshold", type=float, help="override the calibrated image threshold")
+    predict.add_argument("--threshold", type=finite_float, help="override the calibrated image threshold")
     predict.add_argument("--cache-dir", help="cache folder")
     predict.set_defaults(handler=_predict)
 

@@ -29,11 +29,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from mmiad.data.errors import DataError
 from mmiad.data.formats import DatasetFormat, register_format
-from mmiad.data.io import read_mask
+from mmiad.data.io import check_coordinates, open_image, read_mask
 from mmiad.data.sample import GOOD, LABEL_ANOMALOUS, LABEL_NORMAL, LABEL_UNKNOWN, SampleRecord
 
 FOCAL_LENGTH = 711.11
@@ -162,15 +161,9 @@ def read_depth_info(path: str | Path) -> tuple[float, float]:
 def read_depth_png(path: str | Path, depth_min: float, depth_max: float) -> np.ndarray:
     """Read a 16-bit depth PNG and de-normalise it to metres (H×W float64)."""
     path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            raw = np.asarray(image)
-    except FileNotFoundError as error:
-        raise DataError(path, "file not found") from error
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise DataError(path, f"unreadable or truncated depth PNG ({error})") from error
+    with open_image(path, "depth PNG") as image:
+        mode = image.mode
+        raw = np.asarray(image)
     if not mode.startswith("I") or raw.ndim != 2:
         raise DataError(path, f"expected a 16-bit single-channel depth PNG, got mode {mode} of shape {raw.shape}")
     if raw.size and (raw.min() < 0 or raw.max() > DEPTH_PNG_MAX):
@@ -287,9 +280,10 @@ def read_eyecandies_xyz(record: SampleRecord) -> np.ndarray:
             valid &= ~background_mask(points, valid)
         except ValueError as error:
             raise DataError(depth_path, str(error)) from error
-    xyz = to_mvtec_axes(points).astype(np.float32)
-    xyz[~valid] = 0.0
-    return xyz
+    world = to_mvtec_axes(points)
+    world[~valid] = 0.0
+    check_coordinates(depth_path, world)
+    return world.astype(np.float32)
 
 
 def _data_dir(root: Path, category: str, split_folder: str) -> Path:

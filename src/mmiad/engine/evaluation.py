@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from mmiad.engine.runs import Log, quiet, served_categories
 from mmiad.methods.base import Prediction
 from mmiad.metrics import aupro_protocol, category_metrics, summarize
 from mmiad.metrics.pro import AuproMode
+from mmiad.utils.atomic import write_json
+from mmiad.utils.names import plain_name
 
 
 def evaluate_predictions(
@@ -71,9 +72,10 @@ def evaluate_run(
             predictions.append(prediction)
             if maps_dir is not None:
                 record = prediction.record
-                target = Path(maps_dir) / category / "test" / record.defect_type / f"{record.stem}.tiff"
+                parts = [plain_name(n, source=record.rgb_path) for n in (category, record.defect_type, record.stem)]
+                target = Path(maps_dir) / parts[0] / "test" / parts[1] / f"{parts[2]}.tiff"
                 write_map(target, map_to_original(prediction.anomaly_map, prediction.geometry))
-                target.with_suffix(".json").write_text(json.dumps({"score": prediction.pred_score}))
+                write_json(target.with_suffix(".json"), {"score": prediction.pred_score}, indent=None)
             prediction.modality_maps.clear()
         if not predictions:
             log(f"[{category}] no usable test sample")

@@ -13,9 +13,12 @@ from mmiad.data.errors import DataError
 from mmiad.data.formats import DatasetFormat, open_dataset
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.trained import build_model, fit_and_calibrate, fit_fallback, load_trained, save_trained
+from mmiad.methods.base import finite_only
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.postprocess.threshold import calibrate
 from mmiad.utils import distributed as ddp
+from mmiad.utils.atomic import write_json
+from mmiad.utils.names import UnsafeNameError, plain_name
 
 RUN_INDEX = "run.json"
 UNIFIED = "unified"
@@ -97,7 +100,7 @@ def train_run(
     """
     dataset = open_dataset(data_root, format)
     root, out = dataset.root, Path(out)
-    names = list(categories) if categories else dataset.categories()
+    names = [plain_name(c, source="--categories") for c in categories] if categories else dataset.categories()
     if not names:
         raise DataError(root, f"no category found ({dataset.name} layout)")
     errors: list[DataError] = []
@@ -157,7 +160,7 @@ def write_run_index(out: Path, method: str, unified: bool, categories: Sequence[
         "categories": list(categories),
         "models": {k: v.name for k, v in files.items()},
     }
-    (out / RUN_INDEX).write_text(json.dumps(index, indent=2))
+    write_json(out / RUN_INDEX, index)
 
 
 def extend_run(
@@ -187,7 +190,7 @@ def extend_run(
     if extend is None:
         raise ValueError(f"method {trained.model.name!r} cannot add categories to a trained model; retrain it")
     known = list(trained.info.get("categories", []))
-    added = [c for c in new_categories if c not in known]
+    added = [plain_name(c, source="--add-categories") for c in new_categories if c not in known]
     if not added:
         raise ValueError(f"nothing to add: the model already serves {', '.join(known)}")
     errors: list[DataError] = []
@@ -197,28 +200,60 @@ def extend_run(
     log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replay)} replayed samples")
     extend(new, replay, epochs=epochs, progress=progress, errors=errors)
     calibration = [r for c in [*known, *added] for r in splits[c][1]]
-    held_out = list(trained.model.predict(calibration, progress=progress, errors=errors))
+    held_out = list(finite_only(trained.model.predict(calibration, progress=progress, errors=errors), errors))
     thresholds = calibrate(
         [p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, "validation (after extend)"
     )
     trained.thresholds = thresholds
     trained.info = {**trained.info, "categories": [*known, *added]}
     if trained.fallback is not None:
-        fit_fallback(trained, [*replay, *new], calibration, max_fpr=max_fpr, source="validation (after extend)")
+        fit_fallback(
+            trained, [*replay, *new], calibration, max_fpr=max_fpr, source="validation (after extend)", errors=errors
+        )
     path = save_trained(models[UNIFIED], trained)
-    index = json.loads((run / RUN_INDEX).read_text())
-    write_run_index(run, index["method"], True, [*known, *added], {UNIFIED: path})
+    index = read_run_index(run)
+    write_run_index(run, str(index.get("method", trained.model.name)), True, [*known, *added], {UNIFIED: path})
     return path, errors
+
+
+def read_run_index(run: str | Path) -> dict[str, Any]:
+    """``run.json`` of a run folder, checked: a JSON object whose model files and categories are plain names.
+
+    Raises:
+        ModelFileError: naming ``run.json`` and the field at fault (malformed JSON, no ``models``, a model name
+            such as ``../../x`` that would point outside the run folder).
+    """
+    run = Path(run)
+    index_path = run / RUN_INDEX
+    if not index_path.is_file():
+        raise ModelFileError(f"{run}: not a run folder (no {RUN_INDEX}); train one with `mmiad train`")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{index_path}: not valid JSON ({error})") from error
+    if not isinstance(index, dict):
+        raise ModelFileError(f"{index_path}: expected a JSON object, got {type(index).__name__}")
+    models = index.get("models")
+    if not isinstance(models, dict) or not models:
+        raise ModelFileError(f"{index_path}: field 'models' is missing or empty (expected {{category: file name}})")
+    categories = index.get("categories") or []
+    if not isinstance(categories, list):
+        raise ModelFileError(f"{index_path}: field 'categories' must be a list of names")
+    try:
+        for key, name in models.items():
+            plain_name(key, source=index_path)
+            plain_name(name, source=index_path)
+        for category in categories:
+            plain_name(category, source=index_path)
+    except UnsafeNameError as error:
+        raise ModelFileError(str(error)) from error
+    return index
 
 
 def run_models(run: str | Path) -> dict[str, Path]:
     """Model file per category key of a run folder (``unified`` for a model of all categories)."""
     run = Path(run)
-    index_path = run / RUN_INDEX
-    if not index_path.is_file():
-        raise ModelFileError(f"{run}: not a run folder (no {RUN_INDEX}); train one with `mmiad train`")
-    index = json.loads(index_path.read_text())
-    return {key: run / name for key, name in index["models"].items()}
+    return {key: run / name for key, name in read_run_index(run)["models"].items()}
 
 
 def served_categories(run: str | Path, dataset: DatasetFormat, requested: Sequence[str] | None = None) -> list[str]:
@@ -230,7 +265,7 @@ def served_categories(run: str | Path, dataset: DatasetFormat, requested: Sequen
     if requested:
         return list(requested)
     models = run_models(run)
-    index = json.loads((Path(run) / RUN_INDEX).read_text())
+    index = read_run_index(run)
     trained = set(index.get("categories") or [k for k in models if k != UNIFIED])
     return [c for c in dataset.categories() if c in trained or (UNIFIED in models and not trained)]
 

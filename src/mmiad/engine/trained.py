@@ -15,10 +15,11 @@ from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
-from mmiad.methods.base import AnomalyModel, Prediction
-from mmiad.methods.fallback import ModalityFallback, missing_modality, predict_degraded
-from mmiad.methods.modelfile import load_model_file, save_model_file
-from mmiad.methods.registry import get_method
+from mmiad.engine.checks import check_fallback_widths, check_trained_config
+from mmiad.methods.base import AnomalyModel, Prediction, check_finite, finite_only, with_source
+from mmiad.methods.fallback import ModalityFallback, modality_problems, predict_degraded
+from mmiad.methods.modelfile import ModelFileError, load_model_file, one_line, save_model_file
+from mmiad.methods.registry import available_methods, get_method
 from mmiad.postprocess.threshold import Thresholds, calibrate
 
 
@@ -95,13 +96,13 @@ def calibrate_model(
     Shared by training and by ``mmiad import`` (a released model is fitted already; only its thresholds and
     fallback come from the user's data).
     """
-    held_out = list(model.predict(calibration, progress=progress, errors=errors))
+    held_out = list(finite_only(model.predict(calibration, progress=progress, errors=errors), errors))
     if not held_out:
         raise ValueError("no usable held-out nominal sample to calibrate thresholds on")
     thresholds = calibrate([p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, source)
     trained = TrainedModel(model, thresholds)
     if with_fallback and getattr(model, "pipeline", None) is not None:
-        fit_fallback(trained, train, calibration, max_fpr=max_fpr, source=source)
+        fit_fallback(trained, train, calibration, max_fpr=max_fpr, source=source, errors=errors)
     return trained
 
 
@@ -112,22 +113,40 @@ def fit_fallback(
     *,
     max_fpr: float,
     source: str,
+    errors: list[DataError] | None = None,
 ) -> None:
-    """Fit and calibrate the single-modality fallback models on the model's (cached) nominal features."""
+    """Fit and calibrate the single-modality fallback models on the model's (cached) nominal features.
+
+    A calibration sample the fallback cannot score is reported in ``errors`` (once: a file the main model already
+    reported is not repeated), and so is a modality left without thresholds, whose degraded predictions will then
+    carry that reason instead of a label.
+    """
+    found: list[DataError] = []
     pipeline = trained.model.pipeline
-    prepared = pipeline.preprocess(train, errors=[])
-    trained.fallback = ModalityFallback().fit(f for _, f in pipeline.iter_features(prepared, errors=[]))
+    prepared = pipeline.preprocess(train, errors=found)
+    trained.fallback = ModalityFallback().fit(f for _, f in pipeline.iter_features(prepared, errors=found))
     for missing, present in (("3d", "2d"), ("2d", "3d")):
         degraded = []
         for record in calibration:
             try:
-                degraded.append(predict_degraded(pipeline, trained.fallback, record, missing))
-            except DataError:
+                prediction = predict_degraded(pipeline, trained.fallback, record, missing)
+                check_finite(prediction)
+            except DataError as error:
+                found.append(DataError(error.path, f"{present}-only fallback calibration: {error.problem}"))
                 continue
+            degraded.append(prediction)
         if degraded:
             trained.fallback_thresholds[present] = calibrate(
                 [p.pred_score for p in degraded], [p.anomaly_map for p in degraded], max_fpr, source
             )
+        else:
+            found.append(DataError(None, f"the {present}-only fallback has no threshold: no calibration sample scored"))
+    if errors is not None:
+        known = {str(e) for e in errors}
+        for problem in found:
+            if str(problem) not in known:
+                known.add(str(problem))
+                errors.append(problem)
 
 
 def save_trained(path: Path, trained: TrainedModel) -> Path:
@@ -144,24 +163,54 @@ def save_trained(path: Path, trained: TrainedModel) -> Path:
 
 
 def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
-    """Read one model file back into a fitted model."""
+    """Read one model file back into a fitted model.
+
+    Raises:
+        ModelFileError: naming the file and the field or tensor at fault, for any file that does not describe a
+            usable model (edited config, wrong shapes, non-finite values, another method's tensors).
+    """
+    path = Path(path)
     tensors, config = load_model_file(path)
-    method = get_method(config.get("method", ""))
+    method_name = config.get("method")
+    if not isinstance(method_name, str) or method_name not in available_methods():
+        raise ModelFileError(
+            f"{path}: field 'method' must be one of {', '.join(available_methods())}, got {method_name!r}"
+        )
+    method = get_method(method_name)
+    check_trained_config(path, config, tensors, method)
     own = {k: v for k, v in tensors.items() if not k.startswith("fallback.")}
-    model = method.from_state(config, own, **overrides)
-    thresholds = Thresholds.from_dict(config["thresholds"]) if "thresholds" in config else None
-    info: dict[str, Any] = {k: config[k] for k in ("category", "categories", "few_shot", "data_root") if k in config}
-    trained = TrainedModel(model, thresholds, info)
-    if "fallback" in config:
-        trained.fallback = ModalityFallback.from_state(config["fallback"], tensors)
-        trained.fallback_thresholds = {
-            m: Thresholds.from_dict(t) for m, t in config["fallback"].get("thresholds", {}).items()
-        }
+    try:
+        model = method.from_state(config, own, **overrides)
+        thresholds = Thresholds.from_dict(config["thresholds"]) if "thresholds" in config else None
+        facts = ("category", "categories", "few_shot", "data_root")
+        info: dict[str, Any] = {k: config[k] for k in facts if k in config}
+        trained = TrainedModel(model, thresholds, info)
+        if "fallback" in config:
+            check_fallback_widths(path, model, tensors)
+            trained.fallback = ModalityFallback.from_state(config["fallback"], tensors)
+            trained.fallback_thresholds = {
+                m: Thresholds.from_dict(t) for m, t in config["fallback"].get("thresholds", {}).items()
+            }
+    except ModelFileError as error:
+        if str(error).startswith(str(path)):
+            raise
+        raise ModelFileError(f"{path}: {one_line(error)}") from error
+    except KeyError as error:
+        raise ModelFileError(f"{path}: field or tensor {error.args[0]!r} is missing") from error
+    except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as error:
+        problem = f"{type(error).__name__}: {one_line(error)}"
+        raise ModelFileError(f"{path}: does not describe a usable {method_name} model ({problem})") from error
     return trained
 
 
 def apply_thresholds(prediction: Prediction, thresholds: Thresholds | None) -> Prediction:
-    """Fill ``pred_label`` and ``pred_mask`` from thresholds and record which thresholds they were."""
+    """Fill ``pred_label`` and ``pred_mask`` from thresholds and record which thresholds they were.
+
+    Raises:
+        DataError: for a non-finite score or map, which is never labelled (see :func:`check_finite`); callers
+            that serve batches filter those first with :func:`finite_only`.
+    """
+    check_finite(prediction)
     prediction.thresholds = thresholds
     if thresholds is not None:
         prediction.pred_label = int(prediction.pred_score > thresholds.image)
@@ -188,17 +237,32 @@ def predict_records(
     found: list[DataError] = [] if errors is None else errors
     for record in tqdm(records, desc="predict", disable=not progress, leave=False):
         try:
-            missing = missing_modality(record) if trained.fallback is not None else None
-            if missing is None:
-                for prediction in trained.model.predict([record], errors=found):
+            problems = modality_problems(record) if trained.fallback is not None else {}
+            if not problems:
+                for prediction in finite_only(trained.model.predict([record], errors=found), found):
                     prediction.model = key
-                    yield apply_thresholds(prediction, trained.thresholds)
+                    yield apply_thresholds(with_source(prediction, record), trained.thresholds)
                 continue
             assert trained.fallback is not None
+            missing, why = next(iter(problems.items()))
             prediction = predict_degraded(trained.model.pipeline, trained.fallback, record, missing)
+            prediction = with_source(prediction, record)
             prediction.model = key
-            yield apply_thresholds(prediction, trained.fallback_thresholds.get(prediction.modality))
+            check_finite(prediction)
+            thresholds = trained.fallback_thresholds.get(prediction.modality)
+            prediction.note = f"degraded: scored from {prediction.modality} only ({why.problem})"
+            if thresholds is None:
+                prediction.note += f"; not labelled: the model has no {prediction.modality}-only threshold"
+            yield apply_thresholds(prediction, thresholds)
         except DataError as error:
             if errors is None:
                 raise
             errors.append(error)
+        except ModelFileError:
+            raise
+        except (ArithmeticError, ValueError, RuntimeError, IndexError, MemoryError) as error:
+            # A stage failing on one sample's data (an overflow, a degenerate cloud) costs that sample only.
+            problem = DataError(record.rgb_path, f"could not be scored ({type(error).__name__}: {one_line(error)})")
+            if errors is None:
+                raise problem from error
+            errors.append(problem)

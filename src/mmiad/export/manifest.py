@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from mmiad.methods.modelfile import ModelFileError
+from mmiad.postprocess.threshold import Thresholds
+from mmiad.utils.atomic import write_json
+from mmiad.utils.names import UnsafeNameError, plain_name
 
 MANIFEST = "manifest.json"
 FORMAT = "mmiad-onnx"
@@ -50,8 +53,7 @@ class Manifest:
     def write(self, directory: str | Path) -> Path:
         """Write ``<directory>/manifest.json``."""
         path = Path(directory) / MANIFEST
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2))
+        write_json(path, {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)})
         return path
 
     @classmethod
@@ -61,13 +63,35 @@ class Manifest:
         path = directory / MANIFEST
         if not path.is_file():
             raise ModelFileError(f"{directory}: not an ONNX export (no {MANIFEST}); create one with `mmiad export`")
-        data = json.loads(path.read_text())
-        if data.pop("format", None) != FORMAT:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ModelFileError(f"{path}: not valid JSON ({error})") from error
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise ModelFileError(f"{path}: not an mmiad ONNX manifest")
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise ModelFileError(f"{path}: manifest format {version} is not supported (expected {FORMAT_VERSION})")
-        manifest = cls(**data)
+        try:
+            manifest = cls(**data)
+        except TypeError as error:
+            raise ModelFileError(f"{path}: unexpected or missing fields ({error})") from error
+        if not isinstance(manifest.graphs, dict) or not isinstance(manifest.model_config, dict):
+            raise ModelFileError(f"{path}: fields 'graphs' and 'model_config' must be JSON objects")
+        try:
+            if "category" in manifest.model_config:
+                plain_name(manifest.model_config["category"], source=path)
+            for graph in manifest.graphs.values():
+                plain_name(graph.get("file") if isinstance(graph, dict) else None, source=path)
+        except UnsafeNameError as error:
+            raise ModelFileError(str(error)) from error
+        if not isinstance(manifest.model_config.get("hparams"), dict):
+            raise ModelFileError(f"{path}: field 'model_config.hparams' is missing or not a JSON object")
+        if manifest.thresholds is not None:
+            try:
+                Thresholds.from_dict(manifest.thresholds)
+            except ValueError as error:
+                raise ModelFileError(f"{path}: field 'thresholds': {error}") from error
         for name, graph in manifest.graphs.items():
             if not (directory / graph["file"]).is_file():
                 raise ModelFileError(f"{directory}: graph {name!r} is missing its file {graph['file']}")

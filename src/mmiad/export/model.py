@@ -24,6 +24,8 @@ from mmiad.export.graphs import OPSET
 from mmiad.export.manifest import MANIFEST, Manifest
 from mmiad.features.pointmae import PointMaeExtractor
 from mmiad.methods.modelfile import ModelFileError
+from mmiad.utils.atomic import write_json
+from mmiad.utils.names import UnsafeNameError, plain_name
 
 EXPORT_INDEX = "index.json"
 
@@ -87,10 +89,33 @@ def export_run(
         export_model(trained, out / key)
         folders[key] = out / key
     index_path = out / EXPORT_INDEX
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {"models": {}}
+    index = {"models": read_export_index(out)} if index_path.is_file() else {"models": {}}
     index["models"].update({key: folder.name for key, folder in folders.items()})
-    index_path.write_text(json.dumps(index, indent=2))
+    write_json(index_path, index)
     return folders
+
+
+def read_export_index(path: Path) -> dict[str, str]:
+    """``index.json`` of an export: model key → folder name, both checked to be plain names.
+
+    Raises:
+        ModelFileError: naming the file (malformed JSON, no ``models``, a name that is not a plain name).
+    """
+    index_path = path / EXPORT_INDEX
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{index_path}: not valid JSON ({error})") from error
+    models = index.get("models") if isinstance(index, dict) else None
+    if not isinstance(models, dict):
+        raise ModelFileError(f"{index_path}: field 'models' is missing (expected {{category: folder name}})")
+    try:
+        for key, name in models.items():
+            plain_name(key, source=index_path)
+            plain_name(name, source=index_path)
+    except UnsafeNameError as error:
+        raise ModelFileError(str(error)) from error
+    return dict(models)
 
 
 def resolve_export(path: str | Path, category: str | None = None) -> Path:
@@ -100,7 +125,7 @@ def resolve_export(path: str | Path, category: str | None = None) -> Path:
         return path
     if not (path / EXPORT_INDEX).is_file():
         raise ModelFileError(f"{path}: not an ONNX export (no {MANIFEST} or {EXPORT_INDEX}); use `mmiad export`")
-    models = {key: path / name for key, name in json.loads((path / EXPORT_INDEX).read_text())["models"].items()}
+    models = {key: path / name for key, name in read_export_index(path).items()}
     if category is None:
         if len(models) != 1:
             raise ValueError(f"the export has several models ({', '.join(sorted(models))}); choose one with --category")

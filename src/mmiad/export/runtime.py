@@ -25,7 +25,7 @@ from mmiad.features.base import PointFeatureExtractor, PointFeatures, feature_po
 from mmiad.features.grouping import group_points, three_nn_weights
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.features.registry import default_cache_dir
-from mmiad.methods.base import Prediction
+from mmiad.methods.base import Prediction, finite_only, with_source
 from mmiad.methods.cfm.scoring import finalize_map
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.postprocess.threshold import Thresholds
@@ -168,6 +168,7 @@ class OnnxPredictor:
     ) -> Iterator[Prediction]:
         """One prediction per usable record, as ``CFM.predict`` (thresholds not applied; see ``predict_with_onnx``)."""
         prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
+        sources = {record.sample_id: record for record in records}
         for record, features in self.pipeline.iter_features(
             prepared, progress=progress, errors=errors, description="predict onnx"
         ):
@@ -180,7 +181,7 @@ class OnnxPredictor:
                 )
                 metric_maps = {name: m.numpy() for name, m in scored.metric_maps.items()}
             inputs = features.inputs
-            yield Prediction(
+            prediction = Prediction(
                 record=record,
                 pred_score=score,
                 anomaly_map=final,
@@ -190,6 +191,8 @@ class OnnxPredictor:
                 modality_maps={"2d": map_2d, "3d": map_3d},
                 metric_maps=metric_maps,
             )
+            source = sources.get(record.sample_id)
+            yield from finite_only([prediction if source is None else with_source(prediction, source)], errors)
 
 
 def predict_with_onnx(

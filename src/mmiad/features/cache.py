@@ -9,10 +9,8 @@ Entries are written to a temporary file and renamed, so a killed extraction leav
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mmiad.utils.atomic import is_temp_name, write_with
 from mmiad.utils.hashing import file_sha256, json_sha256
 
 
@@ -59,8 +58,15 @@ class FeatureCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The stored tensors, or None on a miss (an unreadable entry counts as a miss and is removed)."""
+    def get(
+        self, key: str, validate: Callable[[dict[str, torch.Tensor]], str | None] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The stored tensors, or None on a miss.
+
+        An unreadable entry, or one that ``validate`` finds a problem with (a missing key, a wrong shape,
+        non-finite features: a cache on a shared disk may hold anything), counts as a miss and is removed, so the
+        caller rebuilds it.
+        """
         if not self.enabled:
             return None
         path = self._path(key)
@@ -69,7 +75,10 @@ class FeatureCache:
             return None
         try:
             tensors = load_file(str(path))
+            problem = validate(tensors) if validate is not None else None
         except (SafetensorError, OSError, ValueError):
+            problem = "unreadable"
+        if problem is not None:
             path.unlink(missing_ok=True)
             self.misses += 1
             return None
@@ -80,20 +89,13 @@ class FeatureCache:
         """Store tensors atomically under ``key``."""
         if not self.enabled:
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
-        try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, temp_name)
-            os.replace(temp_name, path)
-        finally:
-            if os.path.exists(temp_name):
-                os.unlink(temp_name)
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        write_with(self._path(key), lambda temp: save_file(contiguous, str(temp)))
 
     def report(self) -> CacheReport:
         """Number of entries and their total size."""
-        files = list(self.root.glob("*/*.safetensors")) if self.root.is_dir() else []
+        found = self.root.glob("*/*.safetensors") if self.root.is_dir() else []
+        files = [f for f in found if not is_temp_name(f.name)]  # a killed writer's temporary file is no entry
         return CacheReport(self.root, len(files), sum(f.stat().st_size for f in files))
 
     def clear(self) -> CacheReport:

@@ -119,7 +119,7 @@ class FeaturePipeline:
         if self.cache is not None:
             files = [record.rgb_path, record.xyz_path]
             key = FeatureCache.key(files, self.config())
-            stored = self.cache.get(key)
+            stored = self.cache.get(key, validate=self.entry_problem)
             if stored is not None:
                 points = PointFeatures.from_tensors(stored, "points")
                 return SampleFeatures(stored["image"], points, lambda: self.load_inputs(record))
@@ -130,6 +130,43 @@ class FeaturePipeline:
         if self.cache is not None and key is not None:
             self.cache.put(key, {"image": image, **points.to_tensors("points")})
         return SampleFeatures(image, points, inputs)
+
+    def entry_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
+        """What is wrong with a feature-cache entry for this pipeline, or None when it can be used as is.
+
+        Checks every key :meth:`extract` stores, the shapes (C×h×w image features with this extractor's C, M×C
+        point features, N pixel indices inside the S×S grid, N×k neighbours inside the M rows, N×k weights),
+        integer index dtypes and finite values, so that a damaged or tampered entry is rebuilt instead of
+        raising deep inside a method or scoring NaN.
+        """
+        names = ("image", "points.features", "points.pixel_index", "points.neighbors", "points.weights")
+        missing = [n for n in (*names, "points.grid_size") if n not in tensors]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        image, features, index, neighbors, weights = (tensors[n] for n in names)
+        grid = tensors["points.grid_size"]
+        channels_2d = getattr(self.image_extractor, "out_channels", None)
+        channels_3d = getattr(self.point_extractor, "out_channels", None)
+        if image.ndim != 3 or channels_2d not in (None, image.shape[0]) or not image.is_floating_point():
+            return f"image features of shape {tuple(image.shape)} and dtype {image.dtype}"
+        if features.ndim != 2 or channels_3d not in (None, features.shape[1]):
+            return f"point features of shape {tuple(features.shape)}"
+        if grid.numel() != 1 or int(grid.reshape(-1)[0]) != self.image_size:
+            return f"grid size {grid.tolist()} (model input {self.image_size})"
+        if any(t.dtype not in (torch.int32, torch.int64) for t in (index, neighbors)):
+            return "non-integer indices"
+        if index.ndim != 1 or neighbors.ndim != 2 or weights.shape != neighbors.shape:
+            return "inconsistent projection shapes"
+        if neighbors.shape[0] != index.shape[0]:
+            return "inconsistent projection shapes"
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.image_size**2):
+            return "pixel indices outside the grid"
+        if neighbors.numel() and (int(neighbors.min()) < 0 or int(neighbors.max()) >= features.shape[0]):
+            return "neighbour indices outside the feature rows"
+        for name, tensor in (("image", image), ("features", features), ("weights", weights)):
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                return f"non-finite or non-float {name}"
+        return None
 
     def iter_features(
         self,

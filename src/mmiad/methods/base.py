@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,6 +47,8 @@ class Prediction:
         modality: What it was scored from: ``2d+3d`` (the method), ``2d`` or ``3d`` (the fallback, degraded).
         thresholds: The thresholds that gave ``pred_label``/``pred_mask`` (the fallback's for degraded samples,
             the user's image threshold when overridden), None when none applied.
+        note: Why the prediction is degraded or has no label, for the summary table ("" when neither).
+        cached_record: The preprocessed copy the model read, when ``record`` is the user's own files.
     """
 
     record: SampleRecord
@@ -63,10 +65,51 @@ class Prediction:
     model: str | None = None
     modality: str = "2d+3d"
     thresholds: Thresholds | None = None
+    note: str = ""
+    cached_record: SampleRecord | None = None
 
     def map_for(self, metric: str) -> np.ndarray:
         """The map a metric should read: its own in ``compat`` runs, otherwise the final map."""
         return self.metric_maps.get(metric, self.anomaly_map)
+
+
+def with_source(prediction: Prediction, source: SampleRecord) -> Prediction:
+    """The prediction with ``record`` set to the user's record (``source``) and the cached copy kept aside.
+
+    Methods read preprocessed copies from the cache; what a user looks up in ``predictions.csv`` is their own file.
+    """
+    if prediction.record != source:
+        prediction.cached_record = prediction.record
+        prediction.record = source
+    return prediction
+
+
+def check_finite(prediction: Prediction) -> None:
+    """Fail closed on a non-finite score or map: a NaN compares false with every threshold, so it would be "good".
+
+    Raises:
+        DataError: naming the sample's files; the caller reports it and carries on with the rest of the batch.
+    """
+    score = float(prediction.pred_score)
+    bad_pixels = int(np.count_nonzero(~np.isfinite(np.asarray(prediction.anomaly_map, dtype=np.float64))))
+    if np.isfinite(score) and not bad_pixels:
+        return
+    record = prediction.record
+    what = f"anomaly score {score}" if not np.isfinite(score) else f"{bad_pixels} non-finite anomaly map value(s)"
+    raise DataError(record.rgb_path, f"{what} (xyz {record.xyz_path}); the sample is not labelled")
+
+
+def finite_only(predictions: Iterable[Prediction], errors: list[DataError] | None) -> Iterator[Prediction]:
+    """The predictions with a finite score and map; each other one is appended to ``errors`` (or raised)."""
+    for prediction in predictions:
+        try:
+            check_finite(prediction)
+        except DataError as error:
+            if errors is None:
+                raise
+            errors.append(error)
+            continue
+        yield prediction
 
 
 class NotFittedError(RuntimeError):

@@ -106,6 +106,15 @@ def missing_modality(record: SampleRecord) -> str | None:
     Raises:
         DataError: when neither modality is usable (nothing to score).
     """
+    return next(iter(modality_problems(record)), None)
+
+
+def modality_problems(record: SampleRecord) -> dict[str, DataError]:
+    """What makes a modality unusable (``{"3d": error}``), empty when both are usable.
+
+    Raises:
+        DataError: when neither modality is usable (nothing to score).
+    """
     reader = get_format(record.format)
     problems: dict[str, DataError] = {}
     try:
@@ -121,7 +130,7 @@ def missing_modality(record: SampleRecord) -> str | None:
         raise DataError(
             record.rgb_path, f"neither modality is usable ({problems['2d'].problem}; {problems['3d'].problem})"
         )
-    return next(iter(problems), None)
+    return problems
 
 
 def predict_degraded(

@@ -6,9 +6,11 @@ holds only raw tensors, and the config is plain JSON, so loading a model never u
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import tempfile
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmiad import __version__
+from mmiad.utils.atomic import write_with
 
 FORMAT_NAME = "mmiad-model"
 FORMAT_VERSION = 1
@@ -34,15 +37,7 @@ def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], config: 
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "mmiad_version": __version__, **config}
     metadata = {_CONFIG_KEY: json.dumps(header, sort_keys=True)}
     contiguous = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(contiguous, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-    return path
+    return write_with(path, lambda temp: save_file(contiguous, str(temp), metadata=metadata))
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
@@ -57,10 +52,18 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path}: not a readable safetensors model file ({error})") from error
     if _CONFIG_KEY not in metadata:
         raise ModelFileError(f"{path}: safetensors file without an mmiad config; was it written by mmiad?")
-    config = json.loads(metadata[_CONFIG_KEY])
+    try:
+        config = json.loads(metadata[_CONFIG_KEY])
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{path}: field {_CONFIG_KEY!r} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: field {_CONFIG_KEY!r} must be a JSON object, got {type(config).__name__}")
     if config.get("format") != FORMAT_NAME:
         raise ModelFileError(f"{path}: unknown model format {config.get('format')!r}")
-    if int(config.get("format_version", 0)) > FORMAT_VERSION:
+    version = config.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ModelFileError(f"{path}: field 'format_version' must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model format version {config['format_version']} is newer than this mmiad supports "
             f"({FORMAT_VERSION}); upgrade mmiad"
@@ -69,11 +72,81 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and config of a model file."""
+    """Tensors and config of a model file; every tensor is checked (see :func:`check_tensors`)."""
     config = read_model_config(path)
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises several types for truncated or edited data
+        raise ModelFileError(f"{path}: unreadable tensors ({type(error).__name__}: {one_line(error)})") from error
+    check_tensors(path, tensors)
     return tensors, config
+
+
+def check_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor is real-valued and finite: a NaN weight or bank row would turn every score into NaN.
+
+    Raises:
+        ModelFileError: naming the file and the tensor.
+    """
+    for name, tensor in tensors.items():
+        if tensor.is_complex():
+            raise ModelFileError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ModelFileError(f"{path}: tensor {name!r} holds {bad} non-finite value(s)")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (PyTorch's state-dict errors span several)."""
+    return "; ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's type hint (int is not bool; float accepts int; lists for tuples)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value) if args else True
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    return True  # a type this check does not know: the config class validates it
+
+
+def check_config_fields(path: str | Path, values: Any, config_class: type, field: str) -> None:
+    """``values`` (a JSON object from a model file) fits the dataclass ``config_class`` field by field.
+
+    An edited model file with ``grid_size: "32"`` otherwise fails deep inside training code with a TypeError that
+    names neither the file nor the field.
+
+    Raises:
+        ModelFileError: naming the file and the field (``hparams.grid_size``).
+    """
+    if not isinstance(values, dict):
+        raise ModelFileError(f"{path}: field {field!r} must be a JSON object, got {type(values).__name__}")
+    hints = typing.get_type_hints(config_class)
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for key, value in values.items():
+        if key not in known:
+            raise ModelFileError(f"{path}: field '{field}.{key}' is not a setting of {config_class.__name__}")
+        if not _matches(value, hints[key]):
+            expected = getattr(hints[key], "__name__", str(hints[key]))
+            raise ModelFileError(f"{path}: field '{field}.{key}' must be {expected}, got {value!r}")
 
 
 def split_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

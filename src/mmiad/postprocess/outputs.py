@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from mmiad.data.errors import DataError
 from mmiad.data.formats import get_format
-from mmiad.data.io import write_map, write_mask
+from mmiad.data.io import write_map, write_mask, write_rgb
 from mmiad.data.preprocess import map_to_original
 from mmiad.methods.base import Prediction
+from mmiad.utils.atomic import write_json, write_text
+from mmiad.utils.names import plain_name
 
 # Anchor colours of a perceptually ordered blue → cyan → yellow → red ramp.
 _RAMP = np.array([[0, 0, 128], [0, 128, 255], [0, 255, 255], [255, 255, 0], [255, 128, 0], [200, 0, 0]], np.float32)
@@ -50,6 +51,8 @@ class PredictionRow:
     map_path: str
     model: str | None = None
     modality: str = "2d+3d"
+    note: str = ""
+    xyz_cache_path: str = ""
 
     def as_dict(self) -> dict[str, object]:
         """JSON/CSV-ready fields."""
@@ -63,16 +66,19 @@ def write_prediction(prediction: Prediction, out: Path) -> PredictionRow:
     """
     thresholds = prediction.thresholds
     record = prediction.record
-    name = record.stem
+    name = plain_name(record.stem, source=record.rgb_path)
     full_map = map_to_original(prediction.anomaly_map, prediction.geometry)
     map_path = out / "maps" / f"{name}.tiff"
     write_map(map_path, full_map)
     scale = 2 * thresholds.pixel if thresholds is not None and thresholds.pixel > 0 else float(full_map.max() or 1)
     rgb = _input_rgb(prediction)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(rgb, full_map, scale)).save(out / "overlays" / f"{name}.png")
+    write_rgb(out / "overlays" / f"{name}.png", overlay(rgb, full_map, scale))
     if thresholds is not None:
         write_mask(out / "masks" / f"{name}.png", full_map > thresholds.pixel)
+    note = prediction.note
+    if prediction.pred_label is None and not note:
+        note = "not labelled: no calibrated threshold"
+    cached = prediction.cached_record
     return PredictionRow(
         name=name,
         rgb_path=str(record.rgb_path),
@@ -84,6 +90,8 @@ def write_prediction(prediction: Prediction, out: Path) -> PredictionRow:
         map_path=str(map_path),
         model=prediction.model,
         modality=prediction.modality,
+        note=note,
+        xyz_cache_path=str(cached.xyz_path) if cached is not None else "",
     )
 
 
@@ -98,11 +106,17 @@ def _input_rgb(prediction: Prediction) -> np.ndarray:
 
 
 def write_predictions(
-    predictions: Iterable[Prediction], out: Path, *, on_row: Callable[[PredictionRow], None] | None = None
+    predictions: Iterable[Prediction],
+    out: Path,
+    *,
+    on_row: Callable[[PredictionRow], None] | None = None,
+    errors: list[DataError] | None = None,
 ) -> tuple[list[PredictionRow], Path]:
     """Write every prediction (see :func:`write_prediction`), then ``predictions.csv``/``.json``.
 
-    The summary is written even when scoring stops on an error part-way, so what was written is listed.
+    The summary is written even when scoring stops on an error part-way, so what was written is listed. With
+    ``errors``, a sample whose outputs cannot be written (e.g. a stem that is not a plain name) is reported there
+    and the others are still written.
 
     Returns:
         The rows and the CSV path.
@@ -110,7 +124,13 @@ def write_predictions(
     rows: list[PredictionRow] = []
     try:
         for prediction in predictions:
-            rows.append(write_prediction(prediction, out))
+            try:
+                rows.append(write_prediction(prediction, out))
+            except DataError as error:
+                if errors is None:
+                    raise
+                errors.append(error)
+                continue
             if on_row is not None:
                 on_row(rows[-1])
     finally:
@@ -120,12 +140,11 @@ def write_predictions(
 
 def write_summary(rows: Sequence[PredictionRow], out: Path) -> tuple[Path, Path]:
     """``predictions.csv`` and ``predictions.json`` with one row per sample."""
-    out.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = out / "predictions.csv", out / "predictions.json"
-    fields = list(PredictionRow.__dataclass_fields__)
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(row.as_dict() for row in rows)
-    json_path.write_text(json.dumps([row.as_dict() for row in rows], indent=2))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(PredictionRow.__dataclass_fields__))
+    writer.writeheader()
+    writer.writerows(row.as_dict() for row in rows)
+    write_text(csv_path, table.getvalue())
+    write_json(json_path, [row.as_dict() for row in rows])
     return csv_path, json_path

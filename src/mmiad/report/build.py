@@ -28,6 +28,7 @@ from mmiad.report.gallery import WorstFirst, verdict
 from mmiad.report.html import render_report
 from mmiad.report.model import CategoryReport, Report, SampleView
 from mmiad.report.plots import clip_curve
+from mmiad.utils.atomic import write_text
 
 PRO_LIMIT = 0.3
 
@@ -228,5 +229,5 @@ def build_report(
     )
     target = Path(out) / "index.html"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_report(report), encoding="utf-8")
+    write_text(target, render_report(report))
     return target

@@ -101,9 +101,16 @@ def category_section(category: CategoryReport, cloud_indices: Mapping[int, int])
     )
 
 
+# Characters that must never appear raw inside a <script> element: ``<`` starts ``</script>`` and ``<!--``
+# (which switches the HTML parser into a mode where a later ``<script>`` swallows the rest of the page), ``>`` and
+# ``&`` for good measure, U+2028/U+2029 because older JavaScript engines treat them as line ends. JSON allows each
+# as a ``\\uXXXX`` escape, so ``JSON.parse`` gives back the same strings.
+_SCRIPT_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def _script_json(data: Any) -> str:
-    """JSON safe inside a <script> element (a ``</`` would end the element early)."""
-    return json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    """JSON that is inert inside a <script> element, whatever strings (file names, titles) it holds."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).translate(_SCRIPT_ESCAPES)
 
 
 def render_report(report: Report) -> str:

@@ -17,9 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
 
 from mmiad.data.errors import DataError
@@ -27,6 +25,8 @@ from mmiad.data.formats import get_format, load_sample
 from mmiad.data.io import write_rgb, write_xyz
 from mmiad.data.preprocess.profiles import PreprocessProfile, get_profile, preprocess_sample
 from mmiad.data.sample import SampleRecord
+from mmiad.utils.atomic import write_json
+from mmiad.utils.names import plain_name
 
 CACHED_FORMAT = "mvtec3d"
 """The format that reads a cached copy (an RGB PNG + xyz TIFF pair, whatever the source layout)."""
@@ -80,22 +80,8 @@ def _sources(record: SampleRecord) -> dict[str, object] | None:
         return None
 
 
-def _atomic_write(path: Path, writer: Callable[[Path], object]) -> None:
-    """Write through ``writer`` to a temporary file beside ``path`` (same suffix), then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
-        writer(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, payload: dict[str, object]) -> None:
-    _atomic_write(path, lambda temp: temp.write_text(json.dumps(payload, indent=1), encoding="utf-8"))
+    write_json(path, payload, indent=1)
 
 
 def _is_fresh(sidecar: Path, sources: dict[str, object] | None, outputs: list[Path], fingerprint: str) -> bool:
@@ -169,6 +155,12 @@ def preprocess_dataset(
         if get_format(record.format).background_removed:
             done.append(record)
             continue
+        try:
+            for part in (record.category, record.split, record.defect_type, record.stem, Path(record.xyz_path).stem):
+                plain_name(part, source=record.xyz_path)
+        except DataError as error:
+            errors.append(error)
+            continue
         folder = base / source_key(record) / record.category / record.split / record.defect_type
         xyz_out = folder / "xyz" / f"{Path(record.xyz_path).stem}.tiff"
         rgb_out = folder / "rgb" / f"{record.stem}.png" if profile.zero_rgb_background else None
@@ -182,9 +174,9 @@ def preprocess_dataset(
                 errors.append(error)
                 continue
             sidecar.unlink(missing_ok=True)
-            _atomic_write(xyz_out, partial(write_xyz, xyz=cleaned.xyz))
+            write_xyz(xyz_out, cleaned.xyz)  # atomic, as every writer of mmiad.data.io
             if rgb_out is not None:
-                _atomic_write(rgb_out, partial(write_rgb, rgb=cleaned.rgb))
+                write_rgb(rgb_out, cleaned.rgb)
             payload = {
                 "format": SIDECAR_FORMAT,
                 "fingerprint": fingerprint,

@@ -58,10 +58,12 @@ class _UnionFind:
 
 def _cell_keys(points: np.ndarray, side: float, reach: int) -> tuple[np.ndarray, np.ndarray]:
     """Encode each point's grid cell as one int64 (with a ``reach``-cell margin) and return the axis strides."""
+    # Check the extent in floating point *before* casting: a cloud spanning 1e19 m casts to garbage int64 cells.
+    extent = (points.max(axis=0) - points.min(axis=0)) / side + 2 * reach + 2
+    if not np.isfinite(extent).all() or float(np.prod(extent)) >= 2.0**62:
+        raise ValueError("eps is too small for the extent of the cloud (the cell grid would overflow int64)")
     cells = np.floor((points - points.min(axis=0)) / side).astype(np.int64) + reach
     dims = cells.max(axis=0) + 1 + reach
-    if float(dims[0]) * float(dims[1]) * float(dims[2]) >= 2.0**62:
-        raise ValueError("eps is too small for the extent of the cloud (the cell grid would overflow int64)")
     strides = np.array([dims[1] * dims[2], dims[2], 1], dtype=np.int64)
     return cells @ strides, strides
 

@@ -150,7 +150,12 @@ def preprocess_sample(sample: Sample, profile: PreprocessProfile | str) -> Sampl
         except ValueError as error:
             raise DataError(path, f"background plane removal failed: {error}") from error
     if profile.cluster:
-        xyz, valid = keep_largest_cluster(xyz, valid, eps=profile.cluster_eps, min_points=profile.cluster_min_points)
+        try:
+            xyz, valid = keep_largest_cluster(
+                xyz, valid, eps=profile.cluster_eps, min_points=profile.cluster_min_points
+            )
+        except (ValueError, OverflowError, FloatingPointError, MemoryError) as error:
+            raise DataError(path, f"point clustering failed: {error}") from error
     if not valid.any():
         raise DataError(path, f"no valid point left after preprocessing with profile {profile.name!r}")
     rgb = np.array(sample.rgb, copy=True)
