@@ -28,7 +28,8 @@ from mmiad.postprocess.smoothing import SMOOTHINGS
 
 @dataclass
 class BTFConfig(BankSettings):
-    """BTF hyperparameters (paper defaults; ``compat`` switches to the official code's blur).
+    """BTF hyperparameters (raw data as the official README's best numbers, the paper's σ=4 Gaussian; ``compat``
+    switches to the official code's blur).
 
     The pipeline fields are :class:`~mmiad.methods.settings.MethodSettings`' (extractors: ``weightfree``, or
     ``wrn50-fpfh`` for the paper's backbone); the memory-bank fields (coreset fraction and ε, seed, reweighting k,

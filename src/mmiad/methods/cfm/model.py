@@ -30,7 +30,8 @@ MAPPINGS = ("crossmodal", "intramodal")
 
 @dataclass
 class CFMConfig(MethodSettings):
-    """CFM hyperparameters (defaults follow the paper; the official code's deviations sit behind ``compat``).
+    """CFM hyperparameters (the paper's where it states them; the official code's smoothing and normalisations
+    behind ``compat``).
 
     The pipeline fields (extractors, image size, weights, profile, device, compat) are
     :class:`~mmiad.methods.settings.MethodSettings`'.

@@ -46,7 +46,8 @@ DOUBLE_SCORE_SCALE = 1000.0
 
 @dataclass
 class M3DMConfig(BankSettings):
-    """M3DM hyperparameters (paper defaults; the official code's quirks behind ``compat``).
+    """M3DM hyperparameters (the official code's where the paper is silent, the paper's where it states them;
+    the official code's remaining choices behind ``compat``).
 
     The pipeline fields are :class:`~mmiad.methods.settings.MethodSettings`' (extractors: ``weightfree``;
     ``dino-pointmae`` is the paper's, with real weights); the memory-bank fields (coreset fraction and ε, seed,
