@@ -98,7 +98,7 @@ def test_compat_uses_mixed_statistics_and_missized_coresets() -> None:
     banks = _banks()
     point_mean, rgb_std = banks["point"].statistics()[0], banks["rgb"].statistics()[1]
     model = M3DM(compat=True, point_coreset="foreground")
-    assert model.settings.smoothing == "pil_uint8" and model.settings.weight_decay == 0.01
+    assert model.settings.smoothing == "pil_uint8" and model.config.weight_decay == 0.01  # the official default
     model._finalize_banks(banks, progress=False)
     # point: 10% of all 300 patches (background included); rgb and fused: 10% of the point coreset
     assert [len(banks[n]) for n in ("point", "rgb", "fused")] == [30, 3, 3]

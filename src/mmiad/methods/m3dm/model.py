@@ -77,8 +77,8 @@ class M3DMConfig(BankSettings):
             learning rate is updated at the start of each group. A partial group at the end of an epoch is applied
             (the official code discards it, so sets under 256 images never train; under ``compat`` it is discarded).
         learning_rate: AdamW learning rate (README: 0.003).
-        weight_decay: AdamW weight decay (intended 1.5e-6; the official code never passes it, so AdamW's 0.01 is
-            the default under compat).
+        weight_decay: AdamW weight decay: 0.01, what the official code trains with (it parses 1.5e-6 but never
+            passes it, so AdamW's default applies; the paper is silent). 1.5e-6 is the intended value.
         warmup_epochs: Linear warm-up before the cosine schedule (1).
         uff_patches: Which patches enter InfoNCE: ``foreground`` (the projected valid-pixel mask) or ``nonzero``
             (the literal test of the official ``FeatureFusionBlock.forward``: rows whose point feature has no zero
@@ -111,7 +111,7 @@ class M3DMConfig(BankSettings):
     batch_size: int = 16
     accum_iter: int = 16
     learning_rate: float = 0.003
-    weight_decay: float = 1.5e-6
+    weight_decay: float = 0.01
     warmup_epochs: int = 1
     uff_patches: str = "foreground"
     uff_max_patches: int | None = None
@@ -123,8 +123,8 @@ class M3DMConfig(BankSettings):
     uff_checkpoint: str | None = None
 
     def compat_values(self) -> dict[str, Any]:
-        """The official code blurs through PIL and never passes its weight decay to AdamW (default 0.01)."""
-        return {"smoothing": "pil_uint8", "weight_decay": 0.01}
+        """The official code blurs a uint8 copy of the maps through PIL."""
+        return {"smoothing": "pil_uint8"}
 
     def __post_init__(self) -> None:
         self.lambdas = tuple(float(v) for v in self.lambdas)  # type: ignore[assignment]
