@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch import nn
 
 T = TypeVar("T")
 
@@ -87,6 +89,8 @@ class MicroBatchPlan:
         per_image_bytes: Estimated extra peak memory per image of a micro-batch (activations kept for backward
             plus the transient buffers of the backward pass).
         budget_bytes: The budget the plan was made for.
+        checkpointing: Whether the estimate assumes activation checkpointing (recomputing activations in the
+            backward pass instead of keeping them).
     """
 
     batch_size: int
@@ -94,6 +98,7 @@ class MicroBatchPlan:
     fixed_bytes: float
     per_image_bytes: float
     budget_bytes: float
+    checkpointing: bool = False
 
     @property
     def peak_bytes(self) -> float:
@@ -109,7 +114,8 @@ class MicroBatchPlan:
         """One line: the estimate, the budget and the split."""
         return (
             f"estimated training peak {self.peak_bytes / GIB:.2f} GB of a {self.budget_bytes / GIB:.2f} GB budget "
-            f"({self.micro_batch} of {self.batch_size} images per micro-batch)"
+            f"({self.micro_batch} of {self.batch_size} images per micro-batch"
+            f"{', activation checkpointing' if self.checkpointing else ''})"
         )
 
 
@@ -123,6 +129,8 @@ def plan_micro_batches(
     what: str = "training",
     setting: str = "memory_budget_gb (--memory-budget-gb)",
     hint: str = "",
+    checkpointing: bool = False,
+    warn: bool = True,
 ) -> MicroBatchPlan:
     """The largest micro-batch (≤ ``batch_size``) whose estimated peak fits ``budget_bytes``.
 
@@ -135,6 +143,8 @@ def plan_micro_batches(
         what: What is being planned, for the messages (e.g. ``Uni-RCM training``).
         setting: The setting a user changes to give training more memory, named in the refusal.
         hint: Further ways out, appended to the refusal (e.g. other settings that shrink the model).
+        checkpointing: Recorded in the plan (the costs given already assume it or not).
+        warn: Warn (:class:`MemoryEstimateWarning`) when the plan is close to the budget; see :func:`warn_if_close`.
 
     Raises:
         MemoryBudgetError: Even one image per micro-batch exceeds the budget (or the forced size does).
@@ -149,10 +159,18 @@ def plan_micro_batches(
             f"{what} needs about {need / GIB:.2f} GB for {max(chosen, 1)} image(s) per micro-batch but the "
             f"memory budget is {budget_bytes / GIB:.2f} GB: raise {setting}{hint}"
         )
-    plan = MicroBatchPlan(batch_size, chosen, float(fixed_bytes), float(per_image_bytes), float(budget_bytes))
-    if plan.peak_bytes > CLOSE_FRACTION * budget_bytes:
-        warnings.warn(f"{what}: {plan.describe()}", MemoryEstimateWarning, stacklevel=2)
+    plan = MicroBatchPlan(
+        batch_size, chosen, float(fixed_bytes), float(per_image_bytes), float(budget_bytes), checkpointing
+    )
+    if warn:
+        warn_if_close(plan, what)
     return plan
+
+
+def warn_if_close(plan: MicroBatchPlan, what: str) -> None:
+    """Report the estimate when it is above :data:`CLOSE_FRACTION` of the budget."""
+    if plan.peak_bytes > CLOSE_FRACTION * plan.budget_bytes:
+        warnings.warn(f"{what}: {plan.describe()}", MemoryEstimateWarning, stacklevel=3)
 
 
 def split_batch(items: Sequence[T], parts: int) -> list[list[T]]:
@@ -168,3 +186,56 @@ def split_batch(items: Sequence[T], parts: int) -> list[list[T]]:
         chunks.append(list(items[start : start + size]))
         start += size
     return chunks
+
+
+@dataclass
+class SavedBytes:
+    """Bytes autograd saved for backward during a probe: outside any region, and inside each region."""
+
+    outside: float = 0.0
+    regions: list[float] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        """Everything saved."""
+        return self.outside + sum(self.regions)
+
+
+@contextmanager
+def count_saved_bytes(modules: Sequence[nn.Module], regions: Sequence[nn.Module] = ()) -> Iterator[SavedBytes]:
+    """Count the distinct storages autograd saves for backward inside the ``with`` block.
+
+    The count is of what a training step *keeps* between its forward and backward passes, measured rather than
+    derived by hand, so it follows the architecture. Parameters and buffers of ``modules`` are excluded (they are
+    counted once, not per image); a storage saved by several operations (a layer's input that is also another's)
+    is counted once. Bytes saved while a module of ``regions`` runs are attributed to it, for estimates with
+    activation checkpointing.
+    """
+    exclude = {t.untyped_storage().data_ptr() for m in modules for t in [*m.parameters(), *m.buffers()]}
+    seen: set[int] = set()
+    keep: list[torch.Tensor] = []  # holds every saved tensor so no storage address is reused during the probe
+    saved = SavedBytes(regions=[0.0] * len(regions))
+    current: list[int | None] = [None]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer not in exclude and pointer not in seen:
+            seen.add(pointer)
+            keep.append(tensor)
+            if current[0] is None:
+                saved.outside += storage.nbytes()
+            else:
+                saved.regions[current[0]] += storage.nbytes()
+        return tensor
+
+    handles = []
+    for index, region in enumerate(regions):
+        handles.append(region.register_forward_pre_hook(lambda *_, i=index: current.__setitem__(0, i)))
+        handles.append(region.register_forward_hook(lambda *_: current.__setitem__(0, None)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            yield saved
+    finally:
+        for handle in handles:
+            handle.remove()

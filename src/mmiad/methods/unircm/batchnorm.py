@@ -162,6 +162,8 @@ class WholeBatchNorm:
                             totals[layer] += torch.stack(
                                 [grad.double().sum(dim=(0, 2, 3)), (grad * normalised).double().sum(dim=(0, 2, 3))]
                             )
+                    # The graph below this layer was not traversed: drop it before the next micro-batch's forward.
+                    del loss, grads
                     self._outputs = {}
                 self._record = set()
                 for layer in group:

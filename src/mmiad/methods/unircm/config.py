@@ -63,7 +63,9 @@ class UniRCMConfig:
             ``per_micro_batch`` (each micro-batch normalised on its own, as gradient accumulation in the
             official code would; no extra cost, not equal to whole-batch training).
         activation_checkpointing: Recompute each block's activations in the backward pass instead of keeping
-            them (about a third more compute, a fraction of the activation memory).
+            them (about a third more compute, a fraction of the activation memory). None: only when that lets
+            the whole batch fit the budget where it otherwise would not (cheaper than splitting it with exact
+            BatchNorm), or when not even one image fits without it.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
@@ -98,7 +100,7 @@ class UniRCMConfig:
     memory_budget_gb: float | None = None
     micro_batch: int | None = None
     micro_batch_norm: str = "exact"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:

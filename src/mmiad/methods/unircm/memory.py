@@ -8,11 +8,13 @@ and two-image probes separate the per-image part from the per-forward part (the 
 once per forward, is shared by a micro-batch). On top of that:
 
 * parameters, their gradients and Adam's two moments: 4 × the parameter bytes of both networks;
-* the transient buffers of the backward pass (gradients of the activations in flight), modelled as
-  :data:`TRANSIENT_WIDTHS` activations of the widest layer per image — measured against ``VmHWM``, see
-  BENCHMARKS.md (``python -m mmiad.bench memory``) for the accuracy;
 * with activation checkpointing, only the block inputs stay saved, plus one block's activations while it is
-  recomputed.
+  recomputed;
+* the transient buffers (gradients in flight, a forward's not-yet-freed intermediates, the allocator's slack),
+  which the count cannot see: the per-image part is multiplied by :data:`CALIBRATION`, measured against
+  ``VmHWM`` at hidden 64 and 256 (``python -m mmiad.bench memory``; BENCHMARKS.md states the accuracy at other
+  sizes). Checkpointing's factor is larger because a recomputed block's intermediates and gradients are a
+  larger share of what it keeps.
 
 Following the architecture in :mod:`mmiad.methods.unircm.blocks` automatically is the point of probing instead of
 writing the count by hand: a change there changes the estimate with it.
@@ -21,8 +23,6 @@ writing the count by hand: a change there changes the estimate with it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +30,20 @@ import torch
 
 from mmiad.methods.unircm.blocks import RefGuidedMapping
 from mmiad.methods.unircm.config import UniRCMConfig
-from mmiad.utils.budget import MemoryEstimateWarning, MicroBatchPlan, plan_micro_batches, resolve_budget
+from mmiad.utils.budget import (
+    MemoryBudgetError,
+    MemoryEstimateWarning,
+    MicroBatchPlan,
+    SavedBytes,
+    count_saved_bytes,
+    plan_micro_batches,
+    resolve_budget,
+    warn_if_close,
+)
 
 PROBE_GRID = 4
-# Activation-sized gradient buffers alive at the backward pass's peak, in units of the widest activation.
-TRANSIENT_WIDTHS = 4.0
+# Measured peak / counted saved bytes per image (plain, checkpointed): see the module docstring.
+CALIBRATION = {False: 1.15, True: 2.4}
 FLOAT_BYTES = 4
 
 
@@ -51,48 +60,7 @@ class StepCost:
     per_image_bytes: float
 
 
-@dataclass
-class _Saved:
-    outside: float = 0.0
-    blocks: list[float] | None = None
-
-
-@contextmanager
-def _count_saved(networks: list[RefGuidedMapping], saved: _Saved) -> Iterator[None]:
-    """Add the bytes of each distinct storage autograd saves to ``saved`` (by block), parameters excluded."""
-    exclude = {p.untyped_storage().data_ptr() for net in networks for p in net.parameters()}
-    exclude |= {b.untyped_storage().data_ptr() for net in networks for b in net.buffers()}
-    seen: set[int] = set()
-    keep: list[torch.Tensor] = []  # holds every saved tensor so no storage address is reused during the probe
-    blocks = [block for net in networks for block in getattr(net, "blocks", [])]
-    saved.blocks = [0.0] * len(blocks)
-    current: list[int | None] = [None]
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in exclude and pointer not in seen:
-            seen.add(pointer)
-            keep.append(tensor)
-            if current[0] is None:
-                saved.outside += storage.nbytes()
-            else:
-                saved.blocks[current[0]] += storage.nbytes()  # type: ignore[index]
-        return tensor
-
-    handles = []
-    for index, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda *_, i=index: current.__setitem__(0, i)))
-        handles.append(block.register_forward_hook(lambda *_: current.__setitem__(0, None)))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _probe(networks: list[RefGuidedMapping], images: int, mse_weight: float) -> _Saved:
+def _probe(networks: list[RefGuidedMapping], images: int, mse_weight: float) -> SavedBytes:
     from mmiad.methods.unircm.training import micro_batch_loss
 
     generator = torch.Generator().manual_seed(0)
@@ -100,8 +68,8 @@ def _probe(networks: list[RefGuidedMapping], images: int, mse_weight: float) -> 
     rows_2d = torch.randn(images, rows, networks[0].in_features, generator=generator)
     rows_3d = torch.randn(images, rows, networks[1].in_features, generator=generator)
     foreground = torch.ones(images, rows, dtype=torch.bool)  # worst case: every cell is foreground
-    saved = _Saved()
-    with _count_saved(networks, saved):
+    blocks = [block for net in networks for block in getattr(net, "blocks", [])]
+    with count_saved_bytes(networks, blocks) as saved:
         micro_batch_loss(networks[0], networks[1], rows_2d, rows_3d, foreground, torch.tensor(1.0), mse_weight)
     return saved
 
@@ -121,23 +89,20 @@ def step_cost(map_to_3d: RefGuidedMapping, map_to_2d: RefGuidedMapping, *, check
         ]
     one, two = _probe(probes, 1, 1.0), _probe(probes, 2, 1.0)
     scale = map_to_3d.grid**2 / PROBE_GRID**2
-    if checkpointing and one.blocks:
+    if checkpointing and one.regions:
         # Kept: everything outside the blocks, each block's input; transient: the largest block, recomputed.
         block_input = hidden * FLOAT_BYTES * PROBE_GRID**2
-        kept_one = one.outside + len(one.blocks) * block_input + max(one.blocks)
-        kept_two = two.outside + len(two.blocks) * 2 * block_input + max(two.blocks)  # type: ignore[arg-type]
+        kept_one = one.outside + len(one.regions) * block_input + max(one.regions)
+        kept_two = two.outside + len(two.regions) * 2 * block_input + max(two.regions)
     else:
-        kept_one = one.outside + sum(one.blocks or [])
-        kept_two = two.outside + sum(two.blocks or [])
+        kept_one, kept_two = one.total, two.total
     per_image_saved = (kept_two - kept_one) * scale
     per_forward_saved = max(kept_one * scale - per_image_saved, 0.0)
-    widest = max(2 * hidden, map_to_3d.in_features, map_to_2d.in_features, map_to_3d.out_features)
-    transient = TRANSIENT_WIDTHS * widest * FLOAT_BYTES * map_to_3d.grid**2
     inputs = (map_to_3d.in_features + map_to_2d.in_features + 1) * FLOAT_BYTES * map_to_3d.grid**2
     parameter_bytes = sum(p.numel() * p.element_size() for net in (map_to_3d, map_to_2d) for p in net.parameters())
     return StepCost(
         fixed_bytes=4 * parameter_bytes + per_forward_saved,
-        per_image_bytes=per_image_saved + transient + inputs,
+        per_image_bytes=CALIBRATION[checkpointing] * (per_image_saved + inputs),
     )
 
 
@@ -148,25 +113,46 @@ def plan_training(
     batch_size: int,
     memory_budget_gb: float | None,
     micro_batch: int | None = None,
-    checkpointing: bool = False,
+    checkpointing: bool | None = None,
 ) -> MicroBatchPlan:
-    """The preflight: micro-batch size for ``batch_size`` within the budget, or a one-line refusal.
+    """The preflight: micro-batch size (and checkpointing) for ``batch_size`` within the budget, or a refusal.
+
+    With ``checkpointing=None`` (automatic) the plan prefers, in order: the whole batch without checkpointing;
+    the whole batch with checkpointing (about a third more compute, and BatchNorm stays whole-batch for free);
+    micro-batches without checkpointing; micro-batches with it (when not even one image fits otherwise).
 
     Raises:
         mmiad.utils.budget.MemoryBudgetError: One image per micro-batch does not fit the budget.
     """
     device = next(map_to_3d.parameters()).device
-    cost = step_cost(map_to_3d, map_to_2d, checkpointing=checkpointing)
-    hint = "" if checkpointing else ", or set activation_checkpointing=true"
-    return plan_micro_batches(
-        batch_size,
-        fixed_bytes=cost.fixed_bytes,
-        per_image_bytes=cost.per_image_bytes,
-        budget_bytes=resolve_budget(memory_budget_gb, device),
-        micro_batch=micro_batch,
-        what="Uni-RCM training",
-        hint=f"{hint}, or lower hidden (--set hidden=...)",
-    )
+    budget = resolve_budget(memory_budget_gb, device)
+    plans, refusal = [], None
+    for option in (False, True) if checkpointing is None else (checkpointing,):
+        cost = step_cost(map_to_3d, map_to_2d, checkpointing=option)
+        hint = "" if option else ", or set activation_checkpointing=true"
+        try:
+            plans.append(
+                plan_micro_batches(
+                    batch_size,
+                    fixed_bytes=cost.fixed_bytes,
+                    per_image_bytes=cost.per_image_bytes,
+                    budget_bytes=budget,
+                    micro_batch=micro_batch,
+                    what="Uni-RCM training",
+                    hint=f"{hint}, or lower hidden (--set hidden=...)",
+                    checkpointing=option,
+                    warn=False,
+                )
+            )
+        except MemoryBudgetError as error:
+            refusal = error
+    if not plans:
+        assert refusal is not None
+        raise refusal
+    whole = [plan for plan in plans if plan.micro_batch == batch_size]
+    plan = (whole or plans)[0]
+    warn_if_close(plan, "Uni-RCM training")
+    return plan
 
 
 def grid_store_budget(config: UniRCMConfig, channels_2d: int, channels_3d: int, device: torch.device) -> float:

@@ -129,7 +129,6 @@ class UniRCM(AnomalyModel):
             progress=progress,
             plan=plan_training(self.map_to_3d_, self.map_to_2d_, **training_memory_options(c)),
             batch_norm=c.micro_batch_norm,
-            checkpointing=c.activation_checkpointing,
         )
 
     def _foreground_rows(self, store: Mapping[int, Grids]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -161,7 +161,7 @@ def train_mappings(
     progress: bool = False,
     plan: MicroBatchPlan | None = None,
     batch_norm: str = "exact",
-    checkpointing: bool = False,
+    checkpointing: bool | None = None,
 ) -> list[float]:
     """Adam on the joint loss of both directions over foreground rows; returns the mean loss per epoch.
 
@@ -179,7 +179,8 @@ def train_mappings(
         progress: Show a progress bar.
         plan: Micro-batch plan (:func:`mmiad.methods.unircm.memory.plan_training`); None runs whole batches.
         batch_norm: ``exact`` or ``per_micro_batch`` statistics when a batch is split (see the module docstring).
-        checkpointing: Recompute the blocks' activations in the backward pass (less memory, ~1/3 more time).
+        checkpointing: Recompute the blocks' activations in the backward pass (less memory, ~1/3 more time);
+            None: as the plan says (off without a plan).
     """
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {BATCH_NORM_MODES}")
@@ -194,6 +195,8 @@ def train_mappings(
         torch.zeros(1, grid_rows, dtype=torch.bool),
     )
     micro = plan.micro_batch if plan is not None else batch_size
+    if checkpointing is None:
+        checkpointing = plan.checkpointing if plan is not None else False
     whole_batch_norm = WholeBatchNorm([map_to_3d, map_to_2d])
 
     def load(indices: list[int]) -> Grids:
