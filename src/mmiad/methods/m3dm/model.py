@@ -22,7 +22,7 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, register_method
-from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr, official_training_rgb
+from mmiad.methods.m3dm.fusion import FeatureFusionBlock, contrastive_backward, cosine_lr, official_training_rgb
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.memorybank.settings import BankSettings
@@ -178,13 +178,10 @@ class M3DM(AnomalyModel):
                     continue
                 for group in optimizer.param_groups:
                     group["lr"] = cosine_lr(step, total, warmup, config.learning_rate)
-                loss = self.uff_.contrastive_loss(point, rgb)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("UFF training diverged (non-finite loss); try a lower learning rate")
                 optimizer.zero_grad()
-                loss.backward()
+                loss = contrastive_backward(self.uff_, point, rgb, memory_budget_gb=config.memory_budget_gb)
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss)
                 step += 1
             self.loss_history_.append(float(np.mean(losses)) if losses else float("nan"))
         self.uff_.eval().requires_grad_(False)
