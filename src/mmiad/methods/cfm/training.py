@@ -50,12 +50,13 @@ def plan_cfm_training(
         mmiad.utils.budget.MemoryBudgetError: One image per micro-batch does not fit.
     """
     generator = torch.Generator().manual_seed(0)
-    rows_2d = torch.randn(_PROBE_ROWS, channels[0], generator=generator)
-    rows_3d = torch.randn(_PROBE_ROWS, channels[1], generator=generator)
+    dtype = next(map_to_3d.parameters()).dtype
+    rows_2d = torch.randn(_PROBE_ROWS, channels[0], generator=generator).to(dtype)
+    rows_3d = torch.randn(_PROBE_ROWS, channels[1], generator=generator).to(dtype)
     with count_saved_bytes([map_to_3d, map_to_2d]) as saved:
         source_3d, source_2d = inputs(rows_2d, rows_3d)
         cosine_loss(map_to_3d(source_3d), rows_3d) + cosine_loss(map_to_2d(source_2d), rows_2d)
-    per_row = saved.total / _PROBE_ROWS + 4 * sum(channels)  # the rows themselves, stacked for the step
+    per_row = saved.total / _PROBE_ROWS + dtype.itemsize * sum(channels)  # the rows themselves, stacked for the step
     parameters = sum(p.numel() * p.element_size() for net in (map_to_3d, map_to_2d) for p in net.parameters())
     return plan_micro_batches(
         batch_size,

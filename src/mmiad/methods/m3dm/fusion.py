@@ -127,14 +127,15 @@ def plan_contrastive_chunks(block: FeatureFusionBlock, rows: int, memory_budget_
     xyz_dim, rgb_dim = block.xyz_norm.normalized_shape[0], block.rgb_norm.normalized_shape[0]
     probe = 64
     generator = torch.Generator().manual_seed(0)
+    dtype = next(block.parameters()).dtype
     with count_saved_bytes([block]) as saved:
-        block.query(torch.randn(probe, rgb_dim, generator=generator))
-        block.key(torch.randn(probe, xyz_dim, generator=generator))
+        block.query(torch.randn(probe, rgb_dim, generator=generator).to(dtype))
+        block.key(torch.randn(probe, xyz_dim, generator=generator).to(dtype))
     parameters = sum(p.numel() * p.element_size() for p in block.parameters())
     return plan_micro_batches(
         rows,
-        fixed_bytes=4 * parameters + 4 * rows * HEAD_DIM * 4,
-        per_image_bytes=CALIBRATION * (saved.total / probe + 3 * rows * 4),
+        fixed_bytes=4 * parameters + 4 * rows * HEAD_DIM * dtype.itemsize,
+        per_image_bytes=CALIBRATION * (saved.total / probe + 3 * rows * dtype.itemsize),
         budget_bytes=resolve_budget(memory_budget_gb, next(block.parameters()).device),
         what="M3DM UFF training",
         hint=", or cap the patches per step (--set uff_max_patches=...)",
