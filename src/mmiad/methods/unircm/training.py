@@ -194,7 +194,9 @@ def train_mappings(
         torch.zeros(1, grid_rows, map_to_2d.in_features),
         torch.zeros(1, grid_rows, dtype=torch.bool),
     )
-    micro = plan.micro_batch if plan is not None else batch_size
+    # Ranks plan on their own (their free memory differs); all use the smallest micro-batch so they take the same
+    # path and run the same collectives.
+    micro = min(ddp.all_gather_objects(plan.micro_batch if plan is not None else batch_size))
     if checkpointing is None:
         checkpointing = plan.checkpointing if plan is not None else False
     whole_batch_norm = WholeBatchNorm([map_to_3d, map_to_2d])
