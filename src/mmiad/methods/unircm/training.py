@@ -230,7 +230,7 @@ def train_mappings(
                     checkpointing,
                 )
                 ddp.sum_gradients(networks)
-                global_loss = float(ddp.all_reduce_sum(torch.tensor(step_loss, dtype=torch.float64)))
+                global_loss = float(ddp.all_reduce_sum(torch.tensor(step_loss, dtype=torch.float64, device=device)))
                 if not np.isfinite(global_loss):
                     raise FloatingPointError("Uni-RCM training diverged (non-finite loss); try a lower learning rate")
                 optimizer.step()
