@@ -122,42 +122,66 @@ def _worker_command(args: argparse.Namespace) -> int:
 
 
 def step_table(results: list[dict[str, Any]]) -> str:
-    """Estimate vs measured peak of Uni-RCM training steps."""
+    """Estimate vs measured peak of Uni-RCM training steps, and time per step and per epoch."""
     lines = [
-        "| hidden | batch | micro | checkpointing | BN | estimate + baseline (MB) | measured VmHWM (MB) | "
-        "estimate / measured | s per step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| hidden | images | batch | micro-batch | checkpointing | estimate + baseline (MB) | measured VmHWM (MB) | "
+        "estimate / measured | s per step | s per epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         spec = r["spec"]
+        head = f"| {spec['hidden']} | {spec['images']} | {spec['batch']} |"
         if "error" in r:
-            lines.append(f"| {spec['hidden']} | {spec['batch']} | {spec.get('micro')} | | | error: {r['error']} |||")
+            lines.append(f"{head} {spec.get('micro')} | | error: {r['error']} |||||")
             continue
         predicted = r["estimate_mb"] + r["baseline_mb"]
+        steps = -(-spec["images"] // spec["batch"])
         lines.append(
-            f"| {spec['hidden']} | {spec['batch']} | {r['micro']} | {'yes' if r['checkpointing'] else 'no'} | "
-            f"{spec.get('batch_norm', 'exact')} | {predicted:.0f} | {r['peak_mb']:.0f} | "
-            f"{predicted / r['peak_mb']:.2f} | {r['seconds_per_step']:.1f} |"
+            f"{head} {r['micro']} | {'yes' if r['checkpointing'] else 'no'} | {predicted:.0f} | {r['peak_mb']:.0f} | "
+            f"{predicted / r['peak_mb']:.2f} | {r['seconds_per_step']:.1f} | {r['seconds_per_step'] * steps:.0f} |"
         )
     return "\n".join(lines)
 
 
+def train_table(results: list[dict[str, Any]]) -> str:
+    """Peak memory and time of ``mmiad.train`` runs."""
+    lines = ["| method | settings | peak VmHWM (MB) | wall time (s) |", "|---|---|---|---|"]
+    for r in results:
+        spec = r["spec"]
+        settings = ", ".join(f"{k}={v}" for k, v in spec.get("hparams", {}).items()) or "defaults"
+        if spec.get("unified"):
+            settings = f"unified, {settings}"
+        if "error" in r:
+            lines.append(f"| {spec['method']} | {settings} | error: {r['error']} | |")
+        else:
+            lines.append(f"| {spec['method']} | {settings} | {r['peak_mb']:.0f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def _memory_command(args: argparse.Namespace) -> int:
-    results = []
-    for spec in json.loads(Path(args.specs).read_text()) if args.specs else _default_step_specs():
-        result = measure(spec)
-        print(json.dumps(result), file=sys.stderr, flush=True)
-        results.append(result)
+    if args.results:  # render tables from the JSON lines of an earlier run
+        results = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.startswith("{")]
+    else:
+        results = []
+        for spec in json.loads(Path(args.specs).read_text()) if args.specs else _default_step_specs():
+            result = measure(spec)
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            results.append(result)
     steps = [r for r in results if r["spec"]["kind"] == "step"]
+    trains = [r for r in results if r["spec"]["kind"] == "train"]
     body = (
-        "### Uni-RCM training step: the preflight's estimate vs the measured peak\n\n"
-        f"Command: `python -m mmiad.bench memory`  \nMachine: {machine_description()} (shared with other work)\n\n"
-        "Random grids with the weight-free channels (42 + 33) on the 56×56 grid, 3 blocks, one epoch; "
-        "`baseline` is the child's resident memory before training (interpreter, torch, the grids).\n\n"
-        + step_table(steps)
+        f"Command: `python -m mmiad.bench memory --specs SPECS.json`  \nMachine: {machine_description()}, "
+        "**shared with other helpers' test suites (load average 15-30 on 2 cores)**: times are inflated and "
+        "only indicative; peaks do not depend on the load.\n\n"
+        "#### `mmiad.train` on the synthetic `demo` data (one category, 20 training images)\n\n"
+        + train_table(trains)
+        + "\n\n#### Uni-RCM training steps: the preflight's estimate vs the measured peak\n\n"
+        "Random grids with the weight-free channels (42 + 33) on the 56×56 grid, 3 blocks, one epoch of "
+        "`images` images; `baseline` is the child's resident memory before training (interpreter, torch, the "
+        "grids).\n\n" + step_table(steps)
     )
     if args.out:
-        replace_section(Path(args.out), "memory-steps", body)
+        replace_section(Path(args.out), "memory", body)
     print(body)
     return 0
 
@@ -174,6 +198,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     memory = commands.add_parser("memory", help="peak memory of training vs the preflight's estimate")
     memory.add_argument("--out", default=None, help="update this markdown file (e.g. BENCHMARKS.md)")
     memory.add_argument("--specs", default=None, help="JSON list of run specifications (default: a step sweep)")
+    memory.add_argument("--results", default=None, help="render the tables from this log of JSON result lines")
     memory.set_defaults(handler=_memory_command)
     worker = commands.add_parser("memory-worker", help="(internal) one run in a fresh process")
     worker.add_argument("spec")
