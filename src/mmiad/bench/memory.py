@@ -161,9 +161,8 @@ def train_table(results: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"| {spec['method']} | {settings} | error: {r['error']} | |")
         else:
-            lines.append(
-                f"| {spec['method']} | {settings} | {r['peak_mb']:.0f} | {r['seconds']:.0f} | {_cpu(r, 'cpu_seconds')} |"
-            )
+            cpu = _cpu(r, "cpu_seconds")
+            lines.append(f"| {spec['method']} | {settings} | {r['peak_mb']:.0f} | {r['seconds']:.0f} | {cpu} |")
     return "\n".join(lines)
 
 
