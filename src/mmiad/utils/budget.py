@@ -32,6 +32,9 @@ GIB = 2**30
 AUTO_FRACTION = 0.8
 # A plan above this share of the budget is reported, so a user sees how close a run is before it starts.
 CLOSE_FRACTION = 0.8
+# What a training step costs beyond its tensors whatever its size: the allocator's retained pages, autograd's and
+# OpenMP's threads. Measured: ~0.1-0.4 GB above the counted tensors at hidden 64 (BENCHMARKS.md, bench memory).
+RUNTIME_OVERHEAD_BYTES = 256 * 2**20
 
 
 class MemoryBudgetError(ValueError):

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from mmiad.methods.cfm.mapping import cosine_loss
-from mmiad.utils.budget import MicroBatchPlan, count_saved_bytes, plan_micro_batches, resolve_budget, split_batch
+from mmiad.utils.budget import (
+    RUNTIME_OVERHEAD_BYTES,
+    MicroBatchPlan,
+    count_saved_bytes,
+    plan_micro_batches,
+    resolve_budget,
+    split_batch,
+)
 
 # Measured peak / counted saved bytes per image (see mmiad.methods.unircm.memory; the same allocator slack).
 CALIBRATION = 1.15
@@ -60,7 +67,7 @@ def plan_cfm_training(
     parameters = sum(p.numel() * p.element_size() for net in (map_to_3d, map_to_2d) for p in net.parameters())
     return plan_micro_batches(
         batch_size,
-        fixed_bytes=4 * parameters,  # parameters, gradients, Adam's two moments
+        fixed_bytes=4 * parameters + RUNTIME_OVERHEAD_BYTES,  # parameters, gradients, Adam's two moments
         per_image_bytes=CALIBRATION * per_row * rows_per_image,
         budget_bytes=resolve_budget(memory_budget_gb, next(map_to_3d.parameters()).device),
         micro_batch=micro_batch,

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmiad.utils.budget import MicroBatchPlan, count_saved_bytes, plan_micro_batches, resolve_budget
+from mmiad.utils.budget import (
+    RUNTIME_OVERHEAD_BYTES,
+    MicroBatchPlan,
+    count_saved_bytes,
+    plan_micro_batches,
+    resolve_budget,
+)
 
 HEAD_DIM = 256
 # Measured peak / counted saved bytes (see mmiad.methods.unircm.memory; the same allocator slack).
@@ -134,7 +140,7 @@ def plan_contrastive_chunks(block: FeatureFusionBlock, rows: int, memory_budget_
     parameters = sum(p.numel() * p.element_size() for p in block.parameters())
     return plan_micro_batches(
         rows,
-        fixed_bytes=4 * parameters + 4 * rows * HEAD_DIM * dtype.itemsize,
+        fixed_bytes=4 * parameters + 4 * rows * HEAD_DIM * dtype.itemsize + RUNTIME_OVERHEAD_BYTES,
         per_image_bytes=CALIBRATION * (saved.total / probe + 3 * rows * dtype.itemsize),
         budget_bytes=resolve_budget(memory_budget_gb, next(block.parameters()).device),
         what="M3DM UFF training",

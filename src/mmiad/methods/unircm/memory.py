@@ -8,6 +8,7 @@ and two-image probes separate the per-image part from the per-forward part (the 
 once per forward, is shared by a micro-batch). On top of that:
 
 * parameters, their gradients and Adam's two moments: 4 × the parameter bytes of both networks;
+* a constant runtime overhead (:data:`mmiad.utils.budget.RUNTIME_OVERHEAD_BYTES`);
 * with activation checkpointing, only the block inputs stay saved, plus one block's activations while it is
   recomputed;
 * the transient buffers (gradients in flight, a forward's not-yet-freed intermediates, the allocator's slack),
@@ -31,6 +32,7 @@ import torch
 from mmiad.methods.unircm.blocks import RefGuidedMapping
 from mmiad.methods.unircm.config import UniRCMConfig
 from mmiad.utils.budget import (
+    RUNTIME_OVERHEAD_BYTES,
     MemoryBudgetError,
     MemoryEstimateWarning,
     MicroBatchPlan,
@@ -101,7 +103,7 @@ def step_cost(map_to_3d: RefGuidedMapping, map_to_2d: RefGuidedMapping, *, check
     inputs = (map_to_3d.in_features + map_to_2d.in_features + 1) * FLOAT_BYTES * map_to_3d.grid**2
     parameter_bytes = sum(p.numel() * p.element_size() for net in (map_to_3d, map_to_2d) for p in net.parameters())
     return StepCost(
-        fixed_bytes=4 * parameter_bytes + per_forward_saved,
+        fixed_bytes=4 * parameter_bytes + per_forward_saved + RUNTIME_OVERHEAD_BYTES,
         per_image_bytes=CALIBRATION[checkpointing] * (per_image_saved + inputs),
     )
 
