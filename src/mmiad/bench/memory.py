@@ -153,9 +153,8 @@ def _estimate_mb(spec: dict[str, Any]) -> float:
 
     grid, c2, c3 = spec.get("grid", 56), spec.get("channels_2d", 42), spec.get("channels_3d", 33)
     shape = {"hidden": spec["hidden"], "grid": grid, "num_blocks": spec.get("blocks", 3)}
-    cost = step_cost(
-        RefGuidedMapping(c2, c3, **shape), RefGuidedMapping(c3, c2, **shape), checkpointing=bool(spec.get("checkpointing"))
-    )
+    networks = RefGuidedMapping(c2, c3, **shape), RefGuidedMapping(c3, c2, **shape)
+    cost = step_cost(*networks, checkpointing=bool(spec.get("checkpointing")))
     return (cost.fixed_bytes + spec.get("micro", spec["batch"]) * cost.per_image_bytes) / MB
 
 
