@@ -1,11 +1,11 @@
-"""``python -m mmiad.bench {stages,accuracy,fallback,orq,extend,compare,speed}``: see the sub-commands' help."""
+"""``python -m mmiad.bench {stages,accuracy,fallback,orq,extend,compare,speed,memory}``: see the sub-commands' help."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, speed, stages, unified
+from mmiad.bench import accuracy, comparison, memory, speed, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     unified.register(commands)
     comparison.register(commands)
     speed.register(commands)
+    memory.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

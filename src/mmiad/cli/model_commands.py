@@ -39,6 +39,7 @@ _HPARAM_OPTIONS = {
     "smoothing": "smoothing",
     "random_init": "random_init",
     "compat": "compat",
+    "memory_budget_gb": "memory_budget_gb",
 }
 
 
@@ -224,6 +225,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-dir", help="folder with checkpoint files (default $MMIAD_WEIGHTS_DIR)")
     parser.add_argument("--epochs", type=int, help="training epochs (paper: 250)")
     parser.add_argument("--batch-size", type=int, help="images per optimisation step (official: 4)")
+    parser.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        help="memory training may use (default: 80%% of the available RAM, or GPU memory on CUDA); a batch that "
+        "does not fit is split into micro-batches with accumulated gradients",
+    )
     parser.add_argument("--lr", type=float, help="learning rate")
     parser.add_argument("--image-size", type=int, help="model input side (default 224)")
     parser.add_argument("--grid-size", type=int, help="side of the grid the mapping runs on (default 224)")

@@ -19,11 +19,13 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction
-from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss, feature_discrepancy
+from mmiad.methods.cfm.mapping import FeatureProjectionMLP, feature_discrepancy
 from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
+from mmiad.methods.cfm.training import accumulate_batch, plan_cfm_training
 from mmiad.methods.modelfile import prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.settings import MethodSettings
+from mmiad.utils.budget import MicroBatchPlan
 
 MAPPINGS = ("crossmodal", "intramodal")
 
@@ -47,7 +49,10 @@ class CFMConfig(MethodSettings):
         smoothing: ``gaussian`` (paper, σ=4) or ``box_cascade`` (official code; the default under ``compat``,
             which also applies the official per-metric normalisations).
         sigma: Gaussian σ in input pixels.
-        memory_budget_gb: Keep training features in memory up to this size, else reload them each epoch.
+        memory_budget_gb: Memory training may use, in GiB (None: 80 % of the available RAM). The training step
+            is planned first (a batch that does not fit is split into micro-batches with accumulated gradients);
+            the training features stay in memory within what is left, else they are reloaded each epoch.
+        micro_batch: Images per forward/backward pass; None: the largest that fits ``memory_budget_gb``.
     """
 
     grid_size: int = 224
@@ -59,7 +64,8 @@ class CFMConfig(MethodSettings):
     mapping: str = "crossmodal"
     smoothing: str = "gaussian"
     sigma: float = 4.0
-    memory_budget_gb: float = 4.0
+    memory_budget_gb: float | None = None
+    micro_batch: int | None = None
 
     def compat_values(self) -> dict[str, Any]:
         """The official code smooths with the 5×5/7×7 box cascade."""
@@ -72,6 +78,10 @@ class CFMConfig(MethodSettings):
             raise ValueError(f"unknown mapping {self.mapping!r}; expected one of {MAPPINGS}")
         if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1:
             raise ValueError("need grid_size <= image_size, epochs >= 0 and batch_size >= 1")
+        if (self.memory_budget_gb is not None and self.memory_budget_gb < 0) or (
+            self.micro_batch is not None and self.micro_batch < 1
+        ):
+            raise ValueError("need memory_budget_gb >= 0 and micro_batch >= 1")
 
 
 @register_method("cfm")
@@ -102,6 +112,21 @@ class CFM(AnomalyModel):
             return features_2d, features_3d
         return features_3d, features_2d
 
+    def _plan(self, channels_2d: int, channels_3d: int) -> MicroBatchPlan:
+        """Build the networks and plan the training step within the budget (the preflight)."""
+        self._build_networks(channels_2d, channels_3d)
+        c = self.config
+        return plan_cfm_training(
+            self.map_to_3d_,
+            self.map_to_2d_,
+            self._inputs_of,
+            channels=(channels_2d, channels_3d),
+            rows_per_image=c.grid_size**2,
+            batch_size=c.batch_size,
+            memory_budget_gb=c.memory_budget_gb,
+            micro_batch=c.micro_batch,
+        )
+
     def _foreground_rows(self, features: SampleFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         grid_2d, grid_3d, foreground = features.on_grid(self.config.grid_size)
         rows_2d = grid_2d.flatten(1).T[foreground.flatten()]
@@ -116,7 +141,7 @@ class CFM(AnomalyModel):
             raise ValueError("CFM.fit needs at least one nominal training sample")
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
         rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        budget = self.config.memory_budget_gb * 2**30
+        budget: float | None = None  # for the stored rows: what the training step leaves of the budget
         used = 0
         keep_in_memory = True
         kept_records: list[SampleRecord] = []
@@ -124,6 +149,9 @@ class CFM(AnomalyModel):
             kept_records.append(record)
             if keep_in_memory:
                 pair = self._foreground_rows(features)
+                if budget is None:  # the preflight, before the other features are extracted
+                    plan = self._plan(pair[0].shape[1], pair[1].shape[1])
+                    budget = plan.spare_bytes
                 used += sum(t.numel() * t.element_size() for t in pair)
                 rows.append(pair)
                 keep_in_memory = used <= budget
@@ -136,7 +164,7 @@ class CFM(AnomalyModel):
         else:
             first = self._foreground_rows(self.pipeline.extract(kept_records[0]))
             channels_2d, channels_3d = first[0].shape[1], first[1].shape[1]
-        self._build_networks(channels_2d, channels_3d)
+        plan = self._plan(channels_2d, channels_3d)
         optimizer = torch.optim.Adam(
             [*self.map_to_3d_.parameters(), *self.map_to_2d_.parameters()], lr=self.config.learning_rate
         )
@@ -152,18 +180,10 @@ class CFM(AnomalyModel):
                     pairs = [rows[i] for i in batch]
                 else:
                     pairs = [self._foreground_rows(self.pipeline.extract(kept_records[i])) for i in batch]
-                features_2d = torch.cat([p[0] for p in pairs])
-                features_3d = torch.cat([p[1] for p in pairs])
-                source_3d, source_2d = self._inputs_of(features_2d, features_3d)
-                loss = cosine_loss(self.map_to_3d_(source_3d), features_3d) + cosine_loss(
-                    self.map_to_2d_(source_2d), features_2d
-                )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError("CFM training diverged (non-finite loss); try a lower learning rate")
                 optimizer.zero_grad()
-                loss.backward()
+                loss = accumulate_batch(self.map_to_3d_, self.map_to_2d_, self._inputs_of, pairs, plan.micro_batch)
                 optimizer.step()
-                epoch_losses.append(float(loss.detach()))
+                epoch_losses.append(loss)
             self.loss_history_.append(float(np.mean(epoch_losses)))
             bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
         self.n_train_samples_ = len(kept_records)

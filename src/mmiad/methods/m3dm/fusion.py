@@ -14,7 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmiad.utils.budget import (
+    RUNTIME_OVERHEAD_BYTES,
+    MicroBatchPlan,
+    count_saved_bytes,
+    plan_micro_batches,
+    resolve_budget,
+)
+
 HEAD_DIM = 256
+# Measured peak / counted saved bytes (see mmiad.methods.unircm.memory; the same allocator slack).
+CALIBRATION = 1.15
 
 
 class Mlp(nn.Module):
@@ -47,17 +57,101 @@ class FeatureFusionBlock(nn.Module):
         """N×(xyz_dim + rgb_dim): the concatenated MLP outputs, the fused feature of the memory bank."""
         return torch.cat([self.xyz_mlp(self.xyz_norm(xyz)), self.rgb_mlp(self.rgb_norm(rgb))], dim=-1)
 
+    def query(self, rgb: torch.Tensor) -> torch.Tensor:
+        """L2-normalised RGB head outputs (the InfoNCE queries)."""
+        return F.normalize(self.rgb_head(self.rgb_mlp(self.rgb_norm(rgb))), dim=1)
+
+    def key(self, xyz: torch.Tensor) -> torch.Tensor:
+        """L2-normalised point head outputs (the InfoNCE keys)."""
+        return F.normalize(self.xyz_head(self.xyz_mlp(self.xyz_norm(xyz))), dim=1)
+
     def contrastive_loss(self, xyz: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
         """Patch-wise InfoNCE over N aligned foreground patches (row i of both is the same patch).
 
         As the official code: query = RGB head, key = point head, both L2-normalised, logits ``q kᵀ / T``,
         cross-entropy against the diagonal, one direction only, scaled by ``2T``.
         """
-        query = F.normalize(self.rgb_head(self.rgb_mlp(self.rgb_norm(rgb))), dim=1)
-        key = F.normalize(self.xyz_head(self.xyz_mlp(self.xyz_norm(xyz))), dim=1)
-        logits = query @ key.T / self.temperature
+        logits = self.query(rgb) @ self.key(xyz).T / self.temperature
         labels = torch.arange(logits.shape[0])
         return F.cross_entropy(logits, labels) * (2 * self.temperature)
+
+
+def contrastive_backward(
+    block: FeatureFusionBlock,
+    xyz: torch.Tensor,
+    rgb: torch.Tensor,
+    *,
+    memory_budget_gb: float | None,
+    scale: float = 1.0,
+) -> float:
+    """Gradients of ``scale`` × :meth:`FeatureFusionBlock.contrastive_loss` added to ``block``'s; returns the
+    (unscaled) loss. ``scale`` is ``1 / accum_iter`` when batches are accumulated into one optimizer step.
+
+    The loss is not a sum over images: every patch of a batch is a negative of every other, so its N×N logits
+    grow with the square of the batch (16 images × ~3,000 foreground patches: ~9 GB with their gradients). When
+    they do not fit the budget, the loss is computed in chunks of query rows without changing it: the queries and
+    keys are computed once without a graph; each chunk's rows of the cross-entropy (against *all* keys) add
+    their gradients to the queries and keys; then each chunk of rows goes through the networks again and
+    back-propagates its share. The gradients are the whole batch's up to float rounding.
+
+    Raises:
+        mmiad.utils.budget.MemoryBudgetError: Not even one query row fits the budget.
+        FloatingPointError: The loss is not finite.
+    """
+    rows = xyz.shape[0]
+    chunk = plan_contrastive_chunks(block, rows, memory_budget_gb).micro_batch
+    if chunk >= rows:
+        loss = block.contrastive_loss(xyz, rgb)
+        _check_finite(loss)
+        (loss * scale).backward()
+        return float(loss.detach())
+    starts = range(0, rows, chunk)
+    with torch.no_grad():
+        query = torch.cat([block.query(rgb[s : s + chunk]) for s in starts]).requires_grad_()
+        key = torch.cat([block.key(xyz[s : s + chunk]) for s in starts]).requires_grad_()
+    total = 0.0
+    with torch.enable_grad():
+        for s in starts:
+            logits = query[s : s + chunk] @ key.T / block.temperature
+            labels = torch.arange(s, s + logits.shape[0])
+            loss = F.cross_entropy(logits, labels, reduction="sum") * (2 * block.temperature / rows)
+            _check_finite(loss)
+            (loss * scale).backward()
+            total += float(loss.detach())
+        for s in starts:
+            block.query(rgb[s : s + chunk]).backward(query.grad[s : s + chunk])
+            block.key(xyz[s : s + chunk]).backward(key.grad[s : s + chunk])
+    return total
+
+
+def _check_finite(loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError("UFF training diverged (non-finite loss); try a lower learning rate")
+
+
+def plan_contrastive_chunks(block: FeatureFusionBlock, rows: int, memory_budget_gb: float | None) -> MicroBatchPlan:
+    """Query rows per chunk of the InfoNCE loss within the budget (the "images" of the plan are patch rows).
+
+    Per query row: its row of logits, softmax and their gradient (3 × N floats) and its networks' activations
+    (counted by a probe); fixed: queries, keys and their gradients (4 × N × 256 floats), parameters with AdamW's
+    state (4 × their size).
+    """
+    xyz_dim, rgb_dim = block.xyz_norm.normalized_shape[0], block.rgb_norm.normalized_shape[0]
+    probe = 64
+    generator = torch.Generator().manual_seed(0)
+    dtype = next(block.parameters()).dtype
+    with count_saved_bytes([block]) as saved:
+        block.query(torch.randn(probe, rgb_dim, generator=generator).to(dtype))
+        block.key(torch.randn(probe, xyz_dim, generator=generator).to(dtype))
+    parameters = sum(p.numel() * p.element_size() for p in block.parameters())
+    return plan_micro_batches(
+        rows,
+        fixed_bytes=4 * parameters + 4 * rows * HEAD_DIM * dtype.itemsize + RUNTIME_OVERHEAD_BYTES,
+        per_image_bytes=CALIBRATION * (saved.total / probe + 3 * rows * dtype.itemsize),
+        budget_bytes=resolve_budget(memory_budget_gb, next(block.parameters()).device),
+        what="M3DM UFF training",
+        hint=", or cap the patches per step (--set uff_max_patches=...)",
+    )
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:

@@ -27,7 +27,7 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction
-from mmiad.methods.m3dm.fusion import FeatureFusionBlock, cosine_lr, official_training_rgb
+from mmiad.methods.m3dm.fusion import FeatureFusionBlock, contrastive_backward, cosine_lr, official_training_rgb
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.memorybank.settings import BankSettings
@@ -301,11 +301,9 @@ class M3DM(AnomalyModel):
                         group["lr"] = cosine_lr(epoch * batches_per_epoch + batch, total, warmup, config.learning_rate)
                 point, rgb = self._uff_batch([records[i] for i in order[start : start + config.batch_size]], generator)
                 if point.shape[0] >= 2:
-                    loss = self.uff_.contrastive_loss(point, rgb)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError("UFF training diverged (non-finite loss); try a lower learning rate")
-                    (loss / config.accum_iter).backward()
-                    losses.append(float(loss.detach()))
+                    budget = config.memory_budget_gb
+                    scale = 1.0 / config.accum_iter
+                    losses.append(contrastive_backward(self.uff_, point, rgb, memory_budget_gb=budget, scale=scale))
                     pending += 1
                 if (batch + 1) % config.accum_iter == 0:
                     optimizer.step()

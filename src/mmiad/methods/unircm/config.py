@@ -21,6 +21,7 @@ from mmiad.methods.unircm.blocks import BRANCHES
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MSE_NORMALIZATIONS = ("none", "feature_rms")
 ORQ_NORMALIZATIONS = ("image_max", "none")
+MICRO_BATCH_NORMS = ("exact", "per_micro_batch")
 
 
 @dataclass
@@ -60,8 +61,23 @@ class UniRCMConfig(MethodSettings):
         smoothing: ``gaussian`` (paper, σ=4), ``box_cascade``, ``pil_uint8`` or ``none``; ignored under compat.
         sigma: Smoothing σ in input pixels.
         store_dtype: dtype of the stored training grids (``float16`` halves the memory of big runs).
-        memory_budget_gb: RAM for the training grids; beyond it they spill to memory-mapped files (in the feature
-            cache folder) and are read back per batch, with identical results.
+        memory_budget_gb: Memory training may use, in GiB: the training step (parameters, Adam state, one
+            micro-batch's activations) and the stored training grids share it. The step is planned first (a batch
+            that does not fit is split into micro-batches, see ``micro_batch``); the grids get the rest and
+            spill beyond it to memory-mapped files in the feature cache folder, read back per batch with
+            identical results. None: 80 % of the available RAM (on CUDA: of the free GPU memory for the step,
+            and 80 % of the available RAM for the grids). Too small for one image per micro-batch: training
+            refuses to start, in one line.
+        micro_batch: Images per forward/backward pass; None chooses the largest that fits ``memory_budget_gb``.
+            Gradients of the micro-batches of a batch are accumulated, so ``batch_size`` keeps its meaning.
+        micro_batch_norm: BatchNorm statistics when a batch is split: ``exact`` (whole-batch statistics and
+            gradients, as training the batch whole; about ``num_blocks`` + 1 passes per step) or
+            ``per_micro_batch`` (each micro-batch normalised on its own, as gradient accumulation in the
+            official code would; no extra cost, not equal to whole-batch training).
+        activation_checkpointing: Recompute each block's activations in the backward pass instead of keeping
+            them (about a third more compute, a fraction of the activation memory). None: only when that lets
+            the whole batch fit the budget where it otherwise would not (cheaper than splitting it with exact
+            BatchNorm), or when not even one image fits without it.
 
     ``compat`` applies the official smoothing and normalisations: pixel and AUPRO maps blurred by PIL's GaussianBlur
     (radius σ) on a uint8 copy, the image score from the 5×5/7×7 box cascade, CFM's per-metric normalisations;
@@ -93,7 +109,10 @@ class UniRCMConfig(MethodSettings):
     smoothing: str = "gaussian"
     sigma: float = 4.0
     store_dtype: str = "float32"
-    memory_budget_gb: float = 4.0
+    memory_budget_gb: float | None = None
+    micro_batch: int | None = None
+    micro_batch_norm: str = "exact"
+    activation_checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
         if self.branches not in BRANCHES:
@@ -110,5 +129,11 @@ class UniRCMConfig(MethodSettings):
             )
         if not (isinstance(self.beta_2d, int | float) and isinstance(self.beta_3d, int | float)):
             raise ValueError(f"beta_2d and beta_3d must be numbers, got {self.beta_2d!r} and {self.beta_3d!r}")
+        if self.micro_batch_norm not in MICRO_BATCH_NORMS:
+            raise ValueError(f"unknown micro_batch_norm {self.micro_batch_norm!r}; expected one of {MICRO_BATCH_NORMS}")
+        if (self.memory_budget_gb is not None and self.memory_budget_gb < 0) or (
+            self.micro_batch is not None and self.micro_batch < 1
+        ):
+            raise ValueError("need memory_budget_gb >= 0 and micro_batch >= 1")
         if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1 or self.orq_layers < 1:
             raise ValueError("need grid_size <= image_size, epochs >= 0, batch_size >= 1 and orq_layers >= 1")

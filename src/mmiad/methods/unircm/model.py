@@ -35,6 +35,7 @@ from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.unircm.blocks import RefGuidedMapping, load_mapping_state
 from mmiad.methods.unircm.config import STORE_DTYPES, UniRCMConfig
+from mmiad.methods.unircm.memory import grid_store_budget, plan_training, training_memory_options
 from mmiad.methods.unircm.orq import ResidualQuantizer
 from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import Grids, feature_mean_squares, mse_scales, train_mappings
@@ -118,14 +119,18 @@ class UniRCM(AnomalyModel):
         spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
         if spill is not None:
             spill.mkdir(parents=True, exist_ok=True)
-        store = GridStore(self.config.memory_budget_gb * 2**30, STORE_DTYPES[self.config.store_dtype], spill)
+        dtype, store = STORE_DTYPES[self.config.store_dtype], None
         for position, record in enumerate(tqdm(records, desc="features", disable=not progress, leave=False)):
             if not ddp.owned(offset + position):
                 continue
             prepared = self.pipeline.preprocess([record], errors=errors)
             for _, features in self.pipeline.iter_features(prepared, errors=errors):
-                store.add(offset + position, *self.grids_of(features))
-        return store
+                grids = self.grids_of(features)
+                if store is None:  # the preflight: refuses here, before every feature is extracted
+                    channels = (grids[0].shape[1], grids[1].shape[1])
+                    store = GridStore(grid_store_budget(self.config, *channels, self.device), dtype, spill)
+                store.add(offset + position, *grids)
+        return store if store is not None else GridStore(0, dtype, spill)
 
     # ------------------------------------------------------------------ training
     def _build_networks(self, channels_2d: int, channels_3d: int) -> None:
@@ -151,6 +156,8 @@ class UniRCM(AnomalyModel):
             mse_scale=self.mse_scale_,
             seed=seed,
             progress=progress,
+            plan=plan_training(self.map_to_3d_, self.map_to_2d_, **training_memory_options(c)),
+            batch_norm=c.micro_batch_norm,
         )
 
     def _foreground_rows(self, store: Mapping[int, Grids]) -> tuple[torch.Tensor, torch.Tensor] | None:
