@@ -7,7 +7,7 @@ keeps the larger of own and carried-over distance, weights it by a confidence, a
 
 Written from the official ``compute_scores_multiple`` (HUST-SLOW/MuSc-V2, ``models/modules/_MSM.py``); each step
 below names the official quantity. Rank matching (``replace_sorted``) gives the k-th smallest target value the
-k-th smallest source value; ties are broken by position (stable sort; the official sort is unstable).
+k-th smallest source value; tied targets share the mean of their source values (see :func:`rank_match`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,23 @@ from mmiad.methods.musc.msm import interval_average, patch_to_sample_distances
 
 
 def rank_match(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``target``'s ordering with ``source``'s values: out[j] = sorted(source)[rank of target[j]] (last dim)."""
-    ranks = torch.argsort(torch.argsort(target, dim=-1, stable=True), dim=-1, stable=True)
-    return torch.gather(torch.sort(source, dim=-1, stable=True).values, -1, ranks)
+    """``target``'s ordering with ``source``'s values (1-D): the k-th smallest target gets the k-th smallest source.
+
+    Tied targets share the mean of the source values over their ranks. The official ``replace_sorted`` leaves
+    ties to an unstable sort, so its result depends on where equal values sit, i.e. on the order of the samples in
+    the batch (ties are common: identical background patches give equal distances); averaging makes it
+    order-free and equals the official result whenever there is no tie.
+    """
+    ordered_target, order = torch.sort(target, stable=True)
+    ordered_source = torch.sort(source).values
+    group = torch.cumsum(
+        torch.cat([ordered_target.new_zeros(1, dtype=torch.long), (ordered_target.diff() != 0).long()]), 0
+    )
+    sums = torch.zeros(int(group[-1]) + 1, dtype=ordered_source.dtype).index_add_(0, group, ordered_source)
+    counts = torch.bincount(group).to(ordered_source.dtype)
+    out = torch.empty_like(ordered_source)
+    out[order] = (sums / counts)[group]
+    return out
 
 
 def patch_members(centre_pixels: torch.Tensor, image_size: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -51,6 +65,11 @@ def cross_modal_distances(
     return d2x, d2[centre_patch]
 
 
+def _spread(distances: torch.Tensor) -> torch.Tensor:
+    """Per-row (unbiased) standard deviation over references, computed in a canonical order."""
+    return torch.sort(distances, dim=1).values.std(dim=1)
+
+
 def enhance(own: torch.Tensor, carried: torch.Tensor, nonzero_rows: torch.Tensor | None = None) -> torch.Tensor:
     """One modality's CAE: rescale, keep the larger, weight by confidence, rescale back, average with ``own``.
 
@@ -59,8 +78,9 @@ def enhance(own: torch.Tensor, carried: torch.Tensor, nonzero_rows: torch.Tensor
         carried: (L,R) the other modality's distances carried over (``patch2image_*_cross``).
         nonzero_rows: For 2D, the patches that received 3D evidence; the others keep zeros when rescaled.
     """
-    # Confidence: 1 − (spread of own distances, reordered by the spread of the carried ones).
-    confidence = 1 - rank_match(own.std(dim=1), carried.std(dim=1))
+    # Confidence: 1 − (spread of own distances, reordered by the spread of the carried ones). Rows are sorted
+    # before the standard deviation so its float rounding, and thus the rank matching, ignores sample order.
+    confidence = 1 - rank_match(_spread(own), _spread(carried))
     if nonzero_rows is None:
         rescaled = rank_match(own.reshape(-1), carried.reshape(-1)).view_as(own)
     else:

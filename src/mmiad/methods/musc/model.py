@@ -10,6 +10,7 @@ map) with RsCon. Scores only mean something relative to the batch they were comp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -85,6 +86,10 @@ class MuSc:
         """Mutual scoring, maps and RsCon for tokens already extracted (the part independent of extractors)."""
         config = self.config
         check_batch(len(tokens), config.interval)
+        if config.modality == "2d":  # tokens extracted for both modalities can be rescored for one
+            tokens = [replace(t, points=[]) for t in tokens]
+        elif config.modality == "3d":
+            tokens = [replace(t, image=[], grid=(0, 0)) for t in tokens]
         _check_sizes(tokens)
         scores_2d: list[torch.Tensor] = [torch.zeros(0)] * len(tokens)
         scores_3d: list[torch.Tensor] = [torch.zeros(0)] * len(tokens)

@@ -78,10 +78,13 @@ def stack_tokens(tokens: Sequence[torch.Tensor], what: str) -> tuple[torch.Tenso
 
 def _block_min_distances(query: torch.Tensor, refs: torch.Tensor, ref_valid: torch.Tensor) -> torch.Tensor:
     """(Lq, B): for each query token, the L2 distance to the nearest valid token of each of B reference samples."""
-    blocks, length, channels = refs.shape
-    dist = torch.cdist(query, refs.reshape(blocks * length, channels)).view(query.shape[0], blocks, length)
-    dist.masked_fill_(~ref_valid.view(1, blocks, length), float("inf"))
-    return dist.amin(dim=2)
+    # One batched distance matrix per reference: each is computed the same way wherever the reference sits in
+    # the batch, so scores do not depend on sample order even through CAE's rank matching (which would turn a
+    # last-bit difference between two near-equal distances into a swap of two values).
+    blocks = refs.shape[0]
+    dist = torch.cdist(query.unsqueeze(0).expand(blocks, -1, -1), refs)  # (B, Lq, L)
+    dist.masked_fill_(~ref_valid.unsqueeze(1), float("inf"))
+    return dist.amin(dim=2).T
 
 
 def patch_to_sample_distances(
