@@ -46,7 +46,14 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace) -> int:
     from mmiad.engine import extend_run, train_run
+    from mmiad.engine.zero_shot import ZERO_SHOT_METHODS
 
+    if args.method in ZERO_SHOT_METHODS:
+        raise ValueError(
+            f"{args.method} is zero-shot and needs no training: score a batch directly with "
+            f"`mmiad test --method {args.method} --data ROOT` or "
+            f"`mmiad predict --method {args.method} --input DIR --out OUT`"
+        )
     started = time.perf_counter()
     if args.resume or args.add_categories:
         if not (args.resume and args.add_categories):
@@ -90,6 +97,10 @@ def _test(args: argparse.Namespace) -> int:
     from mmiad.engine import evaluate_run
     from mmiad.metrics import format_table
 
+    if args.method is not None:
+        return _test_zero_shot(args)
+    if args.run is None:
+        raise ValueError("--run RUN is required (or --method musc to score each test split zero-shot)")
     result, errors = evaluate_run(
         args.run,
         args.data,
@@ -113,6 +124,8 @@ def _predict(args: argparse.Namespace) -> int:
     from mmiad.engine import apply_thresholds, load_trained, model_for, predict_records, run_models
     from mmiad.postprocess.outputs import write_prediction, write_summary
 
+    if getattr(args, "method", None) is not None:  # `demo` calls this with a Namespace of its own
+        return _predict_zero_shot(args)
     if (args.run is None) == (args.onnx is None):
         raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
     errors: list[DataError] = []
@@ -151,6 +164,84 @@ def _predict(args: argparse.Namespace) -> int:
     flagged = sum(1 for row in rows if row.label == 1)
     log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
     return 0 if rows else 1
+
+
+def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of a zero-shot method: the extractor options plus ``--set KEY=VALUE``."""
+    hparams: dict[str, Any] = {}
+    for option in ("extractors", "weights_dir", "random_init"):
+        if getattr(args, option, None) not in (None, False):
+            hparams[option] = getattr(args, option)
+    for assignment in args.set or []:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
+        try:
+            hparams[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            hparams[key.replace("-", "_")] = value
+    return hparams
+
+
+def _test_zero_shot(args: argparse.Namespace) -> int:
+    """``test --method musc``: each category's test split is one batch scored by mutual scoring."""
+    from mmiad.engine.zero_shot import evaluate_zero_shot
+    from mmiad.metrics import format_table
+
+    if args.run is not None:
+        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run")
+    result, errors = evaluate_zero_shot(
+        args.data,
+        _zero_shot_hparams(args),
+        method=args.method,
+        categories=split_list(args.categories),
+        maps_dir=args.maps,
+        aupro_mode=args.aupro,
+        num_thresholds=args.num_thresholds,
+        cache_dir=args.cache_dir,
+        progress=True,
+        log=log,
+    )
+    report_errors(errors)
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _predict_zero_shot(args: argparse.Namespace) -> int:
+    """``predict --method musc``: the input folder is one batch; labels by the batch outlier rule."""
+    from mmiad.data.folder import list_folder_records
+    from mmiad.engine.zero_shot import batch_thresholds, label_batch, score_zero_shot
+    from mmiad.postprocess.outputs import write_prediction, write_summary
+
+    if args.run is not None or args.onnx is not None:
+        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run or --onnx")
+    errors: list[DataError] = []
+    records = list_folder_records(args.input, xyz_path=args.xyz, category=args.category or "custom", errors=errors)
+    predictions = score_zero_shot(
+        records, _zero_shot_hparams(args), method=args.method, cache_dir=args.cache_dir, progress=True, errors=errors
+    )
+    thresholds = batch_thresholds(predictions, args.outlier_k, args.threshold)
+    label_batch(predictions, thresholds)
+    out = Path(args.out)
+    rows = [write_prediction(prediction, out, thresholds) for prediction in predictions]
+    csv_path, _ = write_summary(rows, out)
+    report_errors(errors)
+    flagged = sum(1 for row in rows if row.label == 1)
+    log(
+        f"{len(rows)} sample(s) scored zero-shot, {flagged} flagged anomalous (image threshold "
+        f"{thresholds.image:.4g}, {thresholds.source}); summary in {csv_path}"
+    )
+    return 0 if rows else 1
+
+
+def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", help="musc: zero-shot MuSc-V2, no run needed (the batch scores itself)")
+    parser.add_argument("--extractors", help="zero-shot: extractor preset (weightfree, dino-pointmae)")
+    parser.add_argument("--weights-dir", help="zero-shot: folder with checkpoint files")
+    parser.add_argument("--random-init", action="store_true", help="zero-shot: random extractor weights (smoke only)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: a MuSc option, e.g. r_list=[1]")
 
 
 def _override(thresholds: Any, image_threshold: float | None) -> Any:
@@ -244,7 +335,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the model sub-commands to the top-level parser."""
     train = commands.add_parser("train", help="train one model per category on nominal samples")
-    train.add_argument("--method", default="cfm", help="cfm (default), unircm, btf, m3dm")
+    train.add_argument("--method", default="cfm", help="cfm (default), unircm, btf, m3dm (musc needs no training)")
     train.add_argument("--data", required=True, help="dataset root (MVTec 3D-AD layout)")
     train.add_argument("--out", help="run folder to write")
     train.add_argument("--resume", help="a trained unified run to extend (with --add-categories)")
@@ -262,7 +353,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
     test = commands.add_parser("test", help="metrics per category of a trained run on the test split")
-    test.add_argument("--run", required=True, help="run folder written by train")
+    test.add_argument("--run", help="run folder written by train (not with a zero-shot --method)")
     test.add_argument("--data", required=True, help="dataset root")
     test.add_argument("--json", help="write the metrics as JSON here")
     test.add_argument("--maps", help="also write maps at the original resolution here (for `mmiad evaluate`)")
@@ -270,6 +361,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     test.add_argument("--aupro", default="exact", choices=["exact", "compat"], help="AUPRO curve (default exact)")
     test.add_argument("--num-thresholds", type=int, default=99, help="thresholds of the compat AUPRO")
     test.add_argument("--cache-dir", help="cache folder")
+    _add_zero_shot_options(test)
     test.set_defaults(handler=_test)
 
     predict = commands.add_parser("predict", help="score new samples: maps, overlays, masks, summary")
@@ -281,6 +373,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--category", help="which category's model to use (needed when the run has several)")
     predict.add_argument("--threshold", type=float, help="override the calibrated image threshold")
     predict.add_argument("--cache-dir", help="cache folder")
+    predict.add_argument(
+        "--outlier-k", type=float, default=3.0, help="zero-shot labels: anomalous above median + k·1.4826·MAD"
+    )
+    _add_zero_shot_options(predict)
     predict.set_defaults(handler=_predict)
 
     compare = commands.add_parser("compare", help="one table comparing trained runs: metrics, speed, memory")
