@@ -1,11 +1,11 @@
-"""``python -m mmiad.bench {stages,accuracy,fallback,orq,extend,compare}``: see the sub-commands' help."""
+"""``python -m mmiad.bench {stages,accuracy,fallback,orq,extend,compare,musc}``: see the sub-commands' help."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, stages, unified
+from mmiad.bench import accuracy, comparison, musc, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy.register(commands)
     unified.register(commands)
     comparison.register(commands)
+    musc.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

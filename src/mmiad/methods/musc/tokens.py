@@ -13,6 +13,7 @@ extension: the official code only runs Point-MAE.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ from mmiad.data.errors import DataError
 from mmiad.data.preprocess import ModelInput
 from mmiad.data.sample import SampleRecord
 from mmiad.features.grouping import three_nn_weights
-from mmiad.features.pipeline import FeaturePipeline
+from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.musc.config import MuScConfig
 from mmiad.methods.musc.ipg import make_grouping
 from mmiad.methods.musc.snamd import aggregate_2d, aggregate_3d
@@ -57,13 +58,14 @@ def _normalised(tokens: torch.Tensor) -> torch.Tensor:
     return tokens / tokens.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def _image_tokens(pipeline: FeaturePipeline, inputs: ModelInput, config: MuScConfig) -> tuple[list, tuple]:
+def _image_tokens(
+    pipeline: FeaturePipeline, inputs: ModelInput, config: MuScConfig, cached: Callable[[], SampleFeatures]
+) -> tuple[list[torch.Tensor], tuple[int, int]]:
     extractor = pipeline.image_extractor
-    rgb = inputs.rgb.unsqueeze(0)
     if hasattr(extractor, "extract_layers"):
-        maps = [m[0] for m in extractor.extract_layers(rgb, config.image_layers)]
+        maps = [m[0] for m in extractor.extract_layers(inputs.rgb.unsqueeze(0), config.image_layers)]
     else:
-        maps = [extractor.extract(rgb)[0]]
+        maps = [cached().image]
     grid = (int(maps[0].shape[1]), int(maps[0].shape[2]))
     return [_normalised(aggregate_2d(m.float(), config.r_list)) for m in maps], grid
 
@@ -74,7 +76,13 @@ def _unit_sphere(points: torch.Tensor) -> torch.Tensor:
     return centred / centred.norm(dim=1).max().clamp(min=1e-12)
 
 
-def _point_tokens(inputs: ModelInput, pipeline: FeaturePipeline, config: MuScConfig, record: SampleRecord):
+def _point_tokens(
+    inputs: ModelInput,
+    pipeline: FeaturePipeline,
+    config: MuScConfig,
+    record: SampleRecord,
+    cached: Callable[[], SampleFeatures],
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     extractor = pipeline.point_extractor
     grouping = make_grouping(config.ipg, config.ipg_step, config.curvature_threshold)
     if not inputs.valid.any():
@@ -92,7 +100,7 @@ def _point_tokens(inputs: ModelInput, pipeline: FeaturePipeline, config: MuScCon
         centre_idx, neighbors, weights = groups.centre_idx, features.neighbors, features.weights
         pixel_index = features.pixel_index
     else:
-        features = extractor.extract(inputs.xyz, inputs.valid)
+        features = cached().points
         if features.neighbors.shape[1] != 1:
             raise ValueError("a per-point 3D extractor must attach one feature row per valid pixel")
         per_point = features.features[features.neighbors[:, 0]].float()
@@ -118,15 +126,27 @@ def _point_tokens(inputs: ModelInput, pipeline: FeaturePipeline, config: MuScCon
 
 
 def extract_tokens(pipeline: FeaturePipeline, record: SampleRecord, config: MuScConfig) -> SampleTokens:
-    """Tokens of one preprocessed record for the configured modalities."""
+    """Tokens of one preprocessed record for the configured modalities.
+
+    Extractors without a MuSc hook (texture, FPFH) go through :meth:`FeaturePipeline.extract` and so through the
+    feature cache; the hooked ones (ViT layers, Point-MAE groups) are run directly, since their output depends on
+    MuSc's settings (layers, grouping), which the cache key does not hold.
+    """
     inputs = pipeline.load_inputs(record)
+    stored: list[SampleFeatures] = []
+
+    def cached() -> SampleFeatures:
+        if not stored:
+            stored.append(pipeline.extract(record))
+        return stored[0]
+
     image: list[torch.Tensor] = []
     grid = (0, 0)
     if config.modality != "3d":
-        image, grid = _image_tokens(pipeline, inputs, config)
+        image, grid = _image_tokens(pipeline, inputs, config, cached)
     empty = torch.zeros(0, dtype=torch.long)
     points: list[torch.Tensor] = []
     centre_pixels, pixel_index, neighbors, weights = empty, empty, empty.view(0, 3), torch.zeros(0, 3)
     if config.modality != "2d":
-        points, centre_pixels, pixel_index, neighbors, weights = _point_tokens(inputs, pipeline, config, record)
+        points, centre_pixels, pixel_index, neighbors, weights = _point_tokens(inputs, pipeline, config, record, cached)
     return SampleTokens(inputs, image, grid, points, centre_pixels, pixel_index, neighbors, weights)
