@@ -58,6 +58,10 @@ def test_too_small_batches_and_mixed_sizes_are_refused(musc_tokens) -> None:
     odd = replace(tokens[0], grid=(4, 4), image=[t[:16] for t in tokens[0].image])
     with pytest.raises(MixedSizeError, match="one input size"):
         model.score_tokens([odd, *tokens[1:]])
+    wide = replace(tokens[0], inputs=replace(tokens[0].inputs, original_size=(64, 96)))
+    with pytest.raises(MixedSizeError, match=r"mixes image sizes \(64×64, 64×96\)"):
+        model.score_tokens([wide, *tokens[1:]])
+    assert len(MuSc(replace(model.config, allow_mixed_sizes=True)).score_tokens([wide, *tokens[1:]])) == len(tokens)
 
 
 def test_single_modalities_and_ablation_switches(musc_tokens, tiny_dataset: Path) -> None:

@@ -40,6 +40,7 @@ class MuScConfig:
         divide_num: Score within this many random disjoint subsets (official MuSc ``divide_num``; 1 = whole batch).
         seed: Seed of the subset split.
         chunk_size: Reference samples per distance block (bounds memory, not results).
+        allow_mixed_sizes: Accept a batch whose images have different original sizes (default: an error).
         weights_dir: Folder with pretrained checkpoints (deep presets).
         random_init: Allow random extractor weights (tests and speed benchmarks only).
     """
@@ -64,6 +65,7 @@ class MuScConfig:
     divide_num: int = 1
     seed: int = 0
     chunk_size: int = 16
+    allow_mixed_sizes: bool = False
     weights_dir: str | None = None
     random_init: bool = False
     extra: dict[str, Any] = field(default_factory=dict, repr=False)

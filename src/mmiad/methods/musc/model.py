@@ -90,7 +90,7 @@ class MuSc:
             tokens = [replace(t, points=[]) for t in tokens]
         elif config.modality == "3d":
             tokens = [replace(t, image=[], grid=(0, 0)) for t in tokens]
-        _check_sizes(tokens)
+        _check_sizes(tokens, config.allow_mixed_sizes)
         scores_2d: list[torch.Tensor] = [torch.zeros(0)] * len(tokens)
         scores_3d: list[torch.Tensor] = [torch.zeros(0)] * len(tokens)
         subsets = checked_subsets(len(tokens), config.divide_num, config.seed, config.interval)
@@ -188,12 +188,22 @@ class MuSc:
         return predictions
 
 
-def _check_sizes(tokens: Sequence[SampleTokens]) -> None:
-    """Refuse a batch whose samples do not share one input size and token grid (they could not be compared)."""
-    sizes = {tuple(t.inputs.rgb.shape[-2:]) for t in tokens}
-    grids = {t.grid for t in tokens}
-    if len(sizes) > 1 or len(grids) > 1:
-        found = ", ".join(f"{s[0]}×{s[1]}" for s in sorted(sizes | grids))
+def _check_sizes(tokens: Sequence[SampleTokens], allow_mixed: bool) -> None:
+    """Refuse a batch whose samples were not imaged alike or do not share one token grid.
+
+    Mutual scoring assumes one product seen by one camera set-up: every sample is padded to a square and resized,
+    so images of different sizes end up at different scales and their patches stop being comparable. Different
+    original sizes are therefore an error unless ``allow_mixed_sizes`` is set; different token grids always are.
+    """
+    grids = {t.grid for t in tokens} | {tuple(t.inputs.rgb.shape[-2:]) for t in tokens}
+    originals = {tuple(t.inputs.original_size) for t in tokens}
+    if len({t.grid for t in tokens}) > 1 or len({tuple(t.inputs.rgb.shape[-2:]) for t in tokens}) > 1:
+        found = ", ".join(f"{g[0]}×{g[1]}" for g in sorted(grids))
+        raise MixedSizeError(None, f"mutual scoring needs one input size and token grid per batch, found {found}")
+    if len(originals) > 1 and not allow_mixed:
+        found = ", ".join(f"{h}×{w}" for h, w in sorted(originals))
         raise MixedSizeError(
-            None, f"mutual scoring needs one input size and token grid for the whole batch, found {found}"
+            None,
+            f"the batch mixes image sizes ({found}); mutual scoring compares samples of one product and camera: "
+            "score each size as its own batch, or set allow_mixed_sizes=true",
         )
