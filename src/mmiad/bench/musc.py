@@ -45,13 +45,16 @@ def _fmt(value: float | None) -> str:
 def _tokens(
     data: Path, category: str, options: dict[str, Any], cache: str, limit: int | None = None
 ) -> tuple[list, float]:
-    """Tokens of a category's test split (its first ``limit`` samples) under ``options``, and the seconds taken."""
+    """Tokens of a category's test split (``limit`` samples spread over it) under ``options``, and the seconds."""
     from mmiad.data.mvtec3d import list_records
     from mmiad.methods.musc import MuSc
     from mmiad.methods.musc.tokens import extract_tokens
 
     model = MuSc(cache_dir=cache, **options)
-    prepared = model.pipeline.preprocess(list_records(data, category, "test")[:limit])
+    records = list_records(data, category, "test")
+    if limit is not None and limit < len(records):  # spread over the defect folders and good: both labels present
+        records = records[:: len(records) // limit][:limit]
+    prepared = model.pipeline.preprocess(records)
     started = time.perf_counter()
     tokens = [extract_tokens(model.pipeline, record, model.config) for record in prepared]
     return tokens, time.perf_counter() - started
