@@ -1,11 +1,11 @@
-"""``python -m mmiad.bench {stages,accuracy,fallback,orq,extend,compare,speed,memory}``: see the sub-commands' help."""
+"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, compare, speed, memory, musc)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, memory, speed, stages, unified
+from mmiad.bench import accuracy, comparison, memory, musc, speed, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison.register(commands)
     speed.register(commands)
     memory.register(commands)
+    musc.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

@@ -61,7 +61,14 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace) -> int:
     from mmiad.engine import extend_run, train_run
+    from mmiad.engine.zero_shot import ZERO_SHOT_METHODS
 
+    if args.method in ZERO_SHOT_METHODS:
+        raise ValueError(
+            f"{args.method} is zero-shot and needs no training: score a batch directly with "
+            f"`mmiad test --method {args.method} --data ROOT` or "
+            f"`mmiad predict --method {args.method} --input DIR --out OUT`"
+        )
     started = time.perf_counter()
     if args.resume or args.add_categories:
         if not (args.resume and args.add_categories):
@@ -107,6 +114,10 @@ def _test(args: argparse.Namespace) -> int:
     from mmiad.engine import evaluate_run
     from mmiad.metrics import format_table
 
+    if args.method is not None:
+        return _test_zero_shot(args)
+    if args.run is None:
+        raise ValueError("--run RUN is required (or --method musc to score each test split zero-shot)")
     result, errors = evaluate_run(
         args.run,
         args.data,
@@ -130,6 +141,8 @@ def _test(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from mmiad.engine import RunModels, apply_thresholds, input_records, override_image_threshold
 
+    if getattr(args, "method", None) is not None:  # `demo` calls this with a Namespace of its own
+        return _predict_zero_shot(args)
     if (args.run is None) == (args.onnx is None):
         raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
     errors: list[DataError] = []
@@ -173,6 +186,80 @@ def _write_predictions(predictions: Iterable[Any], out: Path, errors: list[DataE
     flagged = sum(1 for row in rows if row.label == 1)
     log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
     return rows
+
+
+def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of a zero-shot method: the extractor options plus ``--set KEY=VALUE``."""
+    hparams: dict[str, Any] = {}
+    for option in ("extractors", "weights_dir", "random_init"):
+        if getattr(args, option, None) not in (None, False):
+            hparams[option] = getattr(args, option)
+    for assignment in args.set or []:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
+        try:
+            hparams[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            hparams[key.replace("-", "_")] = value
+    return hparams
+
+
+def _test_zero_shot(args: argparse.Namespace) -> int:
+    """``test --method musc``: each category's test split is one batch scored by mutual scoring."""
+    from mmiad.engine.zero_shot import evaluate_zero_shot
+    from mmiad.metrics import format_table
+
+    if args.run is not None:
+        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run")
+    result, errors = evaluate_zero_shot(
+        args.data,
+        _zero_shot_hparams(args),
+        method=args.method,
+        categories=split_list(args.categories),
+        maps_dir=args.maps,
+        aupro_mode=args.aupro,
+        num_thresholds=args.num_thresholds,
+        cache_dir=args.cache_dir,
+        progress=True,
+        log=log,
+    )
+    report_errors(errors)
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _predict_zero_shot(args: argparse.Namespace) -> int:
+    """``predict --method musc``: the input folder is one batch; labels by the batch outlier rule."""
+    from mmiad.engine import input_records
+    from mmiad.engine.zero_shot import batch_thresholds, label_batch, score_zero_shot
+
+    if args.run is not None or args.onnx is not None:
+        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run or --onnx")
+    errors: list[DataError] = []
+    category = args.category or "custom"
+    records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
+    predictions = score_zero_shot(
+        records, _zero_shot_hparams(args), method=args.method, cache_dir=args.cache_dir, progress=True, errors=errors
+    )
+    thresholds = batch_thresholds(predictions, args.outlier_k, args.threshold)
+    label_batch(predictions, thresholds)
+    log(f"zero-shot batch thresholds: image {thresholds.image:.4g} ({thresholds.source})")
+    rows = _write_predictions(predictions, Path(args.out), errors)
+    report_errors(errors)
+    if not rows:
+        return EXIT_ERROR
+    return EXIT_PARTIAL if errors else EXIT_OK
+
+
+def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", help="musc: zero-shot MuSc-V2, no run needed (the batch scores itself)")
+    parser.add_argument("--extractors", help="zero-shot: extractor preset (weightfree, dino-pointmae)")
+    parser.add_argument("--weights-dir", help="zero-shot: folder with checkpoint files")
+    parser.add_argument("--random-init", action="store_true", help="zero-shot: random extractor weights (smoke only)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: a MuSc option, e.g. r_list=[1]")
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -269,10 +356,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
     test = commands.add_parser("test", help="metrics per category of a trained run on the test split")
-    test.add_argument("--run", required=True, help="run folder written by train")
-    test.add_argument(
-        "--data", required=True, help="dataset root (the test split is scored; test_public for Eyecandies)"
-    )
+    test.add_argument("--run", help="run folder written by train (not with a zero-shot --method)")
+    test.add_argument("--data", required=True, help="dataset root (its test split is scored; Eyecandies: test_public)")
     add_format_option(test)
     test.add_argument("--json", help="write the metrics as JSON here")
     test.add_argument("--maps", help="also write maps at the original resolution here (for `mmiad evaluate`)")
@@ -293,6 +378,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="thresholds of the compat AUPRO (default: the method's; 99 CFM/Uni-RCM, 100 M3DM/BTF)",
     )
     test.add_argument("--cache-dir", help="cache folder")
+    _add_zero_shot_options(test)
     test.set_defaults(handler=_test)
 
     predict = commands.add_parser("predict", help="score new samples: maps, overlays, masks, summary")
@@ -310,6 +396,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--category", help="which category's model to use (needed when the run has several)")
     predict.add_argument("--threshold", type=finite_float, help="override the calibrated image threshold")
     predict.add_argument("--cache-dir", help="cache folder")
+    predict.add_argument(
+        "--outlier-k", type=float, default=3.0, help="zero-shot labels: anomalous above median + k·1.4826·MAD"
+    )
+    _add_zero_shot_options(predict)
     predict.set_defaults(handler=_predict)
 
     compare = commands.add_parser("compare", help="one table comparing trained runs: metrics, speed, memory")

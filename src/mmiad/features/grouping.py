@@ -17,6 +17,8 @@ grouped there without a round trip to the host (the k-d tree is a CPU structure 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -29,6 +31,9 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 #: Whether the optional ``fpsample`` package is available.
 HAS_FPSAMPLE = _fpsample is not None
+
+#: A replacement grouping: ``(points (N,3), num_group, group_size) -> (centre_idx (G,), member_idx (G,K))``.
+GroupingFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 _CHUNK_ELEMENTS = 1 << 22  # distance-matrix entries per chunk (16 MB of float32)
 
@@ -277,13 +282,29 @@ def group_points(
         raise ValueError("cannot group an empty point cloud")
     if num_group < 1 or group_size < 1:
         raise ValueError(f"num_group and group_size must be positive, got {num_group} and {group_size}")
+    centre_idx, neighbour_idx = knn_group_indices(points, num_group, group_size, fps_backend=fps_backend)
+    centres = points[centre_idx]
+    return points[neighbour_idx] - centres[:, None, :], centres
+
+
+def knn_group_indices(
+    points: torch.Tensor, num_group: int, group_size: int, *, fps_backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point-MAE's grouping as indices: ``(centre_idx (G,), member_idx (G,K))`` into ``points``.
+
+    The indices form is what a method needs when it replaces the grouping (MuSc-V2's iterative point grouping,
+    :class:`GroupingFn`) or maps group scores back to pixels; clamping is as in :func:`group_points`.
+    """
+    _check_points(points)
+    total = int(points.shape[0])
+    if total == 0:
+        raise ValueError("cannot group an empty point cloud")
     if points.device.type == "cpu" and fps_backend != "torch":
         centre_idx = torch.from_numpy(farthest_point_sample(points.numpy(), min(num_group, total), backend=fps_backend))
     else:
         centre_idx = farthest_point_sample_torch(points, min(num_group, total))
-    centres = points[centre_idx]
-    neighbour_idx, _ = knn_indices(points, centres, min(group_size, total))
-    return points[neighbour_idx] - centres[:, None, :], centres
+    neighbour_idx, _ = knn_indices(points, points[centre_idx], min(group_size, total))
+    return centre_idx, neighbour_idx
 
 
 def three_nn_weights(points: torch.Tensor, centres: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from torch import nn
 
 from mmiad.features.base import NONZERO_RULES, PointFeatures, feature_points
 from mmiad.features.checkpoints import CheckpointError, load_strict, read_checkpoint, strip_prefixes
-from mmiad.features.grouping import group_points, three_nn_weights
+from mmiad.features.grouping import GroupingFn, knn_group_indices, three_nn_weights
 from mmiad.features.layers import Attention, Mlp
 
 _GROUP_CHUNK = 128  # groups per Mini-PointNet pass: bounds activations to ~32 MB for 128-point groups
@@ -373,6 +373,25 @@ def load_pointmae_weights(model: PointMaeEncoder, path: str | Path) -> None:
     )
 
 
+@dataclass
+class PointGroups:
+    """Point-MAE features with the grouping they came from (see :meth:`PointMaeExtractor.extract_groups`).
+
+    Attributes:
+        features: The same :class:`PointFeatures` as :meth:`PointMaeExtractor.extract` (G rows, 3-NN projection).
+        points: (N,3) valid points, in the order of ``features.pixel_index``.
+        centre_idx: (G,) rows of ``points`` that are group centres.
+        member_idx: (G,K) rows of ``points`` in each group.
+        layer_width: Channels per output layer (384): ``features.features`` is their concatenation.
+    """
+
+    features: PointFeatures
+    points: torch.Tensor
+    centre_idx: torch.Tensor
+    member_idx: torch.Tensor
+    layer_width: int
+
+
 class PointMaeExtractor:
     """:class:`~mmiad.features.base.PointFeatureExtractor` around a frozen :class:`PointMaeEncoder`.
 
@@ -444,6 +463,15 @@ class PointMaeExtractor:
         Of the ``valid`` pixels, only those passing the ``nonzero`` rule are used (and listed in ``pixel_index``).
         A cloud with no such point gives zero group features and zero pixels (its dense map is all zeros).
         """
+        return self.extract_groups(xyz, valid).features
+
+    def extract_groups(self, xyz: np.ndarray, valid: np.ndarray, grouping: GroupingFn | None = None) -> PointGroups:
+        """:meth:`extract` plus the grouping, optionally replaced (MuSc-V2's iterative point grouping).
+
+        The hook exists for zero-shot methods that score group tokens directly and need the group centres; with
+        ``grouping=None`` the features are exactly those of :meth:`extract` (FPS + kNN). Not cached: the feature
+        cache keys on :meth:`config`, which does not know the grouping.
+        """
         xyz = np.asarray(xyz)
         valid = np.asarray(valid)
         if xyz.ndim != 3 or xyz.shape[-1] != 3 or xyz.shape[0] != xyz.shape[1]:
@@ -455,21 +483,28 @@ class PointMaeExtractor:
         points = torch.from_numpy(np.ascontiguousarray(xyz.reshape(-1, 3)[pixel_index], dtype=np.float32))
         if not torch.isfinite(points).all():
             raise ValueError("valid points must have finite coordinates")
+        centre_idx = torch.zeros(0, dtype=torch.long)
+        member_idx = torch.zeros(0, self.preset.group_size, dtype=torch.long)
         with torch.inference_mode():
             if points.shape[0] == 0:
                 features = torch.zeros(0, self.out_channels)
                 neighbors, weights = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
             else:
-                groups, centres = group_points(
-                    points, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
-                )
-                features = self.model(groups, centres, self._generator(points))
+                if grouping is None:
+                    centre_idx, member_idx = knn_group_indices(
+                        points, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
+                    )
+                else:
+                    centre_idx, member_idx = grouping(points, self.preset.num_group, self.preset.group_size)
+                centres = points[centre_idx]
+                features = self.model(points[member_idx] - centres[:, None, :], centres, self._generator(points))
                 neighbors, weights = three_nn_weights(points, centres)
         # Clone out of inference mode: inference tensors cannot be used by later autograd (CFM training).
-        return PointFeatures(
+        point_features = PointFeatures(
             features=features.clone(),
             pixel_index=torch.from_numpy(pixel_index.astype(np.int64)),
             neighbors=neighbors.clone(),
             weights=weights.clone(),
             grid_size=size,
         )
+        return PointGroups(point_features, points, centre_idx.clone(), member_idx.clone(), self.model.dim)

@@ -142,14 +142,26 @@ class VisionTransformer(nn.Module):
 
     def forward(self, rgb: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) → (B,C,H/p,W/p): last kept block, final norm, CLS dropped."""
+        return self.forward_layers(rgb, (len(self.blocks) - 1,))[0]
+
+    def forward_layers(self, rgb: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """(B,C,H/p,W/p) maps of the given 0-based blocks, each through the final norm, CLS dropped.
+
+        This is DINO's ``get_intermediate_layers`` (every returned block passes the shared final LayerNorm), which
+        MuSc-V2 scores layer by layer (blocks 3, 7, 11).
+        """
+        if not layers or any(not 0 <= layer < len(self.blocks) for layer in layers):
+            raise ValueError(f"layers {layers} must be within the {len(self.blocks)} kept blocks")
         tokens = self.patch_embed(rgb)
         batch, dim, rows, cols = tokens.shape
         tokens = tokens.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1) + self.position_embedding(rows, cols)
-        for block in self.blocks:
+        picked: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks[: max(layers) + 1]):
             x = block(x)
-        x = self.norm(x)[:, 1:]
-        return x.transpose(1, 2).reshape(batch, dim, rows, cols).contiguous()
+            if index in layers:
+                picked[index] = self.norm(x)[:, 1:].transpose(1, 2).reshape(batch, dim, rows, cols).contiguous()
+        return [picked[layer] for layer in layers]
 
 
 def _vit_state_dict(path: str | Path) -> dict[str, Any]:
@@ -218,3 +230,8 @@ class VitExtractor:
             features = self.model(rgb.float())
         # Inference tensors cannot enter autograd later (CFM trains on these features), so hand back a normal one.
         return features.clone()
+
+    def extract_layers(self, rgb: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """One (B,C,H/p,W/p) map per 0-based block in ``layers`` (MuSc-V2's multi-layer scoring); not cached."""
+        with torch.inference_mode():
+            return [f.clone() for f in self.model.forward_layers(rgb.float(), tuple(layers))]
