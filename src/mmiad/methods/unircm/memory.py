@@ -79,7 +79,7 @@ def _probe(networks: list[RefGuidedMapping], images: int, mse_weight: float) -> 
 def step_cost(map_to_3d: RefGuidedMapping, map_to_2d: RefGuidedMapping, *, checkpointing: bool = False) -> StepCost:
     """Estimated memory of a training step of these two networks (see the module docstring)."""
     shape = {"grid": PROBE_GRID, "num_blocks": len(getattr(map_to_3d, "blocks", [])), "branches": map_to_3d.branches}
-    hidden = map_to_3d.embed.proj.out_features if map_to_3d.branches != "none" else 0
+    hidden = map_to_3d.feat_embed.proj.out_features if map_to_3d.branches != "none" else 0
     if map_to_3d.branches != "none":
         shape["hidden"] = hidden
     else:
