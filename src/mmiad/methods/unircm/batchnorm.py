@@ -25,9 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmiad.utils import distributed as ddp
 
@@ -40,7 +42,7 @@ class _FixedStatisticsNorm(torch.autograd.Function):
     """BatchNorm with given statistics whose input gradient uses given whole-batch sums of the output gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, sums):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, mean, invstd, sums):
         shape = (1, -1, 1, 1)
         normalised = (x - mean.view(shape)) * invstd.view(shape)
         ctx.save_for_backward(normalised, weight, invstd)
@@ -48,7 +50,7 @@ class _FixedStatisticsNorm(torch.autograd.Function):
         return normalised * weight.view(shape) + bias.view(shape)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         normalised, weight, invstd = ctx.saved_tensors
         shape = (1, -1, 1, 1)
         grad_x = None
@@ -93,7 +95,7 @@ class WholeBatchNorm:
         self._outputs: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ the replaced forward
-    def _forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, layer: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         state = self._state[layer]
         if layer in self._collect:
             with torch.no_grad():
@@ -101,6 +103,8 @@ class WholeBatchNorm:
                 state.sums = moments if state.sums is None else state.sums + moments
                 state.count += x.numel() / x.shape[1]
             raise StopForwardError
+        # Outside the collect phase ``_finish_statistics`` has already set this layer's whole-batch moments.
+        assert state.mean is not None and state.var is not None
         invstd = torch.rsqrt(state.var + layer.eps)
         y = _FixedStatisticsNorm.apply(x, layer.weight, layer.bias, state.mean, invstd, state.grad_sums)
         if layer in self._record and layer not in self._outputs:  # not again when a checkpoint recomputes
@@ -111,7 +115,7 @@ class WholeBatchNorm:
     @contextmanager
     def _installed(self) -> Iterator[None]:
         for layer in self.layers:
-            layer.forward = lambda x, _layer=layer: self._forward(_layer, x)  # type: ignore[method-assign]
+            layer.forward = partial(self._forward, layer)  # type: ignore[method-assign]
         try:
             yield
         finally:
@@ -180,7 +184,7 @@ class WholeBatchNorm:
             self._update_running(layer)
         return total
 
-    def _finish_statistics(self, layer: nn.Module) -> None:
+    def _finish_statistics(self, layer: _BatchNorm) -> None:
         state = self._state[layer]
         device, dtype = layer.weight.device, layer.weight.dtype
         sums = state.sums
@@ -197,11 +201,14 @@ class WholeBatchNorm:
         state.mean, state.var = mean.to(device, dtype), var.to(device, dtype)
         state.sums = None
 
-    def _update_running(self, layer: nn.Module) -> None:
+    def _update_running(self, layer: _BatchNorm) -> None:
         """``BatchNorm2d``'s running-statistics update with the whole batch's moments (unbiased variance)."""
         state = self._state[layer]
         if not layer.track_running_stats or state.mean is None:
             return
+        # ``track_running_stats`` guarantees the buffers; ``_finish_statistics`` sets ``var`` together with ``mean``.
+        assert layer.running_mean is not None and layer.running_var is not None
+        assert layer.num_batches_tracked is not None and state.var is not None
         with torch.no_grad():
             layer.num_batches_tracked += 1
             momentum = layer.momentum if layer.momentum is not None else 1.0 / float(layer.num_batches_tracked)
