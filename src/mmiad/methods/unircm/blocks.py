@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,8 @@ class PositionEncoding(nn.Module):
     trained with, whatever the layout of the code that loads it.
     """
 
+    pe: torch.Tensor  # registered buffer
+
     def __init__(self, dim: int, grid: int) -> None:
         super().__init__()
         self.register_buffer("pe", sincos_position_encoding(grid, dim).unsqueeze(0))
@@ -87,6 +90,9 @@ class GridBatchNorm(nn.BatchNorm2d):
         total = moments[-1]
         mean = moments[:channels] / total
         var = (moments[channels : 2 * channels] / total - mean * mean).clamp_min(0.0)
+        # A GridBatchNorm is always built tracking running statistics with a fixed momentum.
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None and self.momentum is not None
         with torch.no_grad():
             self.num_batches_tracked += 1
             unbiased = var * total / (total - 1).clamp_min(1.0)
@@ -170,9 +176,11 @@ class RefGuideBlock(nn.Module):
     def _init_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, nn.Linear):
+                assert module.bias is not None  # every Linear of the block has a bias
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Conv2d):
+                assert module.bias is not None  # so does the depthwise conv
                 nn.init.kaiming_normal_(module.weight, mode="fan_out")
                 nn.init.zeros_(module.bias)
 
@@ -186,7 +194,8 @@ class RefGuideBlock(nn.Module):
         retrieved = torch.sigmoid(q * k / math.sqrt(q.shape[-1])) * v
         batch, _, dim = retrieved.shape
         grid = retrieved.transpose(1, 2).reshape(batch, dim, self.grid, self.grid)
-        conv, norm = self.rfi_local[0], self.rfi_local[1]
+        conv, norm = cast(nn.Conv2d, self.rfi_local[0]), self.rfi_local[1]
+        assert conv.bias is not None  # built with a bias (released checkpoints hold one)
         grid = F.conv2d(grid, conv.weight, conv.bias.detach(), padding=conv.padding, groups=conv.groups)
         return self.rfi_proj(norm(grid).flatten(2).transpose(1, 2))
 
