@@ -19,6 +19,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from functools import partial
 
 import numpy as np
 import torch
@@ -125,7 +126,7 @@ def checkpointed_blocks(networks: Sequence[nn.Module]) -> Iterator[None]:
                 return checkpoint(_original, *args, use_reentrant=False)
             return _original(*args)
 
-        block.forward = forward  # type: ignore[method-assign]
+        block.forward = forward
     try:
         yield
     finally:
@@ -133,7 +134,7 @@ def checkpointed_blocks(networks: Sequence[nn.Module]) -> Iterator[None]:
             del block.forward
 
 
-def _backward_once(loss: torch.Tensor, batch_norms: list[nn.Module], recomputes: bool) -> None:
+def _backward_once(loss: torch.Tensor, batch_norms: Sequence[nn.Module], recomputes: bool) -> None:
     """``loss.backward()``; a checkpoint's recomputed forward must not update the running statistics twice."""
     if not (recomputes and batch_norms):
         loss.backward()
@@ -205,6 +206,9 @@ def train_mappings(
         rows_2d, rows_3d, foreground = _batch(store, indices, template, device)
         return rows_2d.to(dtype), rows_3d.to(dtype), foreground  # stored float16 grids train in float32
 
+    def load_part(parts: list[list[int]], part: int) -> Grids:
+        return load(parts[part])
+
     history: list[float] = []
     with checkpointed_blocks([map_to_3d, map_to_2d]) if checkpointing else _nothing():
         for _ in tqdm(range(epochs), desc="train unircm", disable=not progress, leave=False):
@@ -222,7 +226,7 @@ def train_mappings(
                 optimizer.zero_grad()
                 step_loss = _accumulate_step(
                     [map_to_3d, map_to_2d],
-                    lambda part, _parts=parts: load(_parts[part]),
+                    partial(load_part, parts),
                     parts,
                     total,
                     (mse_weight, mse_scale),
