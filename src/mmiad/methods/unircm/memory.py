@@ -78,16 +78,20 @@ def _probe(networks: list[RefGuidedMapping], images: int, mse_weight: float) -> 
 
 def step_cost(map_to_3d: RefGuidedMapping, map_to_2d: RefGuidedMapping, *, checkpointing: bool = False) -> StepCost:
     """Estimated memory of a training step of these two networks (see the module docstring)."""
-    shape = {"grid": PROBE_GRID, "num_blocks": len(getattr(map_to_3d, "blocks", [])), "branches": map_to_3d.branches}
-    hidden = map_to_3d.feat_embed.proj.out_features if map_to_3d.branches != "none" else 0
-    if map_to_3d.branches != "none":
-        shape["hidden"] = hidden
-    else:
-        shape.pop("num_blocks")
+    branches, num_blocks = map_to_3d.branches, len(getattr(map_to_3d, "blocks", []))
+    hidden = map_to_3d.feat_embed.proj.out_features if branches != "none" else 0
+
+    def probe(in_features: int, out_features: int) -> RefGuidedMapping:
+        if branches == "none":  # no blocks: hidden size and block count do not apply
+            return RefGuidedMapping(in_features, out_features, grid=PROBE_GRID, branches=branches)
+        return RefGuidedMapping(
+            in_features, out_features, hidden=hidden, grid=PROBE_GRID, num_blocks=num_blocks, branches=branches
+        )
+
     with torch.random.fork_rng(devices=[]):
         probes = [
-            RefGuidedMapping(map_to_3d.in_features, map_to_3d.out_features, **shape),
-            RefGuidedMapping(map_to_2d.in_features, map_to_2d.out_features, **shape),
+            probe(map_to_3d.in_features, map_to_3d.out_features),
+            probe(map_to_2d.in_features, map_to_2d.out_features),
         ]
     one, two = _probe(probes, 1, 1.0), _probe(probes, 2, 1.0)
     scale = map_to_3d.grid**2 / PROBE_GRID**2
