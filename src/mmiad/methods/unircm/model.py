@@ -136,9 +136,19 @@ class UniRCM(AnomalyModel):
     def _build_networks(self, channels_2d: int, channels_3d: int) -> None:
         torch.manual_seed(self.config.seed)
         c = self.config
-        shape = {"hidden": c.hidden, "grid": c.grid_size, "num_blocks": c.num_blocks, "branches": c.branches}
-        self.map_to_3d_ = RefGuidedMapping(channels_2d, channels_3d, **shape).to(self.device)
-        self.map_to_2d_ = RefGuidedMapping(channels_3d, channels_2d, **shape).to(self.device)
+
+        def build(in_features: int, out_features: int) -> RefGuidedMapping:
+            return RefGuidedMapping(
+                in_features,
+                out_features,
+                hidden=c.hidden,
+                grid=c.grid_size,
+                num_blocks=c.num_blocks,
+                branches=c.branches,
+            ).to(self.device)
+
+        self.map_to_3d_ = build(channels_2d, channels_3d)
+        self.map_to_2d_ = build(channels_3d, channels_2d)
 
     def _train(
         self, store: Mapping[int, Grids], kept: list[int], epochs: int, seed: int, progress: bool
@@ -202,6 +212,7 @@ class UniRCM(AnomalyModel):
 
     def _share_quantizers(self) -> None:
         """Rank 0's codebooks on every rank."""
+        assert self.orq_2d_ is not None and self.orq_3d_ is not None  # only called once both are fitted
         codebooks = ddp.broadcast_from_main(
             [self.orq_2d_.codebooks_, self.orq_3d_.codebooks_] if ddp.rank() == 0 else None
         )
@@ -276,7 +287,8 @@ class UniRCM(AnomalyModel):
                     counts = codes_per_layer or [max(1, len(c) // 4) for c in quantizer.codebooks_]
                     quantizer.extend(part, [min(k, part.shape[0]) for k in counts])
             self._share_quantizers()
-        store = ChainMap(new, replay)  # a view: spilled grids stay on disk
+        # A view: spilled grids stay on disk. ChainMap is typed for mutable maps, but this one is only read.
+        store: Mapping[int, Grids] = ChainMap(new, replay)  # type: ignore[arg-type]
         kept = sorted({i for part in ddp.all_gather_objects(sorted(store)) for i in part})
         seed = self.config.seed + len(self.extensions_) + 1
         history = self._train(store, kept, epochs, seed, progress)
