@@ -118,6 +118,7 @@ def contrastive_backward(
             _check_finite(loss)
             (loss * scale).backward()
             total += float(loss.detach())
+        assert query.grad is not None and key.grad is not None  # filled by the chunks' backward passes above
         for s in starts:
             block.query(rgb[s : s + chunk]).backward(query.grad[s : s + chunk])
             block.key(xyz[s : s + chunk]).backward(key.grad[s : s + chunk])

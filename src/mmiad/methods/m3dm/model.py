@@ -211,6 +211,7 @@ class M3DM(AnomalyModel):
 
     config_class = M3DMConfig
     config: M3DMConfig
+    uff_: FeatureFusionBlock | None
     tiny_hparams: ClassVar[dict[str, Any]] = {
         "image_size": 64,
         "rgb_grid": 8,
@@ -254,7 +255,8 @@ class M3DM(AnomalyModel):
         if not union:
             raise ValueError("no usable training sample in any category (all were reported as bad)")
         history = self._train_uff(union, progress)
-        return SharedUFF(self.uff_, history, sorted(records_by_category), len(union))  # type: ignore[arg-type]
+        assert self.uff_ is not None  # just trained
+        return SharedUFF(self.uff_, history, sorted(records_by_category), len(union))
 
     def use_shared(self, shared: Any) -> None:
         """Use ``shared`` (from :meth:`fit_shared`) instead of training a UFF in :meth:`fit`."""
@@ -370,7 +372,7 @@ class M3DM(AnomalyModel):
         kept = self._usable(records, progress, errors)
         if not kept:
             raise ValueError("no usable training sample (all were reported as bad)")
-        self.uff_: FeatureFusionBlock | None = None
+        self.uff_ = None
         self.loss_history_: list[float] = []
         self.uff_info_: dict[str, Any] = {}
         if config.trains_uff and config.uff_checkpoint:
@@ -483,6 +485,8 @@ class M3DM(AnomalyModel):
     # ------------------------------------------------------------------ persistence
     def learned_facts(self) -> dict[str, Any]:
         """Bank sizes, feature widths, where the UFF came from, its loss history and the DLF weights."""
+        point, rgb = self.banks_["point"].bank, self.banks_["rgb"].bank
+        assert point is not None and rgb is not None  # a fitted (or loaded) model's point and RGB banks are filled
         return {
             "n_train_samples": self.n_train_samples_,
             "banks": {
@@ -490,7 +494,7 @@ class M3DM(AnomalyModel):
                 for name, bank in self.banks_.items()
                 if bank.bank is not None
             },
-            "channels": [self.banks_["point"].bank.shape[1], self.banks_["rgb"].bank.shape[1]],
+            "channels": [point.shape[1], rgb.shape[1]],
             "loss_history": self.loss_history_,
             "uff": getattr(self, "uff_info_", {}),
             "dlf": {"detect_coef": self.detect_coef_.tolist(), "segment_coef": self.segment_coef_.tolist()},
