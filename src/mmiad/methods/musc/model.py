@@ -107,7 +107,7 @@ class MuSc:
         config = self.config
         count = len(part)
         layers_2d, layers_3d = len(part[0].image), len(part[0].points)
-        kwargs = {"interval": config.interval, "chunk_size": config.chunk_size}
+        interval, chunk_size = config.interval, config.chunk_size
         sum_2d = sum_3d = None
         if config.modality == "both" and config.cae:
             if layers_2d != layers_3d:
@@ -116,17 +116,17 @@ class MuSc:
             for layer in range(layers_2d):
                 z2, v2 = stack_tokens([t.image[layer] for t in part], "2D")
                 z3, v3 = stack_tokens([t.points[layer] for t in part], "3D")
-                s2, s3 = cae_scores(z2, v2, z3, v3, patches, **kwargs)
+                s2, s3 = cae_scores(z2, v2, z3, v3, patches, interval=interval, chunk_size=chunk_size)
                 sum_2d = s2 if sum_2d is None else sum_2d + s2
                 sum_3d = s3 if sum_3d is None else sum_3d + s3
         else:
             for layer in range(layers_2d):
                 z2, v2 = stack_tokens([t.image[layer] for t in part], "2D")
-                s2 = mutual_scores(z2, v2, **kwargs)
+                s2 = mutual_scores(z2, v2, interval=interval, chunk_size=chunk_size)
                 sum_2d = s2 if sum_2d is None else sum_2d + s2
             for layer in range(layers_3d):
                 z3, v3 = stack_tokens([t.points[layer] for t in part], "3D")
-                s3 = mutual_scores(z3, v3, **kwargs)
+                s3 = mutual_scores(z3, v3, interval=interval, chunk_size=chunk_size)
                 sum_3d = s3 if sum_3d is None else sum_3d + s3
         out_2d = [sum_2d[i] / layers_2d if sum_2d is not None else torch.zeros(0) for i in range(count)]
         out_3d = [
@@ -169,6 +169,7 @@ class MuSc:
         predictions = []
         for index, sample in enumerate(tokens):
             inputs = sample.inputs
+            assert inputs.record is not None  # set by FeaturePipeline.load_inputs, which extract_tokens reads through
             modality_maps = {}
             if maps_2d:
                 modality_maps["2d"] = maps_2d[index].numpy()
