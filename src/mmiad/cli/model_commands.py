@@ -22,7 +22,7 @@ from mmiad.cli.common import (
 )
 from mmiad.data.errors import DataError
 from mmiad.features.registry import extractors_help
-from mmiad.methods.registry import available_methods, methods_help
+from mmiad.methods.registry import methods_help
 from mmiad.utils.atomic import write_text
 
 # CLI option → method hyperparameter; only options the user actually gave are passed on.
@@ -337,7 +337,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
 def register(commands: argparse._SubParsersAction) -> None:
     """Add the model sub-commands to the top-level parser."""
     train = commands.add_parser("train", help="train one model per category on nominal samples")
-    train.add_argument("--method", default="cfm", choices=available_methods(), help=f"default cfm; {methods_help()}")
+    train.add_argument(
+        "--method", default="cfm", help=f"default cfm; {methods_help()} (musc is zero-shot: no training)"
+    )
     train.add_argument("--data", required=True, help="dataset root (MVTec 3D-AD, Eyecandies, ...)")
     add_format_option(train)
     train.add_argument("--out", help="run folder to write")

@@ -202,7 +202,7 @@ class AnomalyModel(ABC):
         stored = config.get("hparams")
         if not isinstance(stored, dict):
             raise ModelFileError(f"the {cls.name} model file has no 'hparams' object")
-        hparams = {**stored, **{k: v for k, v in overrides.items() if k != "cache_dir"}}
+        hparams = {**cls.upgrade_hparams(stored), **{k: v for k, v in overrides.items() if k != "cache_dir"}}
         try:
             settings = cls.config_class(**hparams)
         except (TypeError, ValueError) as error:
@@ -219,6 +219,12 @@ class AnomalyModel(ABC):
         return model
 
     # ------------------------------------------------------------------ hooks
+    @classmethod
+    def upgrade_hparams(cls, stored: dict[str, Any]) -> dict[str, Any]:
+        """Hyperparameters of a model file written by an older mmiad, completed so the model scores as it did when
+        it was trained and calibrated (a new option's default may differ from the behaviour it replaced)."""
+        return dict(stored)
+
     def fit_shared(
         self,
         records_by_category: Mapping[str, Sequence[SampleRecord]],

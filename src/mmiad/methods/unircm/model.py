@@ -389,6 +389,14 @@ class UniRCM(AnomalyModel):
             )
 
     # ------------------------------------------------------------------ persistence
+    @classmethod
+    def upgrade_hparams(cls, stored: dict[str, Any]) -> dict[str, Any]:
+        """Files written before ``orq_normalization`` existed normalised the ORQ maps only under ``compat``."""
+        hparams = dict(stored)
+        if "orq_normalization" not in hparams:
+            hparams["orq_normalization"] = "image_max" if hparams.get("compat") else "none"
+        return hparams
+
     def learned_facts(self) -> dict[str, Any]:
         """Input widths, training facts, the MSE scales and the ORQ fit times."""
         facts: dict[str, Any] = {
