@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -74,3 +75,18 @@ def add_format_option(parser: argparse.ArgumentParser) -> None:
     from mmiad.data.formats import formats_help
 
     parser.add_argument("--format", default=None, help=formats_help())
+
+
+def parse_assignments(assignments: Sequence[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as hyperparameters: values parsed as JSON when they are JSON (numbers, booleans,
+    lists, objects), else kept as strings; dashes in keys become underscores."""
+    parsed: dict[str, Any] = {}
+    for assignment in assignments or []:
+        key, separator, value = assignment.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
+        try:
+            parsed[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key.replace("-", "_")] = value
+    return parsed

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from typing import Any
 
-from mmiad.cli.common import add_format_option, log, report_errors, split_list
+from mmiad.cli.common import add_format_option, log, parse_assignments, report_errors, split_list
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
@@ -18,14 +17,7 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
         hparams["random_init"] = True
     if args.compat:
         hparams["compat"] = True
-    for assignment in args.set or []:
-        key, separator, value = assignment.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
-        try:
-            hparams[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            hparams[key.replace("-", "_")] = value
+    hparams.update(parse_assignments(args.set))
     return hparams
 
 

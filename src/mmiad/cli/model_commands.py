@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,7 @@ from mmiad.cli.common import (
     add_format_option,
     finite_float,
     log,
+    parse_assignments,
     report_errors,
     split_list,
     write_json,
@@ -48,14 +48,7 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
     hparams = {k: v for k, v in hparams.items() if v not in (None, False)}
     if args.seed is not None:
         hparams["seed"] = args.seed
-    for assignment in args.set or []:
-        key, separator, value = assignment.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
-        try:
-            hparams[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            hparams[key.replace("-", "_")] = value
+    hparams.update(parse_assignments(args.set))
     return hparams
 
 
@@ -194,14 +187,7 @@ def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
     for option in ("extractors", "weights_dir", "random_init"):
         if getattr(args, option, None) not in (None, False):
             hparams[option] = getattr(args, option)
-    for assignment in args.set or []:
-        key, separator, value = assignment.partition("=")
-        if not separator or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {assignment!r}")
-        try:
-            hparams[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            hparams[key.replace("-", "_")] = value
+    hparams.update(parse_assignments(args.set))
     return hparams
 
 
