@@ -192,7 +192,9 @@ def ablation_table(rows: dict[str, dict], samples: int) -> str:
     for name in UNIRCM_ROWS:
         if name not in rows:
             continue
-        hparams = experiments[name].hparams
+        experiment = experiments[name]
+        trained = experiments[experiment.base] if experiment.base is not None else experiment  # a rescore's model
+        hparams = trained.hparams
         branches = hparams.get("branches", "rfi+ram")
         marks = ["✓" if used else "" for used in (hparams.get("use_orq", True), "rfi" in branches, "ram" in branches)]
         mean = rows[name]["result"]["mean"]
