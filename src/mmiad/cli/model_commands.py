@@ -105,7 +105,6 @@ def _train(args: argparse.Namespace) -> int:
 
 def _test(args: argparse.Namespace) -> int:
     from mmiad.engine import evaluate_run
-    from mmiad.metrics import format_table
 
     if args.method is not None:
         return _test_zero_shot(args)
@@ -124,17 +123,24 @@ def _test(args: argparse.Namespace) -> int:
         progress=True,
         log=log,
     )
+    return _show_metrics(result, errors, args.json)
+
+
+def _show_metrics(result: dict[str, Any], errors: list[DataError], json_path: str | None) -> int:
+    """What ``test`` prints and writes: the skipped files, the table, and the JSON when asked for."""
+    from mmiad.metrics import format_table
+
     report_errors(errors)
     print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
+    if json_path:
+        write_json(json_path, result)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from mmiad.engine import RunModels, apply_thresholds, input_records, override_image_threshold
 
-    if getattr(args, "method", None) is not None:  # `demo` calls this with a Namespace of its own
+    if args.method is not None:
         return _predict_zero_shot(args)
     if (args.run is None) == (args.onnx is None):
         raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
@@ -194,7 +200,6 @@ def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
 def _test_zero_shot(args: argparse.Namespace) -> int:
     """``test --method musc``: each category's test split is one batch scored by mutual scoring."""
     from mmiad.engine.zero_shot import evaluate_zero_shot
-    from mmiad.metrics import format_table
 
     if args.run is not None:
         raise ValueError(f"--method {args.method} is zero-shot: it takes no --run")
@@ -207,14 +212,11 @@ def _test_zero_shot(args: argparse.Namespace) -> int:
         aupro_mode=args.aupro,
         num_thresholds=args.num_thresholds,
         cache_dir=args.cache_dir,
+        format=args.format,
         progress=True,
         log=log,
     )
-    report_errors(errors)
-    print(format_table(result))
-    if args.json:
-        write_json(args.json, result)
-    return 0
+    return _show_metrics(result, errors, args.json)
 
 
 def _predict_zero_shot(args: argparse.Namespace) -> int:
@@ -264,7 +266,6 @@ def _compare(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from mmiad.data.synthetic import generate_dataset
     from mmiad.engine import RunModels, evaluate_run, input_records, train_run
-    from mmiad.metrics import format_table
 
     out = Path(args.out)
     data, run, cache = out / "data", out / "run", str(out / "cache")
@@ -277,9 +278,7 @@ def _demo(args: argparse.Namespace) -> int:
     log(f"    trained in {time.perf_counter() - started:.1f} s")
     log("3/4 testing")
     result, test_errors = evaluate_run(run, data, maps_dir=out / "maps", cache_dir=cache, progress=True, log=log)
-    report_errors(errors + test_errors)
-    print(format_table(result))
-    write_json(out / "metrics.json", result)
+    _show_metrics(result, errors + test_errors, str(out / "metrics.json"))
     log("4/4 predicting one defect folder per category (maps, overlays, masks, summary)")
     models = RunModels(run, cache_dir=cache)
     for category in sorted(p.name for p in data.iterdir() if p.is_dir()):
