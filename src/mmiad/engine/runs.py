@@ -227,6 +227,31 @@ def read_run_index(run: str | Path) -> dict[str, Any]:
     index_path = run / RUN_INDEX
     if not index_path.is_file():
         raise ModelFileError(f"{run}: not a run folder (no {RUN_INDEX}); train one with `mmiad train`")
+    index = read_models_index(index_path, "file name")
+    if not index["models"]:
+        raise ModelFileError(f"{index_path}: field 'models' is missing or empty (expected {{category: file name}})")
+    categories = index.get("categories") or []
+    if not isinstance(categories, list):
+        raise ModelFileError(f"{index_path}: field 'categories' must be a list of names")
+    try:
+        for category in categories:
+            plain_name(category, source=index_path)
+    except UnsafeNameError as error:
+        raise ModelFileError(str(error)) from error
+    return index
+
+
+def read_models_index(index_path: Path, entry: str) -> dict[str, Any]:
+    """An index file mapping model keys to files or folders (``run.json``, an export's ``index.json``), checked:
+    a JSON object whose ``models`` maps plain names to plain names, so no entry can point outside its folder.
+
+    Args:
+        index_path: The index file.
+        entry: What a value names (``file name``, ``folder name``), for the error message.
+
+    Raises:
+        ModelFileError: naming the file and the field at fault.
+    """
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -234,17 +259,12 @@ def read_run_index(run: str | Path) -> dict[str, Any]:
     if not isinstance(index, dict):
         raise ModelFileError(f"{index_path}: expected a JSON object, got {type(index).__name__}")
     models = index.get("models")
-    if not isinstance(models, dict) or not models:
-        raise ModelFileError(f"{index_path}: field 'models' is missing or empty (expected {{category: file name}})")
-    categories = index.get("categories") or []
-    if not isinstance(categories, list):
-        raise ModelFileError(f"{index_path}: field 'categories' must be a list of names")
+    if not isinstance(models, dict):
+        raise ModelFileError(f"{index_path}: field 'models' is missing (expected {{category: {entry}}})")
     try:
         for key, name in models.items():
             plain_name(key, source=index_path)
             plain_name(name, source=index_path)
-        for category in categories:
-            plain_name(category, source=index_path)
     except UnsafeNameError as error:
         raise ModelFileError(str(error)) from error
     return index

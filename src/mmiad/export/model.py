@@ -11,13 +11,13 @@ Layout of ``mmiad export --run RUN --out DIR``::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from mmiad import __version__
 from mmiad.engine import TrainedModel, load_trained, model_for, run_models
+from mmiad.engine.runs import read_models_index
 from mmiad.export._deps import require_onnx, require_onnxruntime
 from mmiad.export.extractors import export_image_extractor, export_point_extractor
 from mmiad.export.graphs import OPSET
@@ -25,7 +25,6 @@ from mmiad.export.manifest import MANIFEST, Manifest
 from mmiad.features.pointmae import PointMaeExtractor
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.utils.atomic import write_json
-from mmiad.utils.names import UnsafeNameError, plain_name
 
 EXPORT_INDEX = "index.json"
 
@@ -101,21 +100,7 @@ def read_export_index(path: Path) -> dict[str, str]:
     Raises:
         ModelFileError: naming the file (malformed JSON, no ``models``, a name that is not a plain name).
     """
-    index_path = path / EXPORT_INDEX
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{index_path}: not valid JSON ({error})") from error
-    models = index.get("models") if isinstance(index, dict) else None
-    if not isinstance(models, dict):
-        raise ModelFileError(f"{index_path}: field 'models' is missing (expected {{category: folder name}})")
-    try:
-        for key, name in models.items():
-            plain_name(key, source=index_path)
-            plain_name(name, source=index_path)
-    except UnsafeNameError as error:
-        raise ModelFileError(str(error)) from error
-    return dict(models)
+    return dict(read_models_index(path / EXPORT_INDEX, "folder name")["models"])
 
 
 def resolve_export(path: str | Path, category: str | None = None) -> Path:
