@@ -38,7 +38,7 @@ from mmiad.methods.unircm.config import STORE_DTYPES, UniRCMConfig
 from mmiad.methods.unircm.memory import grid_store_budget, plan_training, training_memory_options
 from mmiad.methods.unircm.orq import ResidualQuantizer
 from mmiad.methods.unircm.store import GridStore
-from mmiad.methods.unircm.training import Grids, feature_mean_squares, mse_scales, train_mappings
+from mmiad.methods.unircm.training import Grids, feature_mean_squares, foreground_of, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
 
 
@@ -176,7 +176,7 @@ class UniRCM(AnomalyModel):
         The subsample is drawn over the global row count before any grid is read, so a spilled store never has
         to hold every row in memory at once and every rank count gives the same rows.
         """
-        counts = {i: int(_foreground_of(store, i).sum()) for i in store}
+        counts = {i: int(foreground_of(store, i).sum()) for i in store}
         merged = {k: v for part in ddp.all_gather_objects(counts) for k, v in part.items()}
         indices = sorted(merged)
         starts = dict(zip(indices, accumulate((merged[i] for i in indices), initial=0), strict=False))
@@ -453,8 +453,3 @@ class UniRCM(AnomalyModel):
         from mmiad.methods.unircm.export import export_unircm_scorer
 
         return export_unircm_scorer(self, out_dir)
-
-
-def _foreground_of(store: Mapping[int, Grids], index: int) -> torch.Tensor:
-    """A sample's foreground mask, without reading a spilled store's grids."""
-    return store.foreground(index) if isinstance(store, GridStore) else store[index][2]

@@ -218,7 +218,7 @@ def train_mappings(
                 local = [i for i in order[start : start + batch_size] if i in store]
                 # Every rank runs as many micro-batches as the busiest one (collectives stay in lockstep).
                 parts = split_batch(local, max(1, math.ceil(max(ddp.all_gather_objects(len(local))) / micro)))
-                count = sum(int(_foreground_of(store, i).sum()) for i in local)
+                count = sum(int(foreground_of(store, i).sum()) for i in local)
                 total = ddp.all_reduce_sum(torch.tensor(float(count), dtype=torch.float64, device=device))
                 total = total.to(torch.float32)
                 if float(total) == 0:
@@ -284,7 +284,7 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def _foreground_of(store: Mapping[int, Grids], index: int) -> torch.Tensor:
+def foreground_of(store: Mapping[int, Grids], index: int) -> torch.Tensor:
     """A sample's foreground mask, without reading a spilled store's grids."""
     foreground = getattr(store, "foreground", None)
     return foreground(index) if foreground is not None else store[index][2]
