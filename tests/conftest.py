@@ -6,6 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from mmiad.utils.compute import available_devices
+
+
+@pytest.fixture(params=available_devices())
+def compute_device(request: pytest.FixtureRequest) -> str:
+    """Every device this machine has: the CPU always, CUDA when torch sees one. Device-dependent tests take this
+    fixture, so a GPU machine runs them on both with no change."""
+    return str(request.param)
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -12,8 +12,9 @@ from mmiad.features.grouping import (
     group_points,
     knn_indices,
 )
+from mmiad.utils.compute import available_devices
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = available_devices()
 
 
 def clouds() -> list[np.ndarray]:

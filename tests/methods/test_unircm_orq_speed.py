@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mmiad.methods.unircm.orq import _initial_centres, _lloyd, _nearest, faiss_available, kmeans
+from mmiad.utils.compute import available_devices
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = available_devices()
 
 
 def brute_force_kmeans(points: torch.Tensor, k: int, iterations: int, seed: int) -> torch.Tensor:

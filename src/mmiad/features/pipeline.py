@@ -22,6 +22,7 @@ from mmiad.data.preprocess import ModelInput, PreprocessProfile, prepare_input, 
 from mmiad.data.sample import SampleRecord
 from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor, PointFeatures
 from mmiad.features.cache import FeatureCache
+from mmiad.utils.compute import check_device_name, check_precision
 
 
 class SampleFeatures:
@@ -69,6 +70,11 @@ class FeaturePipeline:
         image_size: Side of the square model input (224 in the papers).
         cache: Feature cache, or None to always extract.
         preprocess_root: Where preprocessed copies of the dataset go (never the dataset itself).
+        device: Where the extractors run (``auto``, ``cpu``, ``cuda``, ``cuda:N``); features come back on the
+            CPU (the cache and the methods' stores hold them there). Not part of :meth:`config`: the device does
+            not change what is computed beyond float rounding.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the extractors; part of :meth:`config` (and the
+            cache key) when it is not fp32, since it changes the features.
     """
 
     def __init__(
@@ -79,7 +85,12 @@ class FeaturePipeline:
         image_size: int,
         cache: FeatureCache | None,
         preprocess_root: Path,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
     ) -> None:
+        self.device = check_device_name(device)
+        self.precision = check_precision(precision)
         self.image_extractor = image_extractor
         self.point_extractor = point_extractor
         self.profile = profile
@@ -89,13 +100,16 @@ class FeaturePipeline:
 
     def config(self) -> dict[str, Any]:
         """Everything that changes the features; the feature cache keys on it."""
-        return {
+        config = {
             "image": self.image_extractor.config(),
             "point": self.point_extractor.config(),
             "profile": self.profile.name,
             "profile_fingerprint": self.profile.fingerprint(),
             "image_size": self.image_size,
         }
+        if self.precision != "fp32":  # fp32 configs (and cache keys, model files) stay as they were
+            config["precision"] = self.precision
+        return config
 
     def preprocess(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None

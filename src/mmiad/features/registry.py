@@ -189,10 +189,13 @@ def build_pipeline(
     cache_dir: str | Path | None = None,
     use_feature_cache: bool = True,
     point_options: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> FeaturePipeline:
     """A feature pipeline for extractors (preset or pair) and a preprocessing profile, caching under ``cache_dir``.
 
-    ``point_options`` go to the 3D extractor (see :func:`build_extractors`).
+    ``point_options`` go to the 3D extractor (see :func:`build_extractors`); ``device`` and ``precision`` are
+    where and in which arithmetic the extractors run (see :class:`FeaturePipeline`).
     """
     image, point = build_extractors(
         extractors, weights_dir=weights_dir, random_init=random_init, point_options=point_options
@@ -205,4 +208,6 @@ def build_pipeline(
         image_size,
         FeatureCache(root / "features", enabled=use_feature_cache),
         root,
+        device=device,
+        precision=precision,
     )

@@ -21,6 +21,7 @@ from mmiad.data.sample import SampleRecord
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.methods.settings import MethodSettings
 from mmiad.postprocess.threshold import Thresholds
+from mmiad.utils.compute import device_present
 
 if TYPE_CHECKING:
     from mmiad.features.pipeline import FeaturePipeline
@@ -194,6 +195,7 @@ class AnomalyModel(ABC):
         """Rebuild a fitted model from :meth:`get_config` and :meth:`state_tensors`.
 
         ``overrides`` replaces inference-time hyperparameters (``cache_dir`` is not one: it says where caches go).
+        A stored ``device`` this machine does not have is replaced by ``auto``.
 
         Raises:
             ModelFileError: for missing or invalid hyperparameters, another pipeline than the one configured now,
@@ -203,6 +205,10 @@ class AnomalyModel(ABC):
         if not isinstance(stored, dict):
             raise ModelFileError(f"the {cls.name} model file has no 'hparams' object")
         hparams = {**cls.upgrade_hparams(stored), **{k: v for k, v in overrides.items() if k != "cache_dir"}}
+        # The device a model was trained on is history, not a requirement: one that is not here becomes ``auto``
+        # (CUDA when present, else the CPU), so a model trained on a GPU predicts on a laptop.
+        if "device" not in overrides and not device_present(str(hparams.get("device", "auto"))):
+            hparams["device"] = "auto"
         try:
             settings = cls.config_class(**hparams)
         except (TypeError, ValueError) as error:
@@ -271,6 +277,8 @@ class AnomalyModel(ABC):
                 random_init=config.random_init,
                 cache_dir=getattr(self, "cache_dir", None),
                 point_options=config.point_options,
+                device=config.device,
+                precision=config.precision,
             )
         assert self._pipeline is not None
         return self._pipeline

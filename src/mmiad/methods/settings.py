@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mmiad.utils.compute import check_device_name, check_precision
+
 SettingsT = TypeVar("SettingsT", bound="MethodSettings")
 
 
@@ -25,7 +27,10 @@ class MethodSettings:
         weights_dir: Folder with pretrained checkpoints (deep extractors).
         random_init: Allow random extractor weights (tests, smoke runs, speed benchmarks).
         profile: Offline preprocessing profile (``cfm``, ``m3dm`` or ``none``).
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. Where the model runs, not what
+            it computes: a model trained on a GPU loads and predicts on a CPU (see :mod:`mmiad.utils.compute`).
+        precision: ``fp32`` (the papers'), ``bf16`` or ``fp16``: autocast for the extractors and the learned
+            networks. It changes the features, so it is part of the pipeline's config (and the cache key).
         compat: The official code's behaviour where it differs from the paper.
         point_options: Options of the 3D extractor (e.g. ``{"batchnorm": "running"}`` for Point-MAE's eval-mode
             statistics, ``{"nonzero": "any"}`` for the any-coordinate point rule); None keeps the official defaults.
@@ -37,8 +42,14 @@ class MethodSettings:
     random_init: bool = False
     profile: str = "cfm"
     device: str = "auto"
+    precision: str = "fp32"
     compat: bool = False
     point_options: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        """Check the shared fields' spelling (subclasses call this first from their own ``__post_init__``)."""
+        self.device = check_device_name(self.device)
+        check_precision(self.precision)
 
     def compat_values(self) -> dict[str, Any]:
         """Field → the official code's value, applied by :meth:`resolved` under ``compat`` to fields left at their

@@ -53,6 +53,7 @@ class BTFConfig(BankSettings):
         return {"smoothing": "pil_uint8"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.smoothing not in SMOOTHINGS:
             raise ValueError(f"unknown smoothing {self.smoothing!r}; expected one of {SMOOTHINGS}")
         self.check_bank_settings()

@@ -72,6 +72,7 @@ class CFMConfig(MethodSettings):
         return {"smoothing": "box_cascade"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
         if self.mapping not in MAPPINGS:

@@ -127,6 +127,7 @@ class M3DMConfig(BankSettings):
         return {"smoothing": "pil_uint8"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.lambdas = tuple(float(v) for v in self.lambdas)  # type: ignore[assignment]
         if self.smoothing not in SMOOTHINGS:
             raise ValueError(f"unknown smoothing {self.smoothing!r}; expected one of {SMOOTHINGS}")

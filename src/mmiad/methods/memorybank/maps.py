@@ -20,10 +20,3 @@ def patch_map(distances: torch.Tensor, grid: int, out_size: int, *, smoothing: s
     if grid != out_size:
         grid_map = F.interpolate(grid_map, size=(out_size, out_size), mode="bilinear", align_corners=False)
     return smooth_maps(grid_map[0, 0], smoothing, sigma)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmiad.methods.memorybank.bank import MemoryBank
-from mmiad.methods.memorybank.maps import resolve_device
 from mmiad.methods.settings import MethodSettings
+from mmiad.utils.compute import resolve_device
 
 
 @dataclass
@@ -52,5 +52,5 @@ class BankSettings(MethodSettings):
             budget_gb=self.memory_budget_gb,
             spill_dir=spill,
             knn_backend=self.knn_backend,
-            device=resolve_device(self.device),
+            device=str(resolve_device(self.device)),
         )

@@ -115,6 +115,7 @@ class UniRCMConfig(MethodSettings):
     activation_checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.branches not in BRANCHES:
             raise ValueError(f"unknown branches {self.branches!r}; expected one of {BRANCHES}")
         if self.mse_normalization not in MSE_NORMALIZATIONS:

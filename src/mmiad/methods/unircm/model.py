@@ -40,6 +40,7 @@ from mmiad.methods.unircm.orq import ResidualQuantizer
 from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import Grids, feature_mean_squares, foreground_of, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
+from mmiad.utils.compute import resolve_device
 
 
 def normalize_orq_map(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -98,9 +99,7 @@ class UniRCM(AnomalyModel):
     @property
     def device(self) -> torch.device:
         """Where the networks run (CUDA rank-local device under torchrun with NCCL)."""
-        if self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        return torch.device("cuda", torch.cuda.current_device())
+        return resolve_device(self.config.device)
 
     # ------------------------------------------------------------------ features
     def grids_of(self, features: SampleFeatures) -> Grids:
