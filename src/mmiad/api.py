@@ -95,8 +95,8 @@ def train(
 ) -> Run:
     """``mmiad train``: fit a model per category (or one unified model) and write the run folder.
 
-    Method hyperparameters (``epochs``, ``extractors``, ``grid_size``, ...) are keyword arguments; ``format``
-    names the dataset layout (``mvtec3d``, ``eyecandies``; detected by default).
+    Method hyperparameters (``epochs``, ``extractors``, ``grid_size``, ``device``, ``precision``, ...) are keyword
+    arguments; ``format`` names the dataset layout (``mvtec3d``, ``eyecandies``; detected by default).
     """
     from mmiad.engine import train_run
 
@@ -127,12 +127,14 @@ def evaluate(
     aupro_mode: AuproMode | None = None,
     cache_dir: str | Path | None = None,
     format: str | None = None,
+    device: str | None = None,
     progress: bool = False,
 ) -> Metrics:
     """``mmiad test`` (with ``run``) or ``mmiad evaluate`` (with ``maps``): metrics on the test split.
 
     ``aupro_mode`` None means: a run's own protocol (the papers' sampled AUPRO for compat runs, see
-    :func:`mmiad.metrics.aupro_protocol`), the exact curve for a maps folder.
+    :func:`mmiad.metrics.aupro_protocol`), the exact curve for a maps folder. ``device`` is where a run's models
+    run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; default: the device they were trained on when present, else auto).
     """
     if (run is None) == (maps is None):
         raise ValueError("give exactly one of run= (a trained run) or maps= (a folder of anomaly maps)")
@@ -141,7 +143,14 @@ def evaluate(
 
         cache = str(cache_dir) if cache_dir is not None else None
         result, skipped = evaluate_run(
-            run, data, categories=categories, aupro_mode=aupro_mode, cache_dir=cache, format=format, progress=progress
+            run,
+            data,
+            categories=categories,
+            aupro_mode=aupro_mode,
+            cache_dir=cache,
+            format=format,
+            overrides={"device": device} if device else None,
+            progress=progress,
         )
     else:
         from mmiad.metrics import evaluate_maps_dir
@@ -163,6 +172,7 @@ def predict(
     format: str | None = None,
     threshold: float | None = None,
     cache_dir: str | Path | None = None,
+    device: str | None = None,
     errors: list[DataError] | None = None,
 ) -> list[Prediction]:
     """``mmiad predict``: score new samples (a folder with rgb/ and xyz/, a flat folder of pairs, one pair, or the
@@ -171,11 +181,15 @@ def predict(
     Each :class:`~mmiad.methods.base.Prediction` has ``pred_score``, ``anomaly_map`` (model resolution; use
     :func:`mmiad.data.preprocess.map_to_original` for the input resolution), ``pred_label``, ``pred_mask``,
     ``degraded`` (True when one modality was missing and the fallback scored the sample), and what produced it:
-    ``model``, ``modality`` and ``thresholds``. ``threshold`` replaces the calibrated image threshold.
+    ``model``, ``modality`` and ``thresholds``. ``threshold`` replaces the calibrated image threshold; ``device``
+    is where the models run (as :func:`evaluate`).
     """
     from mmiad.engine import RunModels, input_records
 
-    models = RunModels(run, cache_dir=str(cache_dir) if cache_dir else None, image_threshold=threshold)
+    overrides = {"device": device} if device else None
+    models = RunModels(
+        run, cache_dir=str(cache_dir) if cache_dir else None, image_threshold=threshold, overrides=overrides
+    )
     key = models.key_for(category)
     records = input_records(input, xyz=xyz, category=category or key, format=format, errors=errors)
     return list(models.predict(records, category or key, errors=errors))

@@ -27,18 +27,29 @@ from mmiad.utils.memory import own_peak_rss_mb
 _WORKER_FLAG = "--compare-worker"
 
 
-def _measure(run: str, data_root: str, cache_dir: str, format: str = "auto") -> dict[str, Any]:
-    """Test one run in this process and report metrics, sample count, seconds and own peak RSS."""
+def _measure(run: str, data_root: str, cache_dir: str, format: str = "auto", device: str = "") -> dict[str, Any]:
+    """Test one run in this process and report metrics, sample count, seconds and own peak RSS (and the
+    device's own peak memory on CUDA)."""
     from mmiad.data.formats import open_dataset
     from mmiad.engine import evaluate_run
+    from mmiad.utils.compute import resolve_device, synchronize
 
+    on = resolve_device(device or "auto")
     started = time.perf_counter()
-    result, errors = evaluate_run(run, data_root, cache_dir=cache_dir, format=format)
+    overrides = {"device": device} if device else None
+    result, errors = evaluate_run(run, data_root, cache_dir=cache_dir, format=format, overrides=overrides)
+    synchronize(on)
     seconds = time.perf_counter() - started
     dataset = open_dataset(data_root, format)
     samples = sum(len(dataset.records(category, "test")) for category in result["per_category"])
     samples -= len(errors)
-    return {"result": result, "samples": samples, "seconds": seconds, "peak_rss_mb": own_peak_rss_mb()}
+    measured = {"result": result, "samples": samples, "seconds": seconds, "peak_rss_mb": own_peak_rss_mb()}
+    measured["device"] = str(on)
+    if on.type == "cuda":
+        import torch
+
+        measured["peak_device_mb"] = torch.cuda.max_memory_allocated(on) / 2**20
+    return measured
 
 
 def _method_of(run: Path) -> str:
@@ -52,6 +63,7 @@ def compare_runs(
     *,
     cache_dir: str | Path | None = None,
     format: str | None = None,
+    device: str | None = None,
 ) -> list[dict]:
     """Test each run in a child process; one row per run.
 
@@ -60,6 +72,7 @@ def compare_runs(
         runs: Run folders written by ``mmiad train``.
         cache_dir: Shared cache folder; None gives each run a fresh temporary one (cold, honest throughput).
         format: Dataset format name; detected from the root by default.
+        device: Where the runs are tested (default: each model's own device, or ``auto``).
 
     Returns:
         Dicts with ``run``, ``method``, ``result`` (``{"per_category": …, "mean": …}`` as ``evaluate_run``),
@@ -74,7 +87,7 @@ def compare_runs(
         with tempfile.TemporaryDirectory(prefix="mmiad-compare-") as scratch:
             cache = str(cache_dir) if cache_dir is not None else scratch
             command = [sys.executable, "-m", "mmiad.compare", _WORKER_FLAG, str(run_path), str(data_root), cache]
-            command.append(format or "auto")
+            command += [format or "auto", device or ""]
             child = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), check=False)
         if child.returncode != 0:
             raise RuntimeError(f"testing {run_path} failed (exit {child.returncode}):\n{child.stderr[-4000:]}")
@@ -120,5 +133,5 @@ def comparison_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == _WORKER_FLAG:
-    print(json.dumps(_measure(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])))
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == _WORKER_FLAG:
+    print(json.dumps(_measure(*sys.argv[2:7])))

@@ -77,6 +77,34 @@ def add_format_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default=None, help=formats_help())
 
 
+def add_device_option(parser: argparse.ArgumentParser, *, precision: bool = False) -> None:
+    """``--device`` (and with ``precision`` ``--precision``): where and in which arithmetic the work runs.
+
+    Inference commands take only ``--device``: a model's precision is part of how its features were computed,
+    so it comes from the model file.
+    """
+    from mmiad.utils.compute import PRECISIONS, check_device_name
+
+    parser.add_argument(
+        "--device",
+        type=check_device_name,
+        help="auto (default: CUDA when available), cpu, cuda or cuda:N; a model trained on a GPU runs on a CPU",
+    )
+    if precision:
+        parser.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            help="autocast for the extractors and the learned networks (default fp32, the papers'); bf16 is the "
+            "fast low precision on recent CPUs",
+        )
+
+
+def device_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"device": ...}`` when ``--device`` was given, for loading trained models (else their stored device, or
+    ``auto`` when that device is not on this machine)."""
+    return {"device": args.device} if getattr(args, "device", None) else {}
+
+
 def parse_assignments(assignments: Sequence[str] | None) -> dict[str, Any]:
     """``--set KEY=VALUE`` options as hyperparameters: values parsed as JSON when they are JSON (numbers, booleans,
     lists, objects), else kept as strings; dashes in keys become underscores."""

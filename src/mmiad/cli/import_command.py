@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from mmiad.cli.common import add_format_option, log, parse_assignments, report_errors, split_list
+from mmiad.cli.common import add_device_option, add_format_option, log, parse_assignments, report_errors, split_list
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
@@ -17,6 +17,9 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
         hparams["random_init"] = True
     if args.compat:
         hparams["compat"] = True
+    for option in ("device", "precision"):
+        if getattr(args, option):
+            hparams[option] = getattr(args, option)
     hparams.update(parse_assignments(args.set))
     return hparams
 
@@ -74,5 +77,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--weights-dir", help="folder with the backbone checkpoints (default $MMIAD_WEIGHTS_DIR)")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
     parser.add_argument("--compat", action="store_true", help="the official code's scoring instead of the paper's")
+    add_device_option(parser, precision=True)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other hyperparameter (JSON values)")
     parser.set_defaults(handler=_import)

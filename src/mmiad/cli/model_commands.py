@@ -12,7 +12,9 @@ from mmiad.cli.common import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_PARTIAL,
+    add_device_option,
     add_format_option,
+    device_overrides,
     finite_float,
     log,
     parse_assignments,
@@ -40,6 +42,8 @@ _HPARAM_OPTIONS = {
     "random_init": "random_init",
     "compat": "compat",
     "memory_budget_gb": "memory_budget_gb",
+    "device": "device",
+    "precision": "precision",
 }
 
 
@@ -110,6 +114,7 @@ def _test(args: argparse.Namespace) -> int:
         return _test_zero_shot(args)
     if args.run is None:
         raise ValueError("--run RUN is required (or --method musc to score each test split zero-shot)")
+    _refuse_precision(args)
     result, errors = evaluate_run(
         args.run,
         args.data,
@@ -119,11 +124,20 @@ def _test(args: argparse.Namespace) -> int:
         num_thresholds=args.num_thresholds,
         cache_dir=args.cache_dir,
         format=args.format,
-        overrides={"compat": True} if args.compat else None,
+        overrides={**device_overrides(args), **({"compat": True} if args.compat else {})} or None,
         progress=True,
         log=log,
     )
     return _show_metrics(result, errors, args.json)
+
+
+def _refuse_precision(args: argparse.Namespace) -> None:
+    """A trained run computes in the precision it was trained with (its features depend on it)."""
+    if getattr(args, "precision", None):
+        raise ValueError(
+            "--precision applies to training and to zero-shot --method; a trained run uses the precision it was "
+            "trained with (its model file records it)"
+        )
 
 
 def _show_metrics(result: dict[str, Any], errors: list[DataError], json_path: str | None) -> int:
@@ -144,6 +158,11 @@ def _predict(args: argparse.Namespace) -> int:
         return _predict_zero_shot(args)
     if (args.run is None) == (args.onnx is None):
         raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
+    _refuse_precision(args)
+    if args.onnx is not None and args.device not in (None, "auto", "cpu"):
+        raise ValueError(
+            "--onnx runs the exported graphs with ONNX Runtime on the CPU; use --run RUN for --device cuda"
+        )
     errors: list[DataError] = []
     predictions: Iterable[Any]
     if args.onnx is not None:
@@ -159,7 +178,9 @@ def _predict(args: argparse.Namespace) -> int:
             apply_thresholds(p, thresholds) for p in predictor.predict(records, progress=True, errors=errors)
         )
     else:
-        models = RunModels(args.run, cache_dir=args.cache_dir, image_threshold=args.threshold)
+        models = RunModels(
+            args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=device_overrides(args)
+        )
         category = args.category or models.key_for(None)
         records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
         predictions = models.predict(records, category, progress=True, errors=errors)
@@ -190,7 +211,7 @@ def _write_predictions(predictions: Iterable[Any], out: Path, errors: list[DataE
 def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
     """Options of a zero-shot method: the extractor options plus ``--set KEY=VALUE``."""
     hparams: dict[str, Any] = {}
-    for option in ("extractors", "weights_dir", "random_init"):
+    for option in ("extractors", "weights_dir", "random_init", "device", "precision"):
         if getattr(args, option, None) not in (None, False):
             hparams[option] = getattr(args, option)
     hparams.update(parse_assignments(args.set))
@@ -253,7 +274,7 @@ def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from mmiad.compare import compare_runs, comparison_markdown
 
-    rows = compare_runs(args.data, args.runs, cache_dir=args.cache_dir, format=args.format)
+    rows = compare_runs(args.data, args.runs, cache_dir=args.cache_dir, format=args.format, device=args.device)
     markdown = comparison_markdown(rows)
     print(markdown)
     if args.markdown:
@@ -311,6 +332,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
     parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
+    add_device_option(parser, precision=True)
     parser.add_argument(
         "--set",
         action="append",
@@ -365,6 +387,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="thresholds of the compat AUPRO (default: the method's; 99 CFM/Uni-RCM, 100 M3DM/BTF)",
     )
     test.add_argument("--cache-dir", help="cache folder")
+    add_device_option(test, precision=True)
     _add_zero_shot_options(test)
     test.set_defaults(handler=_test)
 
@@ -386,6 +409,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--outlier-k", type=float, default=3.0, help="zero-shot labels: anomalous above median + k·1.4826·MAD"
     )
+    add_device_option(predict, precision=True)
     _add_zero_shot_options(predict)
     predict.set_defaults(handler=_predict)
 
@@ -398,6 +422,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     compare.add_argument(
         "--cache-dir", help="shared feature cache (default: a fresh one per run, so timings include feature extraction)"
     )
+    add_device_option(compare)
     compare.set_defaults(handler=_compare)
 
     demo = commands.add_parser("demo", help="the main job: synthetic data → train CFM → test → predict")

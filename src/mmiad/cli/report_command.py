@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from mmiad.cli.common import add_format_option, log, split_list
+from mmiad.cli.common import add_device_option, add_format_option, log, split_list
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -27,6 +27,7 @@ def _report(args: argparse.Namespace) -> int:
         options=options,
         cache_dir=args.cache_dir,
         format=args.format,
+        device=args.device,
         progress=True,
         log=log,
     )
@@ -48,4 +49,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--clouds", type=int, default=3, help="3D clouds per category, worst first (default 3)")
     report.add_argument("--aupro", default="exact", choices=["exact", "compat"], help="PRO curve (default exact)")
     report.add_argument("--cache-dir", help="cache folder")
+    add_device_option(report)
     report.set_defaults(handler=_report)

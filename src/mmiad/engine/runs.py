@@ -13,11 +13,12 @@ from mmiad.data.errors import DataError
 from mmiad.data.formats import DatasetFormat, open_dataset
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.trained import build_model, fit_and_calibrate, fit_fallback, load_trained, save_trained
-from mmiad.methods.base import finite_only
+from mmiad.methods.base import AnomalyModel, finite_only
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.postprocess.threshold import calibrate
 from mmiad.utils import distributed as ddp
 from mmiad.utils.atomic import write_json
+from mmiad.utils.compute import describe_device, resolve_device
 from mmiad.utils.names import UnsafeNameError, plain_name
 
 RUN_INDEX = "run.json"
@@ -107,6 +108,7 @@ def train_run(
     prototype = build_model(method, cache_dir, hparams)  # fail on a bad option before any work
     if not prototype.needs_training:
         raise ValueError(f"method {method!r} needs no training; score a dataset with `mmiad test --method {method}`")
+    compute = compute_record(prototype)  # an absent --device fails here, before any work
     distributed = ddp.init_from_env()
     splits = _category_splits(dataset, names, shots, seed, errors)
     groups = {UNIFIED: names} if unified else {category: [category] for category in names}
@@ -127,6 +129,7 @@ def train_run(
             info["few_shot"] = {c: splits[c][3]["few_shot"] for c in members}
         log(f"[{key}] training {method} on {len(train)} nominal samples")
         model = build_model(method, cache_dir, hparams)
+        info.update(compute_record(model))
         if shared is not None:
             model.use_shared(shared)
         trained = fit_and_calibrate(
@@ -146,19 +149,36 @@ def train_run(
             threshold = trained.thresholds.image if trained.thresholds else float("nan")
             log(f"[{key}] saved {files[key]} (image threshold {threshold:.4g} from {', '.join(sources)})")
     if ddp.is_main_process():
-        write_run_index(out, method, unified, names, files)
+        write_run_index(out, method, unified, names, files, compute=compute)
     if distributed:
         ddp.barrier()
     return files, errors
 
 
-def write_run_index(out: Path, method: str, unified: bool, categories: Sequence[str], files: dict[str, Path]) -> None:
-    """``run.json``: which model file serves which category."""
+def compute_record(model: AnomalyModel) -> dict[str, str]:
+    """Where and in which precision a model was trained, for the run's records (never needed to load it)."""
+    settings = model.config
+    return {
+        "trained_on": describe_device(resolve_device(str(getattr(settings, "device", "auto")))),
+        "precision": str(getattr(settings, "precision", "fp32")),
+    }
+
+
+def write_run_index(
+    out: Path,
+    method: str,
+    unified: bool,
+    categories: Sequence[str],
+    files: dict[str, Path],
+    compute: dict[str, str] | None = None,
+) -> None:
+    """``run.json``: which model file serves which category (and where it was trained: informative only)."""
     index = {
         "method": method,
         "unified": unified,
         "categories": list(categories),
         "models": {k: v.name for k, v in files.items()},
+        **(compute or {}),
     }
     write_json(out / RUN_INDEX, index)
 

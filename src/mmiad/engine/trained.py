@@ -182,7 +182,7 @@ def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
     try:
         model = method.from_state(config, own, **overrides)
         thresholds = Thresholds.from_dict(config["thresholds"]) if "thresholds" in config else None
-        facts = ("category", "categories", "few_shot", "data_root")
+        facts = ("category", "categories", "few_shot", "data_root", "trained_on", "precision")
         info: dict[str, Any] = {k: config[k] for k in facts if k in config}
         trained = TrainedModel(model, thresholds, info)
         if "fallback" in config:

@@ -169,6 +169,7 @@ def collect_report(
     options: ReportOptions | None = None,
     cache_dir: str | None = None,
     format: str | None = None,
+    device: str | None = None,
     progress: bool = False,
     log: Log = quiet,
 ) -> Report:
@@ -180,7 +181,7 @@ def collect_report(
     options = options or ReportOptions()
     if options.max_samples < 0 or options.thumb_size < 1 or options.clouds < 0:
         raise ValueError(f"report sizes must be non-negative (thumbnail at least 1 px), got {options}")
-    models = RunModels(run, cache_dir=cache_dir)
+    models = RunModels(run, cache_dir=cache_dir, overrides={"device": device} if device else None)
     dataset = open_dataset(data_root, format)
     root = dataset.root
     names = served_categories(run, dataset, categories)
@@ -213,6 +214,7 @@ def build_report(
     options: ReportOptions | None = None,
     cache_dir: str | None = None,
     format: str | None = None,
+    device: str | None = None,
     progress: bool = False,
     log: Log = quiet,
 ) -> Path:
@@ -224,6 +226,7 @@ def build_report(
         options=options,
         cache_dir=cache_dir,
         format=format,
+        device=device,
         progress=progress,
         log=log,
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 from mmiad.methods.musc.msm import minimum_batch
 from mmiad.methods.musc.snamd import SNAMD_3D_POOLS
+from mmiad.utils.compute import check_device_name, check_precision
 
 MODALITIES = ("both", "2d", "3d")
 SMOOTHINGS_3D = ("pil_uint8", "gaussian", "none")
@@ -43,6 +44,8 @@ class MuScConfig:
         allow_mixed_sizes: Accept a batch whose images have different original sizes (default: an error).
         weights_dir: Folder with pretrained checkpoints (deep presets).
         random_init: Allow random extractor weights (tests and speed benchmarks only).
+        device: Where the extractors run (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see :mod:`mmiad.utils.compute`).
+        precision: Autocast of the extractors (``fp32``, the official; ``bf16``; ``fp16``).
     """
 
     modality: str = "both"
@@ -68,6 +71,8 @@ class MuScConfig:
     allow_mixed_sizes: bool = False
     weights_dir: str | None = None
     random_init: bool = False
+    device: str = "auto"
+    precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class MuScConfig:
         if self.extra:
             raise ValueError(f"unknown MuSc option(s): {', '.join(sorted(self.extra))}")
         minimum_batch(self.interval)  # validates the interval
+        self.device = check_device_name(self.device)
+        check_precision(self.precision)
 
     @property
     def minimum_batch(self) -> int:

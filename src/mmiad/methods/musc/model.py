@@ -58,6 +58,8 @@ class MuSc:
                 weights_dir=config.weights_dir,
                 random_init=config.random_init,
                 cache_dir=self.cache_dir,
+                device=config.device,
+                precision=config.precision,
             )
         return self._pipeline
 
