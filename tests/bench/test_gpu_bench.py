@@ -114,7 +114,7 @@ def test_one_method_against_itself_agrees_exactly(tmp_path: Path, capsys: pytest
     out.write_text("# Benchmarks\n\nkept\n")
     argv = ["gpu", "--target-device", "cpu", "--methods", "cfm", "--presets", "weightfree", "--train", "2"]
     argv += ["--test-good", "2", "--per-defect", "1", "--out", str(out), "--work", str(tmp_path / "work")]
-    assert main(argv) == 0
+    assert main([*argv, "--note", "Measured by the test."]) == 0
     capsys.readouterr()
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n")
@@ -122,6 +122,7 @@ def test_one_method_against_itself_agrees_exactly(tmp_path: Path, capsys: pytest
         "<!-- /bench:gpu-cpu-fp32-vs-cpu-fp32", 1
     )[0]
     rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert "All 1 agree." in section and section.rstrip().endswith("Measured by the test.")
     header, cells = rows[0], [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
     assert len(rows) == 4 and all(row.count("|") == header.count("|") for row in rows)
     reference, target = cells
@@ -136,3 +137,38 @@ def test_one_method_against_itself_agrees_exactly(tmp_path: Path, capsys: pytest
     ):
         assert a["scores"].shape == (6,) and np.array_equal(a["scores"], b["scores"])
         assert np.array_equal(a["maps"], b["maps"]) and a["maps"].std() > 0
+
+
+def test_a_target_only_disagreement_or_failure_exits_non_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The CLI's wiring, with the child processes replaced by synthetic sides: one method whose target drifts,
+    one whose target crashes (as a CUDA-only failure would), one that agrees."""
+    import mmiad.bench.gpu as bench
+
+    rng = np.random.default_rng(2)
+    scores, maps = rng.uniform(1, 2, 6), rng.uniform(0, 1, (6, 4, 4))
+
+    def fake_side(spec: dict) -> dict:
+        side = {"spec": spec, **_side(scores.copy(), maps.copy()), "samples_per_s": 1.0, "rss_peak_mb": 10.0}
+        side["gpu_peak_mb"] = None
+        if spec["device"] == "cpu" and spec["precision"] == "bf16":  # the target
+            if spec["method"] == "cfm":
+                side["scores"][2] += 0.5  # a quarter of the scale: beyond even bf16's tolerance
+            elif spec["method"] == "btf":
+                return {"spec": spec, "error": "RuntimeError: CUDA error: an illegal memory access"}
+        return side
+
+    monkeypatch.setattr(bench, "measure_side", fake_side)
+    out = tmp_path / "B.md"
+    argv = ["gpu", "--target-device", "cpu", "--target-precision", "bf16", "--methods", "btf,cfm,m3dm"]
+    argv += ["--presets", "weightfree", "--train", "1", "--test-good", "1", "--per-defect", "1", "--out", str(out)]
+    assert main(argv) == EXIT_DISAGREE
+    err = capsys.readouterr().err
+    assert "DISAGREE cfm weightfree: image scores differ" in err
+    assert "DISAGREE btf weightfree: target failed: RuntimeError: CUDA error" in err
+    assert "DISAGREE m3dm" not in err
+    text = out.read_text()
+    assert "**2 of 3 disagree.**" in text
+    verdicts = [line.rstrip("| ").rsplit("|", 1)[1].strip() for line in text.splitlines() if "| target:" in line]
+    assert verdicts == ["**no**", "**no**", "yes"]

@@ -412,6 +412,7 @@ def _gpu_command(args: argparse.Namespace) -> int:
         + table(pairs)
         + "\n\n"
         + (f"**{len(failed)} of {len(pairs)} disagree.**" if failed else f"All {len(pairs)} agree.")
+        + (f"\n\n{args.note}" if args.note else "")
     )
     if args.out:
         section = f"gpu-{reference[0]}-{reference[1]}-vs-{target[0]}-{target[1]}".replace(":", "")
@@ -438,6 +439,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-good", type=int, default=4, help="good test images")
     parser.add_argument("--per-defect", type=int, default=2, help="test images per defect type (4 types)")
     parser.add_argument("--out", default=None, help="update this markdown file (e.g. BENCHMARKS.md)")
+    parser.add_argument("--note", default=None, help="a paragraph to add under the table (e.g. which code was run)")
     parser.add_argument("--work", default=None, help="keep the data and arrays here (default: a temporary folder)")
     parser.set_defaults(handler=_gpu_command)
     worker = commands.add_parser("gpu-worker", help="(internal) one side in a fresh process")
