@@ -396,6 +396,7 @@ def _gpu_command(args: argparse.Namespace) -> int:
         pairs = run_pairs(data, work, methods, presets, reference, target, category=args.category, seed=args.seed)
     tolerance = tolerance_for(reference[1], target[1])
     failed = [pair for pair in pairs if not pair.ok]
+    names = sorted({side["device_name"] for pair in pairs for _, side in pair._sides() if "device_name" in side})
     body = (
         f"### Reference {reference[0]} {reference[1]} vs target {target[0]} {target[1]}: every method, both presets\n\n"
         f"Command: `python -m mmiad.bench gpu --reference-device {reference[0]} --reference-precision {reference[1]} "
@@ -408,7 +409,8 @@ def _gpu_command(args: argparse.Namespace) -> int:
         "tolerance (of the lower precision): scores "
         f"{tolerance.score:g}, maps {tolerance.map:g}, metrics "
         f"{tolerance.metric:g} absolute. fp32 sides run with TF32 off.  \n"
-        f"Machine: {machine_description()}, shared with other work (times are indicative).\n\n"
+        f"Machine: {machine_description()}; devices: {', '.join(names) or 'none ran'}; shared with other work "
+        "(times are indicative).\n\n"
         + table(pairs)
         + "\n\n"
         + (f"**{len(failed)} of {len(pairs)} disagree.**" if failed else f"All {len(pairs)} agree.")
