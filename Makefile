@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 resolves to a CPU build where one is provided locally; elsewhere to PyPI's 2.13.0.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: env demo test lint bench clean
+.PHONY: env demo test lint bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ lint: env
 bench: env
 	$(BIN)/python -m mmiad.bench stages --out BENCHMARKS.md
 	$(BIN)/python -m mmiad.bench accuracy --out BENCHMARKS.md
+
+# Every method and preset on CUDA against the CPU (exits 3 without a GPU: CUDA untested; 1 on any disagreement).
+# Without a GPU, exercise it with: make bench-gpu GPU_TARGET="--target-device cpu --target-precision bf16"
+GPU_TARGET ?= --target-device cuda --target-precision fp32
+bench-gpu: env
+	$(BIN)/python -m mmiad.bench gpu $(GPU_TARGET) --out BENCHMARKS.md
 
 clean:
 	rm -rf demo_out .pytest_cache

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, memory, musc, speed, stages, unified
+from mmiad.bench import accuracy, comparison, gpu, memory, musc, speed, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     comparison.register(commands)
     speed.register(commands)
     memory.register(commands)
+    gpu.register(commands)
     musc.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
