@@ -7,6 +7,7 @@ about 1e-3), while the Point-MAE groups and interpolation weights, being index c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
@@ -16,16 +17,15 @@ import torch.nn.functional as F
 
 from mmiad.features.base import DeviceExtractor, PointFeatures, extractor_device, place_extractor
 from mmiad.features.fpfh import FPFHExtractor
-from mmiad.features.pointmae import PointMaeEncoder, PointMaeExtractor, PointMaePreset
+from mmiad.features.pointmae import PointMaeExtractor
 from mmiad.features.texture import TextureExtractor
-from mmiad.features.vit import VisionTransformer, VitExtractor, VitPreset
+from mmiad.features.vit import VitExtractor
 from mmiad.features.wideresnet import WideResNet50Trunk, WideResNetExtractor
 from mmiad.utils.compute import autocast
 
-TINY_VIT = VitPreset(
-    "tiny", embed_dim=32, depth=3, num_heads=2, patch_size=4, pos_grid=4, layer_scale=True, keep_blocks=3, weights=()
-)
-SMALL_MAE = PointMaePreset("small", num_group=16, group_size=8, keep_blocks=12, layers=(3, 7, 11))
+Vit = Callable[..., VitExtractor]
+PointMae = Callable[..., PointMaeExtractor]
+
 #: Largest |device − CPU| relative to the largest |CPU| feature accepted on CUDA.
 CUDA_TOLERANCE = 1e-2
 #: Largest |low − fp32| relative to the largest |fp32| feature: bf16 keeps 8 significant bits (measured on these
@@ -49,31 +49,6 @@ def assert_matches_cpu(got: torch.Tensor, expected: torch.Tensor, device: str) -
         assert got.shape == expected.shape and relative_error(got, expected) <= CUDA_TOLERANCE
 
 
-def tiny_vit(seed: int = 0) -> VitExtractor:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = VisionTransformer(TINY_VIT)
-        for parameter in (model.pos_embed, model.cls_token, *(b.ls1.gamma for b in model.blocks)):  # type: ignore
-            torch.nn.init.normal_(parameter, std=0.3)
-    return VitExtractor(model, f"random-{seed}")
-
-
-def tiny_pointmae(seed: int = 0, fps_backend: str = "auto") -> PointMaeExtractor:
-    """A narrow Point-MAE with every tensor random, BatchNorm running statistics included."""
-    model = PointMaeEncoder(12, (3, 7, 11), dim=32, num_heads=2)
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = value
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(value.shape, generator=generator) + 0.5
-        else:
-            state[key] = torch.randn(value.shape, generator=generator) * 0.2
-    model.load_state_dict(state)
-    return PointMaeExtractor(model, SMALL_MAE, f"random-{seed}", fps_backend)
-
-
 def cloud(size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A scanner-like surface (5 cm wide, 50 cm away) with a few invalid pixels."""
     rng = np.random.default_rng(seed)
@@ -88,7 +63,7 @@ def rgb_batch(count: int = 3, side: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, 3, side, side, generator=torch.Generator().manual_seed(seed))
 
 
-def test_extractors_say_whether_they_move() -> None:
+def test_extractors_say_whether_they_move(tiny_vit: Vit, tiny_pointmae: PointMae) -> None:
     movable = (tiny_vit(), tiny_pointmae(), TextureExtractor(), WideResNetExtractor(WideResNet50Trunk(), "random"))
     assert all(isinstance(extractor, DeviceExtractor) for extractor in movable)
     assert all(extractor_device(extractor).type == "cpu" for extractor in movable)
@@ -97,7 +72,7 @@ def test_extractors_say_whether_they_move() -> None:
     assert place_extractor(fpfh, torch.device("meta")).type == "cpu"
 
 
-def test_vit_on_a_device_equals_the_cpu(compute_device: str) -> None:
+def test_vit_on_a_device_equals_the_cpu(compute_device: str, tiny_vit: Vit) -> None:
     rgb = rgb_batch()
     expected = tiny_vit().extract(rgb)
     extractor = tiny_vit().to(compute_device)
@@ -126,7 +101,7 @@ def test_wideresnet_on_a_device_equals_the_cpu(compute_device: str) -> None:
     assert_matches_cpu(moved.extract(rgb), expected, compute_device)
 
 
-def test_pointmae_on_a_device_equals_the_cpu(compute_device: str) -> None:
+def test_pointmae_on_a_device_equals_the_cpu(compute_device: str, tiny_pointmae: PointMae) -> None:
     xyz, valid = cloud()
     expected = tiny_pointmae().extract_groups(xyz, valid)
     got = tiny_pointmae().to(compute_device).extract_groups(xyz, valid)
@@ -141,7 +116,7 @@ def test_pointmae_on_a_device_equals_the_cpu(compute_device: str) -> None:
         torch.testing.assert_close(got.features.weights.cpu(), expected.features.weights, rtol=1e-4, atol=1e-6)
 
 
-def test_pointmae_torch_grouping_path_equals_the_default_on_the_cpu() -> None:
+def test_pointmae_torch_grouping_path_equals_the_default_on_the_cpu(tiny_pointmae: PointMae) -> None:
     """The FPS an accelerator runs (torch) gives the default path's features on the CPU, bit for bit."""
     xyz, valid = cloud(24, seed=3)
     expected = tiny_pointmae().extract(xyz, valid)
@@ -177,7 +152,7 @@ def test_projection_on_a_device_equals_the_cpu(compute_device: str, method: str)
     assert features.to("cpu") is features
 
 
-def test_low_precision_features_stay_within_the_stated_tolerance() -> None:
+def test_low_precision_features_stay_within_the_stated_tolerance(tiny_vit: Vit, tiny_pointmae: PointMae) -> None:
     """bf16/fp16 autocast around the forwards: close to fp32, not equal (so autocast really applied), and the
     Point-MAE groups and interpolation weights untouched (geometry never runs in low precision)."""
     rgb = rgb_batch()
@@ -192,7 +167,7 @@ def test_low_precision_features_stay_within_the_stated_tolerance() -> None:
         assert torch.equal(points.neighbors, points32.neighbors) and torch.equal(points.weights, points32.weights)
 
 
-def test_pointmae_first_layer_keeps_float32_under_autocast() -> None:
+def test_pointmae_first_layer_keeps_float32_under_autocast(tiny_pointmae: PointMae) -> None:
     """Centred groups are millimetres against biases of 0.1, and the first BatchNorm divides by their spread: the
     layer before it must not round in bf16. Without that safeguard the hidden activations were off by about 50 %
     (and the full-size model's features by 38 %); with it they stay within the bf16 tolerance."""
