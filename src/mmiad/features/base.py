@@ -6,6 +6,9 @@ Point-MAE, every point for FPFH) plus, for every valid pixel, which feature rows
 Keeping that sparse form (instead of a dense 224×224×1152 grid) is what makes caching 3D features affordable:
 the dense grid is 231 MB per sample, the sparse form a few MB, and :meth:`PointFeatures.to_grid` rebuilds the
 official dense map on demand.
+
+Extractors that can compute on a GPU also follow :class:`DeviceExtractor` (a ``to(device)`` like
+``nn.Module.to``), and :class:`PointFeatures` projects on the device its tensors are on.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ Every method needs the same chain: read the files, clean the point cloud (per th
 into a cache of preprocessed copies), resize to the model input, run the frozen 2D and 3D extractors, and align
 both on a common grid. This module owns that chain so that CFM, Uni-RCM, M3DM and BTF share one implementation
 and one feature cache.
+
+The extractors run on the pipeline's device (``--device``) under its precision's autocast (``--precision``), and
+the 2D extractor sees several images per forward (a GPU is starved by one 224² image at a time). Whatever the
+device, features come back on the CPU in float32: the cache, the methods' feature stores and model files hold
+them there, and a method that computes on a GPU moves what it needs (:meth:`PointFeatures.to`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ normalise with the statistics of the cloud being processed, and DropPath is acti
 default (``batchnorm="cloud"``) with DropPath at its expected value, the identity, so features stay
 deterministic; ``batchnorm="running"`` (the pre-training statistics, i.e. eval mode) and ``drop_path="sampled"``
 (the official random DropPath, seeded) are the named alternatives.
+
+Moved to a GPU (:meth:`PointMaeExtractor.to`), the whole extraction runs there: FPS and kNN by their torch
+versions (the same indices as the CPU's NumPy FPS and k-d tree), the encoder, and the 3-NN weights. Under a
+low-precision autocast only the encoder's products take the low precision; grouping, weights and the layer
+before the first BatchNorm stay float32 (see :meth:`MiniPointNet._hidden`).
 """
 
 from __future__ import annotations
@@ -491,7 +496,8 @@ class PointMaeExtractor:
         """Features for one S×S organized cloud; pixels outside ``valid`` are ignored.
 
         Of the ``valid`` pixels, only those passing the ``nonzero`` rule are used (and listed in ``pixel_index``).
-        A cloud with no such point gives zero group features and zero pixels (its dense map is all zeros).
+        A cloud with no such point gives zero group features and zero pixels (its dense map is all zeros). The
+        result is on :attr:`device` (the pipeline brings it back to the CPU).
         """
         return self.extract_groups(xyz, valid).features
 

@@ -5,7 +5,8 @@ The official code interpolates every group feature onto all S×S pixels (a 224×
 separable, so the result is ``A · features`` where ``A`` (G²×M) holds, for each grid cell and feature row, the
 summed weight with which that row reaches the cell: the interpolation weight of each pixel times the pooling
 weights of that pixel's row and column. ``A`` has a few non-zeros per cell, so the product costs a fraction of
-the dense map (measured in ``BENCHMARKS.md``) and gives the same numbers up to float rounding.
+the dense map (measured in ``BENCHMARKS.md``) and gives the same numbers up to float rounding. It runs on the
+device of its inputs (sparse CSR products exist on the CPU and on CUDA).
 """
 
 from __future__ import annotations
