@@ -77,6 +77,12 @@ def test_deep_pipeline_on_a_device_equals_the_cpu(
             torch.testing.assert_close(one.image, reference.image, rtol=1e-2, atol=1e-2)
             torch.testing.assert_close(one.points.features, reference.points.features, rtol=1e-2, atol=1e-2)
             assert torch.equal(one.points.neighbors, reference.points.neighbors)
+    # One modality outside the cache (the modality fallback's way): the same features, on the CPU in float32.
+    inputs = got[0].inputs
+    image = device.image_features(inputs.rgb[None])
+    points = device.point_features(inputs.xyz, inputs.valid)
+    assert image.device.type == "cpu" and image.dtype == torch.float32 and torch.equal(image[0], got[0].image)
+    assert points.device.type == "cpu" and torch.equal(points.features, got[0].points.features)
 
 
 def test_weightfree_pipeline_on_a_device_equals_the_cpu(

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -207,21 +208,32 @@ class FeaturePipeline:
         return results  # type: ignore[return-value]
 
     def _run_extractors(self, inputs: Sequence[ModelInput]) -> tuple[list[torch.Tensor], list[PointFeatures]]:
-        """Both extractors on the compute device, under the precision's autocast; CPU float32 results."""
+        """Both extractors over model inputs: one 2D forward for all images, one 3D extraction per cloud."""
+        batch = self.image_features(torch.stack([item.rgb for item in inputs]))
+        # One tensor per image (not views of the batch, which would keep the whole batch alive).
+        images = [image.clone() for image in batch.unbind(0)]
+        return images, [self.point_features(item.xyz, item.valid) for item in inputs]
+
+    def image_features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) model-input RGB → (B,C,h,w) CPU float32 features, computed on the device in the precision.
+
+        Not cached: this is for callers that extract one modality outside :meth:`extract` (a modality fallback);
+        they get the same features, where and in the arithmetic the pipeline was asked for.
+        """
         self.compute_device()
-        cpu = torch.device("cpu")
-        with torch.inference_mode():
-            rgb = torch.stack([item.rgb for item in inputs])
-            with autocast(extractor_device(self.image_extractor), self.precision):
-                batch = self.image_extractor.extract(rgb)
-            # One tensor per image (not views of the batch, which would keep the whole batch alive).
-            images = [image.clone() for image in batch.to(cpu, torch.float32).unbind(0)]
-            clouds = []
-            for item in inputs:
-                with autocast(extractor_device(self.point_extractor), self.precision):
-                    points = self.point_extractor.extract(item.xyz, item.valid)
-                clouds.append(_on_cpu(points))
-        return images, clouds
+        with torch.inference_mode(), autocast(extractor_device(self.image_extractor), self.precision):
+            batch = self.image_extractor.extract(rgb)
+        return batch.to(torch.device("cpu"), torch.float32)
+
+    def point_features(self, xyz: np.ndarray, valid: np.ndarray) -> PointFeatures:
+        """One organized cloud's 3D features on the CPU (float32), computed on the device in the precision.
+
+        Not cached, like :meth:`image_features`.
+        """
+        self.compute_device()
+        with torch.inference_mode(), autocast(extractor_device(self.point_extractor), self.precision):
+            points = self.point_extractor.extract(xyz, valid)
+        return _on_cpu(points)
 
     def entry_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """What is wrong with a feature-cache entry for this pipeline, or None when it can be used as is.
