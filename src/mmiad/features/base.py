@@ -6,6 +6,9 @@ Point-MAE, every point for FPFH) plus, for every valid pixel, which feature rows
 Keeping that sparse form (instead of a dense 224×224×1152 grid) is what makes caching 3D features affordable:
 the dense grid is 231 MB per sample, the sparse form a few MB, and :meth:`PointFeatures.to_grid` rebuilds the
 official dense map on demand.
+
+Extractors that can compute on a GPU also follow :class:`DeviceExtractor` (a ``to(device)`` like
+``nn.Module.to``), and :class:`PointFeatures` projects on the device its tensors are on.
 """
 
 from __future__ import annotations
@@ -74,15 +77,34 @@ class PointFeatures:
         """Feature dimension C."""
         return int(self.features.shape[1])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tensors are; the projections compute there."""
+        return self.features.device
+
+    def to(self, device: torch.device | str) -> PointFeatures:
+        """The same features with every tensor on ``device`` (self when already there).
+
+        The cache and the methods' stores keep features on the CPU; a method that projects or scores on a GPU
+        moves them there first, and :meth:`to_grid`, :meth:`foreground` and :meth:`dense` then run on it.
+        """
+        device = torch.device(device)
+        tensors = (self.features, self.pixel_index, self.neighbors, self.weights)
+        if all(t.device == device for t in tensors):
+            return self
+        features, pixel_index, neighbors, weights = (t.to(device) for t in tensors)
+        return PointFeatures(features, pixel_index, neighbors, weights, self.grid_size)
+
     def dense(self) -> torch.Tensor:
         """C×S×S map with the interpolated feature at every valid pixel and zeros elsewhere."""
         size = self.grid_size
+        device = self.features.device
         # One neighbour column at a time: gathering all k at once would hold N×k×C (700 MB for Point-MAE at 224).
-        per_pixel = torch.zeros(self.pixel_index.numel(), self.channels, dtype=self.features.dtype)
+        per_pixel = torch.zeros(self.pixel_index.numel(), self.channels, dtype=self.features.dtype, device=device)
         for column in range(self.neighbors.shape[1]):
             rows = self.features.index_select(0, self.neighbors[:, column])
             per_pixel.addcmul_(rows, self.weights[:, column : column + 1].to(rows.dtype))
-        grid = torch.zeros(self.channels, size * size, dtype=self.features.dtype)
+        grid = torch.zeros(self.channels, size * size, dtype=self.features.dtype, device=device)
         grid[:, self.pixel_index] = per_pixel.T
         return grid.view(self.channels, size, size)
 
@@ -111,7 +133,7 @@ class PointFeatures:
 
         The 3×3 pooling bleeds, so this is the valid-pixel mask slightly dilated, as in the official code.
         """
-        mask = torch.zeros(self.grid_size * self.grid_size)
+        mask = torch.zeros(self.grid_size * self.grid_size, device=self.pixel_index.device)
         mask[self.pixel_index] = 1.0
         mask = F.avg_pool2d(mask.view(1, 1, self.grid_size, self.grid_size), kernel_size=3, stride=1)
         return F.adaptive_avg_pool2d(mask, out_size)[0, 0] > 0
@@ -180,3 +202,35 @@ class PointFeatureExtractor(Protocol):
     def extract(self, xyz: np.ndarray, valid: np.ndarray) -> PointFeatures:
         """Features for one cloud; must be deterministic."""
         ...
+
+
+@runtime_checkable
+class DeviceExtractor(Protocol):
+    """An extractor that can compute on a torch device (the deep ones and the texture descriptor).
+
+    The method is optional for extractors, so it is a protocol of its own: an extractor without it computes on the
+    CPU whatever device a pipeline is given. FPFH is one by design (NumPy and a k-d tree; the CPU work overlaps the
+    device's), and so are the ONNX runtime's extractors. An extractor with it computes on :attr:`device`, takes
+    inputs on any device and returns its outputs on :attr:`device`; the pipeline brings them back to the CPU.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        """Where the extractor computes."""
+        ...
+
+    def to(self, device: torch.device | str) -> object:
+        """Move the extractor's weights and constants to ``device`` (in place, like ``nn.Module.to``)."""
+        ...
+
+
+def extractor_device(extractor: object) -> torch.device:
+    """Where an extractor computes: its :attr:`DeviceExtractor.device`, or the CPU for one that cannot move."""
+    return extractor.device if isinstance(extractor, DeviceExtractor) else torch.device("cpu")
+
+
+def place_extractor(extractor: object, device: torch.device) -> torch.device:
+    """Move an extractor to ``device`` when it can move, and say where it computes from now on."""
+    if isinstance(extractor, DeviceExtractor):
+        extractor.to(device)
+    return extractor_device(extractor)

@@ -4,14 +4,21 @@ Every method needs the same chain: read the files, clean the point cloud (per th
 into a cache of preprocessed copies), resize to the model input, run the frozen 2D and 3D extractors, and align
 both on a common grid. This module owns that chain so that CFM, Uni-RCM, M3DM and BTF share one implementation
 and one feature cache.
+
+The extractors run on the pipeline's device (``--device``) under its precision's autocast (``--precision``), and
+the 2D extractor sees several images per forward (a GPU is starved by one 224² image at a time). Whatever the
+device, features come back on the CPU in float32: the cache, the methods' feature stores and model files hold
+them there, and a method that computes on a GPU moves what it needs (:meth:`PointFeatures.to`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -20,9 +27,19 @@ from mmiad.data.errors import DataError
 from mmiad.data.formats import load_sample
 from mmiad.data.preprocess import ModelInput, PreprocessProfile, prepare_input, preprocess_dataset
 from mmiad.data.sample import SampleRecord
-from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor, PointFeatures
+from mmiad.features.base import (
+    ImageFeatureExtractor,
+    PointFeatureExtractor,
+    PointFeatures,
+    extractor_device,
+    place_extractor,
+)
 from mmiad.features.cache import FeatureCache
-from mmiad.utils.compute import check_device_name, check_precision
+from mmiad.utils.compute import autocast, check_device_name, check_precision, resolve_device
+
+#: Images per 2D extractor forward in :meth:`FeaturePipeline.iter_features`: enough to fill a GPU's matrix units
+#: with a ViT-B/8 at 224 (785 tokens each) while 8 model inputs stay a few MB of host memory.
+DEFAULT_BATCH_SIZE = 8
 
 
 class SampleFeatures:
@@ -71,8 +88,10 @@ class FeaturePipeline:
         cache: Feature cache, or None to always extract.
         preprocess_root: Where preprocessed copies of the dataset go (never the dataset itself).
         device: Where the extractors run (``auto``, ``cpu``, ``cuda``, ``cuda:N``); features come back on the
-            CPU (the cache and the methods' stores hold them there). Not part of :meth:`config`: the device does
-            not change what is computed beyond float rounding.
+            CPU in float32 (the cache and the methods' stores hold them there). Not part of :meth:`config`: the
+            device does not change what is computed beyond float rounding. Resolved on first extraction, not
+            here, so that a pipeline (and a model file naming a GPU) can be built anywhere; extractors that
+            cannot move (FPFH, see :class:`~mmiad.features.base.DeviceExtractor`) stay on the CPU.
         precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the extractors; part of :meth:`config` (and the
             cache key) when it is not fp32, since it changes the features.
     """
@@ -97,6 +116,20 @@ class FeaturePipeline:
         self.image_size = image_size
         self.cache = cache
         self.preprocess_root = Path(preprocess_root)
+        self._placed: tuple[str, torch.device] | None = None  # (device name, resolved device) the extractors are on
+
+    def compute_device(self) -> torch.device:
+        """The resolved :attr:`device`, moving the extractors there the first time (and after a change).
+
+        Raises:
+            ValueError: from :func:`~mmiad.utils.compute.resolve_device` for a CUDA device this machine lacks.
+        """
+        if self._placed is None or self._placed[0] != self.device:
+            device = resolve_device(self.device)
+            place_extractor(self.image_extractor, device)
+            place_extractor(self.point_extractor, device)
+            self._placed = (self.device, device)
+        return self._placed[1]
 
     def config(self) -> dict[str, Any]:
         """Everything that changes the features; the feature cache keys on it."""
@@ -129,21 +162,78 @@ class FeaturePipeline:
 
     def extract(self, record: SampleRecord) -> SampleFeatures:
         """Features of one preprocessed record, from the cache when present (then the inputs load lazily)."""
-        key = None
-        if self.cache is not None:
-            files = [record.rgb_path, record.xyz_path]
-            key = FeatureCache.key(files, self.config())
-            stored = self.cache.get(key, validate=self.entry_problem)
-            if stored is not None:
-                points = PointFeatures.from_tensors(stored, "points")
-                return SampleFeatures(stored["image"], points, lambda: self.load_inputs(record))
-        inputs = self.load_inputs(record)
-        with torch.inference_mode():
-            image = self.image_extractor.extract(inputs.rgb.unsqueeze(0))[0].float().contiguous()
-            points = self.point_extractor.extract(inputs.xyz, inputs.valid)
-        if self.cache is not None and key is not None:
-            self.cache.put(key, {"image": image, **points.to_tensors("points")})
-        return SampleFeatures(image, points, inputs)
+        found = self._extract_batch([record])[0]
+        if isinstance(found, DataError):
+            raise found
+        return found
+
+    def _cached(self, record: SampleRecord) -> tuple[str | None, SampleFeatures | None]:
+        """The record's cache key (None without a cache) and its cached features (None on a miss)."""
+        if self.cache is None:
+            return None, None
+        key = FeatureCache.key([record.rgb_path, record.xyz_path], self.config())
+        stored = self.cache.get(key, validate=self.entry_problem)
+        if stored is None:
+            return key, None
+        points = PointFeatures.from_tensors(stored, "points")
+        return key, SampleFeatures(stored["image"], points, lambda: self.load_inputs(record))
+
+    def _extract_batch(self, records: Sequence[SampleRecord]) -> list[SampleFeatures | DataError]:
+        """Features of each record, or the DataError that stopped it, in order; misses share one 2D forward.
+
+        Cache hits are not re-extracted. The misses' images go through the 2D extractor as one batch on the
+        compute device (a batched forward equals per-image ones up to float rounding); the 3D extractor takes
+        one cloud at a time. Both run under the pipeline's autocast, and the features come back to the CPU in
+        float32 before they are cached or returned.
+        """
+        results: list[SampleFeatures | DataError | None] = []
+        pending: list[tuple[int, str | None, ModelInput]] = []
+        for record in records:
+            try:
+                key, hit = self._cached(record)
+                inputs = self.load_inputs(record) if hit is None else None
+            except DataError as error:
+                results.append(error)
+                continue
+            results.append(hit)
+            if inputs is not None:
+                pending.append((len(results) - 1, key, inputs))
+        if pending:
+            images, clouds = self._run_extractors([inputs for _, _, inputs in pending])
+            for (slot, key, inputs), image, points in zip(pending, images, clouds, strict=True):
+                if self.cache is not None and key is not None:
+                    self.cache.put(key, {"image": image, **points.to_tensors("points")})
+                results[slot] = SampleFeatures(image, points, inputs)
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    def _run_extractors(self, inputs: Sequence[ModelInput]) -> tuple[list[torch.Tensor], list[PointFeatures]]:
+        """Both extractors over model inputs: one 2D forward for all images, one 3D extraction per cloud."""
+        batch = self.image_features(torch.stack([item.rgb for item in inputs]))
+        # One tensor per image (not views of the batch, which would keep the whole batch alive).
+        images = [image.clone() for image in batch.unbind(0)]
+        return images, [self.point_features(item.xyz, item.valid) for item in inputs]
+
+    def image_features(self, rgb: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) model-input RGB → (B,C,h,w) CPU float32 features, computed on the device in the precision.
+
+        Not cached: this is for callers that extract one modality outside :meth:`extract` (a modality fallback);
+        they get the same features, where and in the arithmetic the pipeline was asked for.
+        """
+        self.compute_device()
+        with torch.inference_mode(), autocast(extractor_device(self.image_extractor), self.precision):
+            batch = self.image_extractor.extract(rgb)
+        return batch.to(torch.device("cpu"), torch.float32)
+
+    def point_features(self, xyz: np.ndarray, valid: np.ndarray) -> PointFeatures:
+        """One organized cloud's 3D features on the CPU (float32), computed on the device in the precision.
+
+        Not cached, like :meth:`image_features`.
+        """
+        self.compute_device()
+        with torch.inference_mode(), autocast(extractor_device(self.point_extractor), self.precision):
+            points = self.point_extractor.extract(xyz, valid)
+        return _on_cpu(points)
 
     def entry_problem(self, tensors: dict[str, torch.Tensor]) -> str | None:
         """What is wrong with a feature-cache entry for this pipeline, or None when it can be used as is.
@@ -189,12 +279,31 @@ class FeaturePipeline:
         progress: bool = False,
         errors: list[DataError] | None = None,
         description: str = "features",
+        batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Iterator[tuple[SampleRecord, SampleFeatures]]:
-        """Features of each record; a bad record is appended to ``errors`` (or raised) and skipped."""
-        for record in tqdm(records, desc=description, disable=not progress, leave=False):
-            try:
-                yield record, self.extract(record)
-            except DataError as error:
-                if errors is None:
-                    raise
-                errors.append(error)
+        """Features of each record, in order; a bad record is appended to ``errors`` (or raised) and skipped.
+
+        Records are taken ``batch_size`` at a time so that the 2D extractor's forwards are batched (see
+        :meth:`_extract_batch`); a bad record costs only itself.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        with tqdm(total=len(records), desc=description, disable=not progress, leave=False) as bar:
+            for start in range(0, len(records), batch_size):
+                chunk = records[start : start + batch_size]
+                for record, found in zip(chunk, self._extract_batch(chunk), strict=True):
+                    bar.update(1)
+                    if isinstance(found, DataError):
+                        if errors is None:
+                            raise found
+                        errors.append(found)
+                        continue
+                    yield record, found
+
+
+def _on_cpu(points: PointFeatures) -> PointFeatures:
+    """Point features on the CPU with float32 features (what the cache stores and the methods expect)."""
+    points = points.to("cpu")
+    if points.features.dtype == torch.float32:
+        return points
+    return dataclasses.replace(points, features=points.features.float())

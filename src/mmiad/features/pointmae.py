@@ -14,6 +14,11 @@ normalise with the statistics of the cloud being processed, and DropPath is acti
 default (``batchnorm="cloud"``) with DropPath at its expected value, the identity, so features stay
 deterministic; ``batchnorm="running"`` (the pre-training statistics, i.e. eval mode) and ``drop_path="sampled"``
 (the official random DropPath, seeded) are the named alternatives.
+
+Moved to a GPU (:meth:`PointMaeExtractor.to`), the whole extraction runs there: FPS and kNN by their torch
+versions (the same indices as the CPU's NumPy FPS and k-d tree), the encoder, and the 3-NN weights. Under a
+low-precision autocast only the encoder's products take the low precision; grouping, weights and the layer
+before the first BatchNorm stay float32 (see :meth:`MiniPointNet._hidden`).
 """
 
 from __future__ import annotations
@@ -203,7 +208,13 @@ class MiniPointNet(nn.Module):
         third of the encoder's arithmetic without changing the result beyond float rounding.
         """
         conv0, bn0, conv1, conv2, _, _ = self._layers()
-        local = self._dense(torch.relu(self._norm(self._dense(x, conv0), bn0, *stats0)), conv1)  # (g,K,256)
+        # The first layer's output is its bias plus a small signal (groups are centred: millimetres against biases
+        # of order 0.1), and the BatchNorm after it divides by that signal's spread. In bf16 the signal drowns in
+        # the bias' rounding (measured: 50% relative error after the norm, 26% in the tokens), so this 3→128
+        # layer and its norm, a negligible share of the work, stay in float32 under any autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            first = torch.relu(self._norm(self._dense(x, conv0), bn0, *stats0))
+        local = self._dense(first, conv1)  # (g,K,256)
         pooled = local.amax(dim=1)  # (g,256)
         weight = conv2.weight[..., 0]
         width = pooled.shape[-1]
@@ -230,8 +241,8 @@ class MiniPointNet(nn.Module):
         outputs = []
         for start in starts:
             hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0)
-            if stats1 is None:
-                var, mean = torch.var_mean(hidden.flatten(0, 1), dim=0, correction=0)
+            if stats1 is None:  # statistics in float32 even under a low-precision autocast (a no-op in fp32)
+                var, mean = torch.var_mean(hidden.flatten(0, 1).float(), dim=0, correction=0)
                 stats1 = (mean, var)
             hidden = torch.relu(self._norm(hidden, bn1, *stats1))
             outputs.append(self._dense(hidden, conv3).amax(dim=1))
@@ -243,7 +254,7 @@ class MiniPointNet(nn.Module):
         """First pass: the second BatchNorm's cloud mean and biased variance, one chunk of groups at a time."""
         parts = []
         for start in range(0, groups.shape[0], _GROUP_CHUNK):
-            hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0).flatten(0, 1)
+            hidden = self._hidden(groups[start : start + _GROUP_CHUNK], stats0).flatten(0, 1).float()
             var, mean = torch.var_mean(hidden, dim=0, correction=0)
             parts.append((var, mean, hidden.shape[0]))
         mean64, var64 = _combine_statistics(parts)
@@ -449,6 +460,30 @@ class PointMaeExtractor:
             modes["drop_path_seed"] = self.drop_path_seed
         return {"kind": "pointmae", **settings, "weights": self.weights_id, **modes, "nonzero": self.nonzero}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's weights are, hence where grouping, encoder and interpolation weights compute."""
+        return self.model.norm.weight.device
+
+    def to(self, device: torch.device | str) -> PointMaeExtractor:
+        """Move the encoder to ``device`` (see :class:`~mmiad.features.base.DeviceExtractor`); returns self."""
+        self.model.to(device)
+        return self
+
+    def _group(
+        self, points: torch.Tensor, on_device: torch.Tensor, grouping: GroupingFn | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre and member indices on the encoder's device.
+
+        FPS + kNN run where the points are: on the CPU the default NumPy FPS and k-d tree (unchanged), elsewhere
+        the torch FPS and brute-force kNN, which give the same indices (:mod:`mmiad.features.grouping`). A
+        replacement grouping gets the CPU points, as it always did, and its indices are moved.
+        """
+        if grouping is not None:
+            centre_idx, member_idx = grouping(points, self.preset.num_group, self.preset.group_size)
+            return centre_idx.to(on_device.device), member_idx.to(on_device.device)
+        return knn_group_indices(on_device, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend)
+
     def _generator(self, points: torch.Tensor) -> torch.Generator | None:
         """The sampled DropPath's generator for one cloud: seeded by the recorded seed and the coordinates."""
         if self.drop_path == "expected":
@@ -461,7 +496,8 @@ class PointMaeExtractor:
         """Features for one S×S organized cloud; pixels outside ``valid`` are ignored.
 
         Of the ``valid`` pixels, only those passing the ``nonzero`` rule are used (and listed in ``pixel_index``).
-        A cloud with no such point gives zero group features and zero pixels (its dense map is all zeros).
+        A cloud with no such point gives zero group features and zero pixels (its dense map is all zeros). The
+        result is on :attr:`device` (the pipeline brings it back to the CPU).
         """
         return self.extract_groups(xyz, valid).features
 
@@ -483,28 +519,30 @@ class PointMaeExtractor:
         points = torch.from_numpy(np.ascontiguousarray(xyz.reshape(-1, 3)[pixel_index], dtype=np.float32))
         if not torch.isfinite(points).all():
             raise ValueError("valid points must have finite coordinates")
-        centre_idx = torch.zeros(0, dtype=torch.long)
-        member_idx = torch.zeros(0, self.preset.group_size, dtype=torch.long)
+        device = self.device
+        on_device = points.to(device)  # the same tensor on the CPU
+        centre_idx = torch.zeros(0, dtype=torch.long, device=device)
+        member_idx = torch.zeros(0, self.preset.group_size, dtype=torch.long, device=device)
         with torch.inference_mode():
             if points.shape[0] == 0:
-                features = torch.zeros(0, self.out_channels)
-                neighbors, weights = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+                features = torch.zeros(0, self.out_channels, device=device)
+                neighbors = torch.zeros(0, 3, dtype=torch.long, device=device)
+                weights = torch.zeros(0, 3, device=device)
             else:
-                if grouping is None:
-                    centre_idx, member_idx = knn_group_indices(
-                        points, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
-                    )
-                else:
-                    centre_idx, member_idx = grouping(points, self.preset.num_group, self.preset.group_size)
-                centres = points[centre_idx]
-                features = self.model(points[member_idx] - centres[:, None, :], centres, self._generator(points))
-                neighbors, weights = three_nn_weights(points, centres)
+                # Grouping and interpolation weights are geometry: a low-precision autocast (--precision) applies
+                # to the encoder only, so the groups and the projection are the same in every precision.
+                with torch.autocast(device.type, enabled=False):
+                    centre_idx, member_idx = self._group(points, on_device, grouping)
+                    centres = on_device[centre_idx]
+                    neighborhoods = on_device[member_idx] - centres[:, None, :]
+                    neighbors, weights = three_nn_weights(on_device, centres)
+                features = self.model(neighborhoods, centres, self._generator(points))
         # Clone out of inference mode: inference tensors cannot be used by later autograd (CFM training).
         point_features = PointFeatures(
             features=features.clone(),
-            pixel_index=torch.from_numpy(pixel_index.astype(np.int64)),
+            pixel_index=torch.from_numpy(pixel_index.astype(np.int64)).to(device),
             neighbors=neighbors.clone(),
             weights=weights.clone(),
             grid_size=size,
         )
-        return PointGroups(point_features, points, centre_idx.clone(), member_idx.clone(), self.model.dim)
+        return PointGroups(point_features, on_device, centre_idx.clone(), member_idx.clone(), self.model.dim)

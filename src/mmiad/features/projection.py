@@ -5,7 +5,8 @@ The official code interpolates every group feature onto all S×S pixels (a 224×
 separable, so the result is ``A · features`` where ``A`` (G²×M) holds, for each grid cell and feature row, the
 summed weight with which that row reaches the cell: the interpolation weight of each pixel times the pooling
 weights of that pixel's row and column. ``A`` has a few non-zeros per cell, so the product costs a fraction of
-the dense map (measured in ``BENCHMARKS.md``) and gives the same numbers up to float rounding.
+the dense map (measured in ``BENCHMARKS.md``) and gives the same numbers up to float rounding. It runs on the
+device of its inputs (sparse CSR products exist on the CPU and on CUDA).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def projection_matrix(
         out_size: Output side G.
         rows: Number of feature rows M.
     """
-    index, weight = axis_pooling(size, out_size)
+    device = pixel_index.device
+    index, weight = (t.to(device) for t in axis_pooling(size, out_size))  # cached on the CPU, used where the data is
     reach = index.shape[1]
     row_index, row_weight = index[pixel_index // size], weight[pixel_index // size]  # N×m
     col_index, col_weight = index[pixel_index % size], weight[pixel_index % size]
@@ -72,7 +74,7 @@ def projection_matrix(
     with warnings.catch_warnings():  # CSR is all this needs from torch's "beta" sparse support
         warnings.simplefilter("ignore", UserWarning)
         if total_cells * rows <= SCRATCH_ENTRIES:
-            scratch = torch.zeros(total_cells * rows)
+            scratch = torch.zeros(total_cells * rows, device=device)
             scratch.index_add_(0, targets * rows + sources, values)
             return scratch.view(total_cells, rows).to_sparse_csr()
         # Fine grids (CFM's 224²) would need too large a scratch: sort-and-sum the pairs instead.
@@ -94,7 +96,7 @@ def project_to_grid(
     """C×G×G: the official dense-map projection of ``features`` (M×C), computed sparsely."""
     channels = features.shape[1]
     if pixel_index.numel() == 0:
-        return torch.zeros(channels, out_size, out_size, dtype=features.dtype)
+        return torch.zeros(channels, out_size, out_size, dtype=features.dtype, device=features.device)
     matrix = projection_matrix(pixel_index, neighbors, weights, size, out_size, features.shape[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

@@ -105,6 +105,7 @@ class TextureExtractor:
             target = sigma / 2**level
             self._plan.append((level, math.sqrt(max(target**2 - carried**2, 0.25)), target))
         self._matrices: dict[tuple[int, float, float], torch.Tensor] = {}
+        self._device = torch.device("cpu")
         self._opponent = torch.tensor(_OPPONENT, dtype=torch.float32)
         self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
@@ -141,6 +142,21 @@ class TextureExtractor:
             raise ValueError(f"not a texture extractor config: {config!r}")
         return cls(scales=tuple(config["scales"]), orientations=config["orientations"], stride=config["stride"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the descriptor computes (its constants and cached filter matrices are there)."""
+        return self._device
+
+    def to(self, device: torch.device | str) -> TextureExtractor:
+        """Move the constants and the cached filter matrices to ``device``; returns self.
+
+        The descriptor is plain tensor code (matrix products and pooling), so it runs wherever its constants are.
+        """
+        self._device = torch.device(device)
+        self._opponent, self._mean, self._std = (t.to(self._device) for t in (self._opponent, self._mean, self._std))
+        self._matrices = {key: mats.to(self._device) for key, mats in self._matrices.items()}
+        return self
+
     def _filter_matrices(self, size: int, sigma: float, norm_sigma: float) -> torch.Tensor:
         """3×size×size matrices M with (x @ M) = correlation of rows of x with G, G′, G″, edges replicated.
 
@@ -159,7 +175,7 @@ class TextureExtractor:
             for j in range(3):
                 weights = kernels[j].view(-1, 1).expand_as(source)
                 mats[j].index_put_((source.reshape(-1), out.expand_as(source).reshape(-1)), weights.reshape(-1), True)
-            self._matrices[key] = mats.float()
+            self._matrices[key] = mats.float() if self._device.type == "cpu" else mats.float().to(self._device)
         return self._matrices[key]
 
     def _downsample(self, image: torch.Tensor) -> torch.Tensor:
@@ -186,12 +202,14 @@ class TextureExtractor:
 
     @torch.no_grad()
     def extract(self, rgb: torch.Tensor) -> torch.Tensor:
-        """(B,3,S,S) ImageNet-normalised RGB → (B,C,S/stride,S/stride) standardised features."""
+        """(B,3,S,S) ImageNet-normalised RGB on any device → (B,C,S/stride,S/stride) features on :attr:`device`."""
         if rgb.ndim != 4 or rgb.shape[1] != 3:
             raise ValueError(f"rgb must be a (B,3,H,W) tensor, got shape {tuple(rgb.shape)}")
         height, width = rgb.shape[-2:]
         if height % self.stride or width % self.stride:
             raise ValueError(f"image size {height}×{width} is not a multiple of the stride {self.stride}")
+        if rgb.device != self._device:  # a Python test, so an ONNX trace on the CPU records no copy
+            rgb = rgb.to(self._device)
         image = (rgb.float() * self._std + self._mean).clamp(0.0, 1.0)
         opp = torch.einsum("oc,bchw->bohw", self._opponent, image)
         s = self.stride
@@ -204,11 +222,11 @@ class TextureExtractor:
         # Deviations from the cell mean, not E[x²] − E[x]², which cancels badly in float32 on flat cells.
         cell_mean = mean.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
         spread = pool((opp - cell_mean).square()).sqrt()
-        shift = torch.tensor(COLOUR_SHIFT).view(1, 3, 1, 1)
-        scale = torch.tensor(COLOUR_SCALE).view(1, 3, 1, 1)
+        shift = torch.tensor(COLOUR_SHIFT, device=self._device).view(1, 3, 1, 1)
+        scale = torch.tensor(COLOUR_SCALE, device=self._device).view(1, 3, 1, 1)
         parts = [(mean - shift) / scale, (context - shift) / scale, spread / ENERGY_SCALE]
 
-        angles = torch.arange(self.orientations, dtype=torch.float32) * math.pi / self.orientations
+        angles = torch.arange(self.orientations, dtype=torch.float32, device=self._device) * math.pi / self.orientations
         pyramid = [opp]
         for level, sigma, norm_sigma in self._plan:
             while len(pyramid) <= level:

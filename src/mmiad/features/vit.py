@@ -216,8 +216,21 @@ class VitExtractor:
         settings = {k: v for k, v in asdict(self.preset).items() if k != "weights"}  # candidates only
         return {"kind": "vit", **settings, "weights": self.weights_id}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are, hence where it computes."""
+        return self.model.pos_embed.device
+
+    def to(self, device: torch.device | str) -> VitExtractor:
+        """Move the model to ``device`` (see :class:`~mmiad.features.base.DeviceExtractor`); returns self."""
+        self.model.to(device)
+        return self
+
     def extract(self, rgb: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) ImageNet-normalised float RGB → (B,C,H/p,W/p) float32 features."""
+        """(B,3,H,W) ImageNet-normalised float RGB on any device → (B,C,H/p,W/p) features on :attr:`device`.
+
+        Float32 unless the caller runs it under a low-precision autocast (then the final LayerNorm's dtype).
+        """
         if not isinstance(rgb, torch.Tensor) or rgb.ndim != 4 or rgb.shape[1] != 3:
             shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
             raise ValueError(f"expected an RGB batch of shape (B,3,H,W), got {shape}")
@@ -227,11 +240,11 @@ class VitExtractor:
         if not rgb.is_floating_point():
             raise ValueError(f"expected a float tensor (normalised RGB), got {rgb.dtype}")
         with torch.inference_mode():
-            features = self.model(rgb.float())
+            features = self.model(rgb.to(self.device, torch.float32))
         # Inference tensors cannot enter autograd later (CFM trains on these features), so hand back a normal one.
         return features.clone()
 
     def extract_layers(self, rgb: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
         """One (B,C,H/p,W/p) map per 0-based block in ``layers`` (MuSc-V2's multi-layer scoring); not cached."""
         with torch.inference_mode():
-            return [f.clone() for f in self.model.forward_layers(rgb.float(), tuple(layers))]
+            return [f.clone() for f in self.model.forward_layers(rgb.to(self.device, torch.float32), tuple(layers))]

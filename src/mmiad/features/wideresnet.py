@@ -117,15 +117,28 @@ class WideResNetExtractor:
         """Everything that changes the features."""
         return {"kind": "wide_resnet50_2", "layers": [2, 3], "grid": self.out_grid, "weights": self.weights_id}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trunk's weights are, hence where it computes."""
+        return self.model.conv1.weight.device
+
+    def to(self, device: torch.device | str) -> WideResNetExtractor:
+        """Move the trunk to ``device`` (see :class:`~mmiad.features.base.DeviceExtractor`); returns self."""
+        self.model.to(device)
+        return self
+
     def extract(self, rgb: torch.Tensor) -> torch.Tensor:
-        """ImageNet-normalised (B,3,S,S) float RGB → (B,1536,28,28) float32."""
+        """ImageNet-normalised (B,3,S,S) float RGB on any device → (B,1536,28,28) on :attr:`device`.
+
+        Float32 unless the caller runs it under a low-precision autocast.
+        """
         if not isinstance(rgb, torch.Tensor) or rgb.ndim != 4 or rgb.shape[1] != 3 or not rgb.is_floating_point():
             shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
             raise ValueError(f"expected a float RGB batch of shape (B,3,H,W), got {shape}")
         self.model.eval()
         with torch.inference_mode():
             maps = []
-            for feature in self.model(rgb.float()):
+            for feature in self.model(rgb.to(self.device, torch.float32)):
                 if min(feature.shape[-2:]) >= 3:
                     feature = F.avg_pool2d(feature, kernel_size=3, stride=1)
                 maps.append(F.adaptive_avg_pool2d(feature, self.out_grid))
