@@ -84,7 +84,7 @@ def export_run(
     out = Path(out)
     folders: dict[str, Path] = {}
     for key, path in models.items():
-        trained = load_trained(path, cache_dir=cache_dir)
+        trained = load_trained(path, cache_dir=cache_dir, device="cpu")  # traced on the CPU: portable graphs
         export_model(trained, out / key)
         folders[key] = out / key
     index_path = out / EXPORT_INDEX

@@ -151,12 +151,13 @@ def predict_degraded(
     if missing == "2d":
         sample = preprocess_sample(sample, pipeline.profile)
     inputs = prepare_input(sample, size=pipeline.image_size, rgb_pad_mode=pipeline.profile.rgb_pad_mode)
+    # The pipeline's own entry points: on its device and in its precision, with the features back on the CPU.
     with torch.inference_mode():
         if missing == "3d":
-            image = pipeline.image_extractor.extract(inputs.rgb.unsqueeze(0))[0]
+            image = pipeline.image_features(inputs.rgb.unsqueeze(0))[0]
             anomaly_map, score = fallback.score_image(image, pipeline.image_size)
         else:
-            points = pipeline.point_extractor.extract(inputs.xyz, inputs.valid)
+            points = pipeline.point_features(inputs.xyz, inputs.valid)
             anomaly_map, score = fallback.score_points(points, pipeline.image_size)
     present = "2d" if missing == "3d" else "3d"
     return Prediction(

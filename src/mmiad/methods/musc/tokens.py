@@ -27,6 +27,7 @@ from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.musc.config import MuScConfig
 from mmiad.methods.musc.ipg import make_grouping
 from mmiad.methods.musc.snamd import aggregate_2d, aggregate_3d
+from mmiad.utils.compute import autocast
 
 
 @dataclass
@@ -63,7 +64,10 @@ def _image_tokens(
 ) -> tuple[list[torch.Tensor], tuple[int, int]]:
     extractor = pipeline.image_extractor
     if hasattr(extractor, "extract_layers"):
-        maps = [m[0] for m in extractor.extract_layers(inputs.rgb.unsqueeze(0), config.image_layers)]
+        device = pipeline.compute_device()  # places the extractors; the tokens come back to the CPU in float32
+        with torch.inference_mode(), autocast(device, pipeline.precision):
+            layers = extractor.extract_layers(inputs.rgb.unsqueeze(0).to(device), config.image_layers)
+        maps = [m[0].to("cpu", torch.float32) for m in layers]
     else:
         maps = [cached().image]
     grid = (int(maps[0].shape[1]), int(maps[0].shape[2]))
@@ -93,11 +97,13 @@ def _point_tokens(
             flat = torch.from_numpy(np.ascontiguousarray(xyz.reshape(-1, 3)[inputs.valid.reshape(-1)], np.float32))
             xyz = np.zeros_like(inputs.xyz, dtype=np.float32)
             xyz.reshape(-1, 3)[inputs.valid.reshape(-1)] = _unit_sphere(flat).numpy()
-        groups = extractor.extract_groups(xyz, inputs.valid, grouping)
-        features, points = groups.features, groups.points
+        device = pipeline.compute_device()
+        with torch.inference_mode(), autocast(device, pipeline.precision):
+            groups = extractor.extract_groups(xyz, inputs.valid, grouping)
+        features, points = groups.features.to("cpu"), groups.points.cpu()
         width = groups.layer_width
-        layers = list(features.features.split(width, dim=1))
-        centre_idx, neighbors, weights = groups.centre_idx, features.neighbors, features.weights
+        layers = list(features.features.float().split(width, dim=1))
+        centre_idx, neighbors, weights = groups.centre_idx.cpu(), features.neighbors, features.weights
         pixel_index = features.pixel_index
     else:
         features = cached().points
