@@ -6,8 +6,8 @@ the number of micro-batches), so the accumulated gradients are the whole batch's
 BatchNorm), so nothing else couples the images.
 
 The step runs where the networks' parameters are (``--device``), with the two MLPs under
-:func:`~mmiad.utils.compute.autocast` (``--precision``); the cosine loss is taken in the rows' dtype (float32), so fp32 is
-the unchanged computation and bf16/fp16 change only the matrix products.
+:func:`~mmiad.utils.compute.autocast` (``--precision``); the cosine loss is taken in the rows' dtype (float32),
+so fp32 is the unchanged computation and bf16/fp16 change only the matrix products.
 """
 
 from __future__ import annotations
