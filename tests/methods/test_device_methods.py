@@ -11,12 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mmiad.data.mvtec3d import list_records
 from mmiad.methods.base import AnomalyModel
 from mmiad.methods.m3dm.fusion import FeatureFusionBlock
 from mmiad.methods.memorybank.knn import NearestNeighbors
 from mmiad.methods.registry import get_method
+from mmiad.methods.unircm.blocks import RefGuidedMapping
+from mmiad.methods.unircm.training import train_mappings
+from mmiad.utils.budget import MicroBatchPlan
 
 # CUDA vs CPU in float32: sums in another order (~1e-6 relative each) through a few training steps, a coreset and
 # a kNN; 1e-3 relative leaves two orders of magnitude and still catches a wrong computation. A near-tie in the
@@ -122,3 +126,46 @@ def test_knn_on_each_device_finds_the_brute_force_neighbours(compute_device: str
     np.testing.assert_allclose(dist.numpy(), expected_dist[:, :3].numpy(), rtol=1e-5)
     self_dist, self_idx = search.search(bank[[5, 100]], 1)
     assert self_idx[:, 0].tolist() == [5, 100] and self_dist.abs().max() == 0
+
+
+def _unircm_steps(micro: int, precision: str, checkpointing: bool = False) -> list[float]:
+    """Two one-batch epochs of Uni-RCM's trainer on 7 random images, split into micro-batches of ``micro``."""
+    grid, generator = 6, torch.Generator().manual_seed(0)
+    store = {
+        i: (
+            torch.randn(grid * grid, 5, generator=generator),
+            torch.randn(grid * grid, 4, generator=generator),
+            torch.rand(grid * grid, generator=generator) > 0.3,
+        )
+        for i in range(7)
+    }
+    torch.manual_seed(1)
+    shape = {"hidden": 8, "grid": grid, "num_blocks": 2}
+    networks = nn.ModuleList([RefGuidedMapping(5, 4, **shape), RefGuidedMapping(4, 5, **shape)])
+    return train_mappings(
+        *networks,
+        store,
+        sorted(store),
+        epochs=2,
+        batch_size=7,
+        learning_rate=1e-3,
+        mse_weight=0.01,
+        mse_scale=(1.0, 1.0),
+        seed=0,
+        plan=MicroBatchPlan(7, micro, 0.0, 0.0, 1.0),
+        batch_norm="exact",
+        checkpointing=checkpointing,
+        precision=precision,
+    )
+
+
+def test_unircm_bf16_micro_batches_with_whole_batch_norm_give_the_whole_batch_loss() -> None:
+    """bf16 through the exact-BatchNorm micro-batch path (with checkpointing): the first step's loss (same
+    weights) is the whole batch's to float32 rounding; it differs from fp32 by bf16's rounding only."""
+    whole = _unircm_steps(7, "bf16")
+    split = _unircm_steps(3, "bf16", checkpointing=True)
+    fp32 = _unircm_steps(7, "fp32")
+    assert split[0] == pytest.approx(whole[0], rel=1e-5)
+    assert whole[0] != fp32[0] and whole[0] == pytest.approx(fp32[0], rel=1e-2)
+    # After one Adam step the weights differ by up to ~lr where a gradient's sign flipped; the loss barely moves.
+    assert split[1] == pytest.approx(whole[1], rel=1e-3)
