@@ -23,6 +23,12 @@ from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss
 CUDA_RTOL = 1e-3
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for the module (its keys hold the precision, so fp32 and bf16 features stay apart)."""
+    return tmp_path_factory.mktemp("cache")
+
+
 def _settings(tiny_hparams: dict[str, dict], **overrides: object) -> dict[str, object]:
     # micro_batch = batch_size: one pass per step, as the reference loop does.
     return {**tiny_hparams["cfm"], "micro_batch": tiny_hparams["cfm"]["batch_size"], **overrides}
@@ -76,10 +82,10 @@ def _reference_training(
 
 @pytest.mark.parametrize("pixel_subset", [None, 1.0, 0.3])
 def test_fp32_training_is_the_reference_training_bit_for_bit(
-    tiny_dataset: Path, tiny_hparams: dict, tmp_path: Path, pixel_subset: float | None
+    tiny_dataset: Path, tiny_hparams: dict, cache: Path, pixel_subset: float | None
 ) -> None:
     hparams = _settings(tiny_hparams, device="cpu", pixel_subset=pixel_subset)
-    model = _train(tiny_dataset, tmp_path, hparams)
+    model = _train(tiny_dataset, cache, hparams)
     history, state = _reference_training(_rows(model, tiny_dataset), hparams, pixel_subset)
     assert model.loss_history_ == history
     got = model.state_tensors()
@@ -104,14 +110,14 @@ def _one_minus_cos(predicted: np.ndarray, target: np.ndarray) -> float:
 
 
 def test_pixel_subset_loss_is_the_loss_of_exactly_the_sampled_rows(
-    tiny_dataset: Path, tiny_hparams: dict, tmp_path: Path
+    tiny_dataset: Path, tiny_hparams: dict, cache: Path
 ) -> None:
     """One step over every training image: the recorded loss is 1 − cos of the initial MLPs, in float64 NumPy,
     on the rows the documented draw picks, and not on all rows."""
     fraction = 0.25
     count = len(list_records(tiny_dataset, "puck", "train"))
     hparams = _settings(tiny_hparams, device="cpu", epochs=1, batch_size=count, micro_batch=count)
-    model = _train(tiny_dataset, tmp_path, {**hparams, "pixel_subset": fraction})
+    model = _train(tiny_dataset, cache, {**hparams, "pixel_subset": fraction})
     rows = _rows(model, tiny_dataset)
     seed = model.config.seed
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -138,10 +144,10 @@ def _predictions(model: CFM, tiny_dataset: Path) -> tuple[np.ndarray, np.ndarray
 
 
 def test_training_on_each_device_matches_the_cpu_model(
-    compute_device: str, tiny_dataset: Path, tiny_hparams: dict, tmp_path: Path
+    compute_device: str, tiny_dataset: Path, tiny_hparams: dict, cache: Path
 ) -> None:
-    reference = _train(tiny_dataset, tmp_path, _settings(tiny_hparams, device="cpu"))
-    model = _train(tiny_dataset, tmp_path, _settings(tiny_hparams, device=compute_device))
+    reference = _train(tiny_dataset, cache, _settings(tiny_hparams, device="cpu"))
+    model = _train(tiny_dataset, cache, _settings(tiny_hparams, device=compute_device))
     assert next(model.map_to_3d_.parameters()).device.type == torch.device(compute_device).type
     scores, maps = _predictions(model, tiny_dataset)
     ref_scores, ref_maps = _predictions(reference, tiny_dataset)
@@ -163,10 +169,10 @@ BF16_RTOL = 0.01
 
 
 def test_bf16_trains_and_scores_close_to_fp32(
-    compute_device: str, tiny_dataset: Path, tiny_hparams: dict, tmp_path: Path
+    compute_device: str, tiny_dataset: Path, tiny_hparams: dict, cache: Path
 ) -> None:
-    fp32 = _train(tiny_dataset, tmp_path, _settings(tiny_hparams, device=compute_device))
-    bf16 = _train(tiny_dataset, tmp_path, _settings(tiny_hparams, device=compute_device, precision="bf16"))
+    fp32 = _train(tiny_dataset, cache, _settings(tiny_hparams, device=compute_device))
+    bf16 = _train(tiny_dataset, cache, _settings(tiny_hparams, device=compute_device, precision="bf16"))
     assert next(bf16.map_to_3d_.parameters()).dtype == torch.float32  # autocast: the stored weights stay fp32
     assert bf16.loss_history_ != fp32.loss_history_  # bf16 really ran
     np.testing.assert_allclose(bf16.loss_history_, fp32.loss_history_, rtol=BF16_RTOL)
