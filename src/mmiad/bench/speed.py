@@ -9,7 +9,9 @@ alike), the previous and the current implementation of:
 * one Lloyd iteration of the ORQ k-means at the paper's 2D sizes (previous torch, current torch, faiss, and the
   bare matrix product as the arithmetic limit), extrapolated to the full ORQ fit;
 * a training epoch per sample of a deep preset: re-extracting vs reading the feature cache before/after the lazy
-  inputs fix, with CFM's mapping step at the 224² grid and at the 56² grid.
+  inputs fix, with CFM's mapping step at the 224² grid and at the 56² grid;
+* CFM's training step per sample at the 224² grid on ``--device``: fp32, bf16 autocast, and ``pixel_subset``
+  (section ``cfmstep``, not in the default list).
 
 The previous implementations are kept here, verbatim from commit 0b2669a, only to measure the ratio.
 """
@@ -244,22 +246,18 @@ def bench_kmeans(rows: int, dim: int, codes: int, iterations: int) -> tuple[str,
     return line, compared
 
 
-def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> list[str]:
-    """Per training sample: re-extract vs the feature cache (before: eager read + resize; after: lazy)."""
-    from mmiad.bench.stages import zoom_on_object
-    from mmiad.data.formats import load_sample
+def _deep_samples(preset: str, samples: int, source_size: int) -> tuple[Path, list[Any], Any, Any]:
+    """(temporary folder, synthetic records, image extractor, point extractor) of a random-init deep preset.
+
+    The caller deletes the folder.
+    """
     from mmiad.data.mvtec3d import list_categories, list_records
-    from mmiad.data.preprocess import get_profile, prepare_input, preprocess_sample
     from mmiad.data.synthetic import generate_dataset
-    from mmiad.features.cache import FeatureCache
-    from mmiad.features.pipeline import SampleFeatures
     from mmiad.features.registry import build_extractors
-    from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image_extractor, point_extractor = build_extractors(preset, random_init=True)
-    profile = get_profile("cfm")
     temp = Path(tempfile.mkdtemp(prefix="mmiad-bench-speed-"))
     data = generate_dataset(
         temp / "data",
@@ -272,7 +270,29 @@ def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> li
         n_per_defect=0,
     )
     category = list_categories(data)[0]
-    records = list_records(data, category, "test")[:samples]
+    return temp, list_records(data, category, "test")[:samples], image_extractor, point_extractor
+
+
+def _object_inputs(sample: Any) -> tuple[Any, Any]:
+    """(cleaned sample, 224² model input) of a sample zoomed on its object, as ``bench stages`` crops it."""
+    from mmiad.bench.stages import zoom_on_object
+    from mmiad.data.preprocess import get_profile, prepare_input, preprocess_sample
+
+    profile = get_profile("cfm")
+    sample = zoom_on_object(sample, preprocess_sample(sample, profile).valid)  # the object fills the frame
+    cleaned = preprocess_sample(sample, profile)
+    return cleaned, prepare_input(cleaned, size=224)
+
+
+def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> list[str]:
+    """Per training sample: re-extract vs the feature cache (before: eager read + resize; after: lazy)."""
+    from mmiad.data.formats import load_sample
+    from mmiad.data.preprocess import prepare_input
+    from mmiad.features.cache import FeatureCache
+    from mmiad.features.pipeline import SampleFeatures
+    from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss
+
+    temp, records, image_extractor, point_extractor = _deep_samples(preset, samples, source_size)
     cache = FeatureCache(temp / "cache")
     torch.manual_seed(0)
     map_to_3d = FeatureProjectionMLP(image_extractor.out_channels, point_extractor.out_channels)
@@ -285,9 +305,7 @@ def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> li
         return result
 
     for index, record in enumerate(records):
-        sample = load_sample(record)
-        sample = zoom_on_object(sample, preprocess_sample(sample, profile).valid)  # the object fills the frame
-        cleaned = preprocess_sample(sample, profile)
+        cleaned, inputs = _object_inputs(load_sample(record))
 
         def read(r: Any = record) -> Any:
             return load_sample(r)
@@ -298,7 +316,6 @@ def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> li
                 points = point_extractor.extract(inputs.xyz, inputs.valid)
             return SampleFeatures(image, points, inputs)
 
-        inputs = prepare_input(cleaned, size=224)
         features = extract(inputs)
         key = f"sample-{index}"
         cache.put(key, {"image": features.image, **features.points.to_tensors("points")})
@@ -330,6 +347,63 @@ def bench_epoch(preset: str, samples: int, source_size: int, repeats: int) -> li
             f"{step_s * 1000:.0f} | {reextract / step_s:.1f}× |"
         )
     return lines
+
+
+#: (label, precision, pixel_subset) of the CFM step variants; the first is the reference of the ratios.
+CFM_STEP_VARIANTS = (
+    ("fp32, all pixels", "fp32", None),
+    ("bf16, all pixels", "bf16", None),
+    ("fp32, pixel_subset 0.25", "fp32", 0.25),
+    ("bf16, pixel_subset 0.25", "bf16", 0.25),
+)
+
+
+def bench_cfm_step(preset: str, samples: int, source_size: int, repeats: int, device_name: str) -> list[str]:
+    """CFM's training step per sample at the 224² grid: forward + backward + Adam step of both MLPs on one
+    image's foreground rows, through the trainer's own functions, for each of :data:`CFM_STEP_VARIANTS`."""
+    from mmiad.data.formats import load_sample
+    from mmiad.features.pipeline import SampleFeatures
+    from mmiad.methods.cfm.mapping import FeatureProjectionMLP
+    from mmiad.methods.cfm.training import accumulate_batch, sample_pixels, subset_generator
+    from mmiad.utils.compute import resolve_device, synchronize
+
+    device = resolve_device(device_name)
+    temp, records, image_extractor, point_extractor = _deep_samples(preset, samples, source_size)
+    torch.manual_seed(0)
+    map_to_3d = FeatureProjectionMLP(image_extractor.out_channels, point_extractor.out_channels).to(device)
+    map_to_2d = FeatureProjectionMLP(point_extractor.out_channels, image_extractor.out_channels).to(device)
+    optimizer = torch.optim.Adam([*map_to_3d.parameters(), *map_to_2d.parameters()], lr=1e-3)
+    generator = subset_generator(0)
+    timings: dict[str, list[float]] = {}
+    pixels: list[int] = []
+    for record in records:
+        _, inputs = _object_inputs(load_sample(record))
+        with torch.inference_mode():
+            image = image_extractor.extract(inputs.rgb.unsqueeze(0))[0].float().contiguous()
+            points = point_extractor.extract(inputs.xyz, inputs.valid)
+        grid_2d, grid_3d, foreground = SampleFeatures(image, points, inputs).on_grid(224)
+        mask = foreground.flatten()
+        rows = (grid_2d.flatten(1).T[mask].to(device), grid_3d.flatten(1).T[mask].to(device))
+        pixels.append(int(mask.sum()))
+
+        def step(precision: str, fraction: float | None, pair: tuple[torch.Tensor, torch.Tensor] = rows) -> None:
+            batch = [pair] if fraction is None else sample_pixels([pair], fraction, generator)
+            optimizer.zero_grad()
+            accumulate_batch(map_to_3d, map_to_2d, lambda a, b: (a, b), batch, 1, precision)
+            optimizer.step()
+            synchronize(device)
+
+        seconds, _ = _interleaved({label: partial(step, p, f) for label, p, f in CFM_STEP_VARIANTS}, repeats)
+        for label, value in seconds.items():
+            timings.setdefault(label, []).append(value)
+    shutil.rmtree(temp, ignore_errors=True)
+    medians = {label: statistics.median(values) for label, values in timings.items()}
+    reference = medians[CFM_STEP_VARIANTS[0][0]]
+    return [
+        f"| {label} | {device} | {statistics.median(pixels):.0f} | {medians[label] * 1000:.0f} | "
+        f"{reference / medians[label]:.2f}× |"
+        for label, _, _ in CFM_STEP_VARIANTS
+    ]
 
 
 def _speed_command(args: argparse.Namespace) -> int:
@@ -373,10 +447,22 @@ def _speed_command(args: argparse.Namespace) -> int:
             "| preset, grid | re-extract | cache before (speed-up) | cache after (speed-up) | "
             "of which cache load + grid | step | ceiling |\n|---|---|---|---|---|---|---|\n" + "\n".join(epoch_rows)
         )
+    if "cfmstep" in sections:
+        step_rows = bench_cfm_step(args.preset, args.samples, args.source_size, args.repeats, args.device)
+        print("\n".join(step_rows), flush=True)
+        detail += (
+            f"\n\n#### CFM training step per sample at the 224² grid, {args.preset} (random weights), median of "
+            f"{args.samples} synthetic samples cropped to the object, {args.repeats} interleaved repeats each\n\n"
+            "One image's foreground rows through both MLPs, forward + backward + Adam step, with the trainer's own "
+            "`accumulate_batch` (autocast) and `sample_pixels` (the draw is timed too). The speed-up is against "
+            "fp32 on all pixels in the same run.\n\n"
+            "| variant | device | foreground pixels | ms per sample | speed-up |\n|---|---|---|---|---|\n"
+            + "\n".join(step_rows)
+        )
     command = (
         f"python -m mmiad.bench speed --repeats {args.repeats} --coreset-rows {args.coreset_rows} "
         f"--coreset-steps {args.coreset_steps} --orq-rows {args.orq_rows} --kmeans-rows {args.kmeans_rows} "
-        f"--samples {args.samples} --only {args.only}"
+        f"--samples {args.samples} --device {args.device} --only {args.only}"
     )
     body = (
         "### Training-side algorithms: previous vs current implementation, same run\n\n"
@@ -408,4 +494,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     speed.add_argument("--preset", default="dino-pointmae")
     speed.add_argument("--samples", type=int, default=2)
     speed.add_argument("--source-size", type=int, default=800)
+    speed.add_argument("--device", default="auto", help="where the cfmstep section runs (auto, cpu, cuda, cuda:N)")
     speed.set_defaults(handler=_speed_command)

@@ -6,6 +6,7 @@ The graph runs the same functions as :meth:`mmiad.methods.cfm.CFM.score_features
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,9 +85,10 @@ def export_cfm_scorer(model: CFM, out_dir: str | Path) -> dict[str, Any]:
     """``scorer.onnx`` of a fitted CFM: grid_2d, grid_3d, foreground → anomaly_map, map_2d, map_3d, score."""
     model.check_fitted()
     settings = model.settings
+    # CPU copies: the graph is traced on CPU inputs whatever device the model runs on.
     scorer = CfmScorer(
-        model.map_to_3d_,
-        model.map_to_2d_,
+        copy.deepcopy(model.map_to_3d_).cpu().eval(),
+        copy.deepcopy(model.map_to_2d_).cpu().eval(),
         crossmodal=settings.mapping == "crossmodal",
         aggregation=settings.aggregation,
         out_size=settings.image_size,

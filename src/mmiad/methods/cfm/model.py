@@ -21,11 +21,12 @@ from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP, feature_discrepancy
 from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
-from mmiad.methods.cfm.training import accumulate_batch, plan_cfm_training
+from mmiad.methods.cfm.training import accumulate_batch, plan_cfm_training, sample_pixels, subset_generator
 from mmiad.methods.modelfile import prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.settings import MethodSettings
 from mmiad.utils.budget import MicroBatchPlan
+from mmiad.utils.compute import autocast, resolve_device
 
 MAPPINGS = ("crossmodal", "intramodal")
 
@@ -53,6 +54,12 @@ class CFMConfig(MethodSettings):
             is planned first (a batch that does not fit is split into micro-batches with accumulated gradients);
             the training features stay in memory within what is left, else they are reloaded each epoch.
         micro_batch: Images per forward/backward pass; None: the largest that fits ``memory_budget_gb``.
+        pixel_subset: Fraction in (0, 1] of each image's foreground pixels a training step uses, drawn anew at
+            every step from a generator seeded by ``seed``; None (or 1) uses them all, as the official code. A
+            deviation for CPU users (see the README): the step's cost falls in proportion.
+
+    ``device`` is where training and scoring run, ``precision`` the autocast of the two MLPs (the loss, the
+    discrepancies and the stored weights stay float32); maps and scores come back on the CPU.
     """
 
     grid_size: int = 224
@@ -66,6 +73,7 @@ class CFMConfig(MethodSettings):
     sigma: float = 4.0
     memory_budget_gb: float | None = None
     micro_batch: int | None = None
+    pixel_subset: float | None = None
 
     def compat_values(self) -> dict[str, Any]:
         """The official code smooths with the 5×5/7×7 box cascade."""
@@ -83,6 +91,8 @@ class CFMConfig(MethodSettings):
             self.micro_batch is not None and self.micro_batch < 1
         ):
             raise ValueError("need memory_budget_gb >= 0 and micro_batch >= 1")
+        if self.pixel_subset is not None and not 0 < self.pixel_subset <= 1:
+            raise ValueError(f"pixel_subset must be in (0, 1], got {self.pixel_subset}")
 
 
 @register_method("cfm")
@@ -97,15 +107,28 @@ class CFM(AnomalyModel):
     tiny_hparams: ClassVar[dict[str, Any]] = {"image_size": 64, "grid_size": 32, "epochs": 3, "batch_size": 2}
     config: CFMConfig
 
+    @property
+    def device(self) -> torch.device:
+        """Where the MLPs train and score (``config.device`` resolved)."""
+        return resolve_device(self.config.device)
+
     # ------------------------------------------------------------------ training
     def _build_networks(self, channels_2d: int, channels_3d: int) -> None:
+        """Fresh MLPs from the seed: initialised on the CPU and then moved, so every device starts the same."""
         torch.manual_seed(self.config.seed)
+        crossmodal = self.config.mapping == "crossmodal"
+        self._new_networks(*((channels_2d, channels_3d) if crossmodal else (channels_3d, channels_2d)))
+
+    def _new_networks(self, in_3d: int, in_2d: int) -> None:
+        """The two MLPs from the widths they read (the mapping fixes the widths they predict), on the device."""
         if self.config.mapping == "crossmodal":
-            self.map_to_3d_ = FeatureProjectionMLP(channels_2d, channels_3d)
-            self.map_to_2d_ = FeatureProjectionMLP(channels_3d, channels_2d)
+            self.map_to_3d_ = FeatureProjectionMLP(in_3d, in_2d)
+            self.map_to_2d_ = FeatureProjectionMLP(in_2d, in_3d)
         else:
-            self.map_to_3d_ = FeatureProjectionMLP(channels_3d, channels_3d)
-            self.map_to_2d_ = FeatureProjectionMLP(channels_2d, channels_2d)
+            self.map_to_3d_ = FeatureProjectionMLP(in_3d, in_3d)
+            self.map_to_2d_ = FeatureProjectionMLP(in_2d, in_2d)
+        self.map_to_3d_.to(self.device)
+        self.map_to_2d_.to(self.device)
 
     def _inputs_of(self, features_2d: torch.Tensor, features_3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What each network reads: the other modality (crossmodal) or its own (intramodal)."""
@@ -117,16 +140,23 @@ class CFM(AnomalyModel):
         """Build the networks and plan the training step within the budget (the preflight)."""
         self._build_networks(channels_2d, channels_3d)
         c = self.config
+        rows = c.grid_size**2 if self._subset is None else max(1, round(self._subset * c.grid_size**2))
         return plan_cfm_training(
             self.map_to_3d_,
             self.map_to_2d_,
             self._inputs_of,
             channels=(channels_2d, channels_3d),
-            rows_per_image=c.grid_size**2,
+            rows_per_image=rows,
             batch_size=c.batch_size,
             memory_budget_gb=c.memory_budget_gb,
             micro_batch=c.micro_batch,
         )
+
+    @property
+    def _subset(self) -> float | None:
+        """The ``pixel_subset`` fraction in effect (None: every pixel; 1 is the same)."""
+        fraction = self.config.pixel_subset
+        return fraction if fraction is not None and fraction < 1 else None
 
     def _foreground_rows(self, features: SampleFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         grid_2d, grid_3d, foreground = features.on_grid(self.config.grid_size)
@@ -137,7 +167,11 @@ class CFM(AnomalyModel):
     def fit(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
     ) -> CFM:
-        """Train both mappings jointly on the foreground pixels of nominal samples."""
+        """Train both mappings jointly on the foreground pixels of nominal samples.
+
+        The rows kept between epochs live on the device, within what the planned step leaves of the budget (the
+        budget is the device's), so a GPU is fed without a copy per step.
+        """
         if not records:
             raise ValueError("CFM.fit needs at least one nominal training sample")
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
@@ -149,7 +183,8 @@ class CFM(AnomalyModel):
         for record, features in self.pipeline.iter_features(prepared, progress=progress, errors=errors):
             kept_records.append(record)
             if keep_in_memory:
-                pair = self._foreground_rows(features)
+                rows_2d, rows_3d = self._foreground_rows(features)
+                pair = (rows_2d.to(self.device), rows_3d.to(self.device))
                 if budget is None:  # the preflight, before the other features are extracted
                     plan = self._plan(pair[0].shape[1], pair[1].shape[1])
                     budget = plan.spare_bytes
@@ -170,6 +205,7 @@ class CFM(AnomalyModel):
             [*self.map_to_3d_.parameters(), *self.map_to_2d_.parameters()], lr=self.config.learning_rate
         )
         generator = torch.Generator().manual_seed(self.config.seed)
+        subset = subset_generator(self.config.seed)
         self.loss_history_: list[float] = []
         bar = tqdm(range(self.config.epochs), desc="train cfm", disable=not progress, leave=False)
         for _ in bar:
@@ -181,8 +217,12 @@ class CFM(AnomalyModel):
                     pairs = [rows[i] for i in batch]
                 else:
                     pairs = [self._foreground_rows(self.pipeline.extract(kept_records[i])) for i in batch]
+                if self._subset is not None:
+                    pairs = sample_pixels(pairs, self._subset, subset)
                 optimizer.zero_grad()
-                loss = accumulate_batch(self.map_to_3d_, self.map_to_2d_, self._inputs_of, pairs, plan.micro_batch)
+                loss = accumulate_batch(
+                    self.map_to_3d_, self.map_to_2d_, self._inputs_of, pairs, plan.micro_batch, self.config.precision
+                )
                 optimizer.step()
                 epoch_losses.append(loss)
             self.loss_history_.append(float(np.mean(epoch_losses)))
@@ -196,17 +236,21 @@ class CFM(AnomalyModel):
         """(combined, 2D-discrepancy, 3D-discrepancy) maps on the mapping grid, zero on the background.
 
         Only foreground pixels go through the MLPs: the background is zeroed anyway, and skipping it saves most
-        of the compute on real data.
+        of the compute on real data. The MLPs run on their device under ``precision``'s autocast; the
+        discrepancies are taken in float32 and the maps returned on the CPU.
         """
         grid = self.config.grid_size
         grid_2d, grid_3d, foreground = features.on_grid(grid)
         mask = foreground.flatten()
-        rows_2d = grid_2d.flatten(1).T[mask]
-        rows_3d = grid_3d.flatten(1).T[mask]
+        device = next(self.map_to_3d_.parameters()).device
+        rows_2d = grid_2d.flatten(1).T[mask].to(device)
+        rows_3d = grid_3d.flatten(1).T[mask].to(device)
         source_3d, source_2d = self._inputs_of(rows_2d, rows_3d)
         with torch.inference_mode():
-            distance_3d = feature_discrepancy(self.map_to_3d_(source_3d), rows_3d)
-            distance_2d = feature_discrepancy(self.map_to_2d_(source_2d), rows_2d)
+            with autocast(device, self.config.precision):
+                predicted_3d, predicted_2d = self.map_to_3d_(source_3d), self.map_to_2d_(source_2d)
+            distance_3d = feature_discrepancy(predicted_3d.to(rows_3d.dtype), rows_3d).cpu()
+            distance_2d = feature_discrepancy(predicted_2d.to(rows_2d.dtype), rows_2d).cpu()
         map_3d = torch.zeros(grid * grid)
         map_2d = torch.zeros(grid * grid)
         map_3d[mask] = distance_3d
@@ -259,19 +303,13 @@ class CFM(AnomalyModel):
         """Both MLPs' weights, under ``map_to_3d.`` and ``map_to_2d.``."""
         self.check_fitted()
         return {
-            **prefixed(self.map_to_3d_.state_dict(), "map_to_3d"),
-            **prefixed(self.map_to_2d_.state_dict(), "map_to_2d"),
+            **prefixed({k: v.cpu() for k, v in self.map_to_3d_.state_dict().items()}, "map_to_3d"),
+            **prefixed({k: v.cpu() for k, v in self.map_to_2d_.state_dict().items()}, "map_to_2d"),
         }
 
     def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Both MLPs, sized from the stored input widths (the output widths follow from the mapping)."""
-        in_3d, in_2d = (int(c) for c in config["channels"])
-        if self.config.mapping == "crossmodal":
-            self.map_to_3d_ = FeatureProjectionMLP(in_3d, in_2d)
-            self.map_to_2d_ = FeatureProjectionMLP(in_2d, in_3d)
-        else:
-            self.map_to_3d_ = FeatureProjectionMLP(in_3d, in_3d)
-            self.map_to_2d_ = FeatureProjectionMLP(in_2d, in_2d)
+        """Both MLPs, sized from the stored input widths (the output widths follow from the mapping), on the device."""
+        self._new_networks(*(int(c) for c in config["channels"]))
         self.map_to_3d_.load_state_dict(split_prefixed(tensors, "map_to_3d"))
         self.map_to_2d_.load_state_dict(split_prefixed(tensors, "map_to_2d"))
         self.loss_history_ = list(config.get("loss_history", []))

@@ -4,6 +4,10 @@ CFM's loss is, per direction, one minus the mean cosine similarity over the fore
 batch. A micro-batch's loss is therefore weighted by its share of the batch's foreground pixels (not by one over
 the number of micro-batches), so the accumulated gradients are the whole batch's. The MLPs work per pixel (no
 BatchNorm), so nothing else couples the images.
+
+The step runs where the networks' parameters are (``--device``), with the two MLPs under
+:func:`~mmiad.utils.compute.autocast` (``--precision``); the cosine loss is taken in the rows' dtype (float32),
+so fp32 is the unchanged computation and bf16/fp16 change only the matrix products.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mmiad.utils.budget import (
     resolve_budget,
     split_batch,
 )
+from mmiad.utils.compute import autocast
 
 # Measured peak / counted saved bytes per image (see mmiad.methods.unircm.memory; the same allocator slack).
 CALIBRATION = 1.15
@@ -57,9 +62,10 @@ def plan_cfm_training(
         mmiad.utils.budget.MemoryBudgetError: One image per micro-batch does not fit.
     """
     generator = torch.Generator().manual_seed(0)
-    dtype = next(map_to_3d.parameters()).dtype
-    rows_2d = torch.randn(_PROBE_ROWS, channels[0], generator=generator).to(dtype)
-    rows_3d = torch.randn(_PROBE_ROWS, channels[1], generator=generator).to(dtype)
+    parameter = next(map_to_3d.parameters())
+    dtype, device = parameter.dtype, parameter.device
+    rows_2d = torch.randn(_PROBE_ROWS, channels[0], generator=generator).to(device=device, dtype=dtype)
+    rows_3d = torch.randn(_PROBE_ROWS, channels[1], generator=generator).to(device=device, dtype=dtype)
     with count_saved_bytes([map_to_3d, map_to_2d]) as saved:
         source_3d, source_2d = inputs(rows_2d, rows_3d)
         cosine_loss(map_to_3d(source_3d), rows_3d) + cosine_loss(map_to_2d(source_2d), rows_2d)
@@ -69,7 +75,7 @@ def plan_cfm_training(
         batch_size,
         fixed_bytes=4 * parameters + RUNTIME_OVERHEAD_BYTES,  # parameters, gradients, Adam's two moments
         per_image_bytes=CALIBRATION * per_row * rows_per_image,
-        budget_bytes=resolve_budget(memory_budget_gb, next(map_to_3d.parameters()).device),
+        budget_bytes=resolve_budget(memory_budget_gb, device),
         micro_batch=micro_batch,
         what="CFM training",
         hint=", or lower grid_size (--grid-size)",
@@ -82,23 +88,54 @@ def accumulate_batch(
     inputs: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     batch: Sequence[Rows],
     micro_batch: int,
+    precision: str = "fp32",
 ) -> float:
     """Forward and backward one batch in micro-batches of ``micro_batch`` images; returns the batch loss.
 
-    The caller zeroes the gradients before and steps the optimiser after.
+    The rows may live anywhere: each micro-batch is moved to the networks' device. The caller zeroes the
+    gradients before and steps the optimiser after.
     """
+    device = next(map_to_3d.parameters()).device
     total = sum(rows_2d.shape[0] for rows_2d, _ in batch)
     batch_loss = 0.0
     for part in split_batch(list(batch), -(-len(batch) // micro_batch)):
-        features_2d = torch.cat([rows_2d for rows_2d, _ in part])
-        features_3d = torch.cat([rows_3d for _, rows_3d in part])
+        features_2d = torch.cat([rows_2d for rows_2d, _ in part]).to(device)
+        features_3d = torch.cat([rows_3d for _, rows_3d in part]).to(device)
         if features_2d.shape[0] == 0:
             continue
         source_3d, source_2d = inputs(features_2d, features_3d)
         share = features_2d.shape[0] / total
-        loss = share * (cosine_loss(map_to_3d(source_3d), features_3d) + cosine_loss(map_to_2d(source_2d), features_2d))
+        with autocast(device, precision):
+            predicted_3d, predicted_2d = map_to_3d(source_3d), map_to_2d(source_2d)
+        loss = share * (
+            cosine_loss(predicted_3d.to(features_3d.dtype), features_3d)
+            + cosine_loss(predicted_2d.to(features_2d.dtype), features_2d)
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError("CFM training diverged (non-finite loss); try a lower learning rate")
         loss.backward()
         batch_loss += float(loss.detach())
     return batch_loss
+
+
+def subset_generator(seed: int) -> torch.Generator:
+    """The generator of ``pixel_subset``'s draws: its own, so the epoch shuffles stay those of a full run."""
+    return torch.Generator().manual_seed(seed)
+
+
+def sample_pixels(batch: Sequence[Rows], fraction: float, generator: torch.Generator) -> list[Rows]:
+    """Each image's foreground rows reduced to ``round(fraction · n)`` (at least one), drawn without replacement.
+
+    Why: on a CPU the step's cost is proportional to the foreground pixels, and neighbouring pixels carry nearly
+    the same (2D, 3D) pair, so a random share of them per step gives most of the signal for a fraction of the
+    cost. Not in the official code (it trains on every foreground pixel); the draws come from ``generator``
+    (see :func:`subset_generator`), one per image in batch order, so a run is reproducible (``pixel_subset``).
+    The kept rows stay in their raster order.
+    """
+    sampled = []
+    for rows_2d, rows_3d in batch:
+        count = rows_2d.shape[0]
+        keep = torch.randperm(count, generator=generator)[: max(1, round(fraction * count))].sort().values
+        keep = keep.to(rows_2d.device)
+        sampled.append((rows_2d[keep], rows_3d[keep]))
+    return sampled

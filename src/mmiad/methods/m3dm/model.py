@@ -34,6 +34,7 @@ from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.postprocess.smoothing import SMOOTHINGS
+from mmiad.utils.compute import resolve_device
 
 BANKS = ("point", "rgb", "fused")
 VARIANTS = {"triple": BANKS, "double": BANKS[:2]}
@@ -52,7 +53,8 @@ class M3DMConfig(BankSettings):
     The pipeline fields are :class:`~mmiad.methods.settings.MethodSettings`' (extractors: ``weightfree``;
     ``dino-pointmae`` is the paper's, with real weights); the memory-bank fields (coreset fraction and ε, seed,
     reweighting k, kNN backend, memory budget per bank) are :class:`~mmiad.methods.memorybank.settings.BankSettings`';
-    ``seed`` also seeds UFF's initialisation and shuffling, and ``device`` is where UFF trains.
+    ``seed`` also seeds UFF's initialisation and shuffling; ``device`` is where UFF trains and fuses and where the
+    banks' coreset and kNN run, ``precision`` the autocast of UFF's networks (the banks stay float32).
 
     Attributes:
         profile: Preprocessing profile (``m3dm``: plane removal, RGB background zeroed).
@@ -225,12 +227,19 @@ class M3DM(AnomalyModel):
     def _sets(self, features: SampleFeatures) -> PatchSets:
         return patch_sets(features, self.config.rgb_grid, self.config.point_grid)
 
+    @property
+    def device(self) -> torch.device:
+        """Where UFF runs (``config.device`` resolved)."""
+        return resolve_device(self.config.device)
+
+    def _on_device(self, block: FeatureFusionBlock) -> FeatureFusionBlock:
+        return block.to(self.device)
+
     def fused(self, sets: PatchSets) -> torch.Tensor:
-        """point_grid²×(C3 + C2) fused rows: UFF's MLP outputs, or the plain concatenation without UFF."""
+        """point_grid²×(C3 + C2) fused rows (CPU float32): UFF's MLP outputs, or the plain concatenation."""
         if self.uff_ is None:
             return torch.cat([sets.point, sets.rgb_fine], dim=1)
-        with torch.no_grad():
-            return self.uff_.fuse(sets.point, sets.rgb_fine)
+        return self.uff_.fuse_on_device(sets.point, sets.rgb_fine, self.config.precision)
 
     # ------------------------------------------------------------------ shared (multi-category) training
     def fit_shared(
@@ -285,7 +294,8 @@ class M3DM(AnomalyModel):
         """Train ``self.uff_`` on ``records`` (shuffled each epoch); returns the mean loss per epoch."""
         config = self.settings
         torch.manual_seed(config.seed)
-        self.uff_ = FeatureFusionBlock(*self._uff_dims(records[0]))
+        # Initialised on the CPU and then moved, so every device starts from the same weights.
+        self.uff_ = self._on_device(FeatureFusionBlock(*self._uff_dims(records[0])))
         optimizer = torch.optim.AdamW(
             self.uff_.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay
         )
@@ -306,7 +316,11 @@ class M3DM(AnomalyModel):
                 if point.shape[0] >= 2:
                     budget = config.memory_budget_gb
                     scale = 1.0 / config.accum_iter
-                    losses.append(contrastive_backward(self.uff_, point, rgb, memory_budget_gb=budget, scale=scale))
+                    losses.append(
+                        contrastive_backward(
+                            self.uff_, point, rgb, memory_budget_gb=budget, scale=scale, precision=config.precision
+                        )
+                    )
                     pending += 1
                 if (batch + 1) % config.accum_iter == 0:
                     optimizer.step()
@@ -379,10 +393,10 @@ class M3DM(AnomalyModel):
         if config.trains_uff and config.uff_checkpoint:
             from mmiad.methods.m3dm.official import load_official_uff
 
-            self.uff_ = load_official_uff(config.uff_checkpoint, *self._uff_dims(kept[0]))
+            self.uff_ = self._on_device(load_official_uff(config.uff_checkpoint, *self._uff_dims(kept[0])))
             self.uff_info_ = {"scope": "imported", "file": config.uff_checkpoint}
         elif config.trains_uff and self._shared is not None:
-            self.uff_, self.loss_history_ = self._shared.block, list(self._shared.loss_history)
+            self.uff_, self.loss_history_ = self._on_device(self._shared.block), list(self._shared.loss_history)
             self.uff_info_ = {"scope": "shared", "categories": self._shared.categories}
             self.uff_info_["n_samples"] = self._shared.n_samples
         elif config.trains_uff:
@@ -513,7 +527,7 @@ class M3DM(AnomalyModel):
             tensors[f"bank.{name}"] = bank.bank
             tensors[f"bank_stats.{name}"] = torch.tensor([bank.mean, bank.std], dtype=torch.float64)
         if self.uff_ is not None:
-            tensors.update(prefixed(self.uff_.state_dict(), "uff"))
+            tensors.update(prefixed({k: v.cpu() for k, v in self.uff_.state_dict().items()}, "uff"))
         return tensors
 
     def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -536,7 +550,7 @@ class M3DM(AnomalyModel):
             xyz_dim, rgb_dim = config["channels"]
             self.uff_ = FeatureFusionBlock(int(xyz_dim), int(rgb_dim))
             self.uff_.load_state_dict(uff_state)
-            self.uff_.eval().requires_grad_(False)
+            self.uff_ = self._on_device(self.uff_.eval().requires_grad_(False))
         self.detect_coef_ = tensors["dlf.detect_coef"].double()
         self.segment_coef_ = tensors["dlf.segment_coef"].double()
         self.loss_history_ = list(config.get("loss_history", []))

@@ -134,7 +134,7 @@ class MemoryBank:
         budget_gb: RAM for collected rows before they spill to disk.
         spill_dir: Where spilled rows go (a temporary folder inside it, deleted after :meth:`finalize`).
         knn_backend: ``auto``, ``torch`` or ``faiss``.
-        device: Where the coreset selection runs.
+        device: Where the coreset selection and the kNN search run (the bank itself is kept on the CPU).
     """
 
     def __init__(
@@ -225,7 +225,7 @@ class MemoryBank:
         if self.bank is None:
             raise ValueError("the memory bank is not finalised")
         if self._search is None:
-            self._search = NearestNeighbors(self.bank, backend=self.knn_backend)
+            self._search = NearestNeighbors(self.bank, backend=self.knn_backend, device=self.device)
         return self._search
 
     def score(

@@ -4,6 +4,9 @@ faiss's flat L2 index is used when it is importable (it is several times faster 
 torch search runs. Both return the same neighbours. Distances are recomputed exactly from the chosen neighbours
 (‖q − b‖ on the difference, not the ‖q‖² − 2q·b + ‖b‖² expansion both searches rank with), so the two backends
 give the same numbers, and a query that is itself in the bank gets exactly zero rather than float noise.
+
+On a GPU (``device``) the torch search runs there, on a copy of the bank kept on the device, and the results come
+back on the CPU; faiss here is the CPU build, so ``auto`` picks torch on a GPU. On the CPU nothing moves.
 """
 
 from __future__ import annotations
@@ -56,9 +59,12 @@ class NearestNeighbors:
         bank: M×D float32 bank.
         backend: ``auto`` (faiss when importable), ``torch`` or ``faiss``.
         chunk_size: Rows per block in the torch search (bounds temporaries to chunk_size² floats).
+        device: Where the torch search runs (a resolved torch device or its name); the results are on the CPU.
     """
 
-    def __init__(self, bank: torch.Tensor, *, backend: str = "auto", chunk_size: int = 4096) -> None:
+    def __init__(
+        self, bank: torch.Tensor, *, backend: str = "auto", chunk_size: int = 4096, device: str | torch.device = "cpu"
+    ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown kNN backend {backend!r}; expected one of {BACKENDS}")
         if bank.ndim != 2 or bank.shape[0] == 0:
@@ -66,8 +72,12 @@ class NearestNeighbors:
         if backend == "faiss" and not faiss_available():
             raise ValueError("kNN backend 'faiss' requested but faiss is not installed (pip install faiss-cpu)")
         self.bank = bank.float().contiguous()
-        self.backend = "faiss" if backend == "faiss" or (backend == "auto" and faiss_available()) else "torch"
+        self.device = torch.device(device)
+        auto_faiss = backend == "auto" and self.device.type == "cpu" and faiss_available()
+        self.backend = "faiss" if backend == "faiss" or auto_faiss else "torch"
         self.chunk_size = chunk_size
+        # The bank where the search runs (the same tensor on the CPU); self.bank stays on the CPU for callers.
+        self._device_bank = self.bank if self.backend == "faiss" else self.bank.to(self.device)
         self._index: Any = None
 
     def _faiss_index(self) -> Any:
@@ -88,11 +98,15 @@ class NearestNeighbors:
         if queries.shape[0] == 0:
             return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
         if self.backend == "faiss":
-            _, found = self._faiss_index().search(queries.numpy(), k)
+            _, found = self._faiss_index().search(queries.cpu().numpy(), k)
             index = torch.from_numpy(found).long()
+            bank = self.bank
         else:
-            index = _torch_search(queries, self.bank, k, self.chunk_size)
-        distance = torch.linalg.vector_norm(queries.unsqueeze(1) - self.bank[index], dim=2)
+            bank = self._device_bank
+            queries = queries.to(bank.device)
+            index = _torch_search(queries, bank, k, self.chunk_size)
+        queries, index = queries.to(bank.device), index.to(bank.device)
+        distance = torch.linalg.vector_norm(queries.unsqueeze(1) - bank[index], dim=2)
         # Re-sort on the exact distances so near-ties are ordered the same by both backends.
         distance, order = torch.sort(distance, dim=1, stable=True)
-        return distance, torch.gather(index, 1, order)
+        return distance.cpu(), torch.gather(index, 1, order).cpu()

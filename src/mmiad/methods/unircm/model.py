@@ -40,7 +40,7 @@ from mmiad.methods.unircm.orq import ResidualQuantizer
 from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import Grids, feature_mean_squares, foreground_of, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
-from mmiad.utils.compute import resolve_device
+from mmiad.utils.compute import autocast, resolve_device
 
 
 def normalize_orq_map(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -167,6 +167,7 @@ class UniRCM(AnomalyModel):
             progress=progress,
             plan=plan_training(self.map_to_3d_, self.map_to_2d_, **training_memory_options(c)),
             batch_norm=c.micro_batch_norm,
+            precision=c.precision,
         )
 
     def _foreground_rows(self, store: Mapping[int, Grids]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -327,8 +328,10 @@ class UniRCM(AnomalyModel):
         rows_2d, rows_3d = rows_2d.float().to(self.device), rows_3d.float().to(self.device)
         mask = foreground.to(self.device)
         with torch.inference_mode():
-            distance_3d = feature_discrepancy(self.map_to_3d_(rows_2d[None])[0], rows_3d)
-            distance_2d = feature_discrepancy(self.map_to_2d_(rows_3d[None])[0], rows_2d)
+            with autocast(self.device, settings.precision):  # the mappings only: the ORQ below stays float32
+                predicted_3d, predicted_2d = self.map_to_3d_(rows_2d[None])[0], self.map_to_2d_(rows_3d[None])[0]
+            distance_3d = feature_discrepancy(predicted_3d.float(), rows_3d)
+            distance_2d = feature_discrepancy(predicted_2d.float(), rows_2d)
             maps = {"2d": distance_2d * mask, "3d": distance_3d * mask}
             if self.orq_2d_ is not None and self.orq_3d_ is not None:
                 for name, quantizer, rows in (("orq_2d", self.orq_2d_, rows_2d), ("orq_3d", self.orq_3d_, rows_3d)):

@@ -11,6 +11,9 @@ number of micro-batches): the accumulated gradients are the whole batch's. Batch
 the images of a batch; ``batch_norm="exact"`` (default) keeps whole-batch statistics and gradients
 (:mod:`mmiad.methods.unircm.batchnorm`), ``"per_micro_batch"`` normalises each micro-batch on its own, as
 gradient accumulation in the official code would, at no extra cost.
+
+The networks' forward passes run under :func:`~mmiad.utils.compute.autocast` (``precision``); the loss is taken
+in float32 on their outputs, so fp32 is the unchanged computation.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from mmiad.methods.unircm.batchnorm import StopForwardError, WholeBatchNorm
 from mmiad.methods.unircm.blocks import RefGuidedMapping
 from mmiad.utils import distributed as ddp
 from mmiad.utils.budget import MicroBatchPlan, split_batch
+from mmiad.utils.compute import autocast
 
 # (G·G × C2 2D rows, G·G × C3 3D rows, G·G bool foreground) of one sample.
 Grids = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -95,9 +99,15 @@ def micro_batch_loss(
     total_rows: torch.Tensor,
     mse_weight: float,
     mse_scale: tuple[float, float] = (1.0, 1.0),
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """Both directions' loss on the foreground rows of a micro-batch, over the *batch's* foreground count."""
-    predicted_3d, predicted_2d = map_to_3d(rows_2d), map_to_2d(rows_3d)
+    """Both directions' loss on the foreground rows of a micro-batch, over the *batch's* foreground count.
+
+    The networks run under ``precision``'s autocast, the loss in the rows' dtype.
+    """
+    with autocast(rows_2d.device, precision):
+        predicted_3d, predicted_2d = map_to_3d(rows_2d), map_to_2d(rows_3d)
+    predicted_3d, predicted_2d = predicted_3d.to(rows_3d.dtype), predicted_2d.to(rows_2d.dtype)
     return direction_loss(
         predicted_3d[foreground], rows_3d[foreground], total_rows, mse_weight, mse_scale[1]
     ) + direction_loss(predicted_2d[foreground], rows_2d[foreground], total_rows, mse_weight, mse_scale[0])
@@ -163,6 +173,7 @@ def train_mappings(
     plan: MicroBatchPlan | None = None,
     batch_norm: str = "exact",
     checkpointing: bool | None = None,
+    precision: str = "fp32",
 ) -> list[float]:
     """Adam on the joint loss of both directions over foreground rows; returns the mean loss per epoch.
 
@@ -182,6 +193,7 @@ def train_mappings(
         batch_norm: ``exact`` or ``per_micro_batch`` statistics when a batch is split (see the module docstring).
         checkpointing: Recompute the blocks' activations in the backward pass (less memory, ~1/3 more time);
             None: as the plan says (off without a plan).
+        precision: Autocast of the networks' forward passes (``fp32``: none).
     """
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {BATCH_NORM_MODES}")
@@ -232,6 +244,7 @@ def train_mappings(
                     (mse_weight, mse_scale),
                     whole_batch_norm if batch_norm == "exact" else None,
                     checkpointing,
+                    precision,
                 )
                 ddp.sum_gradients(networks)
                 global_loss = float(ddp.all_reduce_sum(torch.tensor(step_loss, dtype=torch.float64, device=device)))
@@ -252,13 +265,16 @@ def _accumulate_step(
     loss_weights: tuple[float, tuple[float, float]],
     whole_batch_norm: WholeBatchNorm | None,
     checkpointing: bool,
+    precision: str = "fp32",
 ) -> float:
     """Accumulate one batch's gradients over its micro-batches; returns this rank's loss of the batch."""
     map_to_3d, map_to_2d = networks
 
     def loss_of(part: int) -> torch.Tensor:
         rows_2d, rows_3d, foreground = load(part)
-        return micro_batch_loss(map_to_3d, map_to_2d, rows_2d, rows_3d, foreground, total, *loss_weights)
+        return micro_batch_loss(
+            map_to_3d, map_to_2d, rows_2d, rows_3d, foreground, total, *loss_weights, precision=precision
+        )
 
     if len(parts) > 1 and whole_batch_norm is not None and whole_batch_norm.layers:
         filled = [part for part, indices in enumerate(parts) if indices]
@@ -266,7 +282,7 @@ def _accumulate_step(
         def forward(position: int) -> None:
             rows_2d, rows_3d, _ = load(filled[position])
             for network, rows in ((map_to_3d, rows_2d), (map_to_2d, rows_3d)):
-                with suppress(StopForwardError):
+                with suppress(StopForwardError), autocast(rows.device, precision):
                     network(rows)
 
         return whole_batch_norm.step(len(filled), forward, lambda position: loss_of(filled[position]))
