@@ -159,6 +159,29 @@ def test_a_bad_record_is_reported_and_the_others_kept(
     assert yielded == records[:2]  # the records before the bad one still come out
 
 
+def test_reading_ahead_on_a_thread_changes_nothing(
+    records: list[SampleRecord], tmp_path: Path, tiny_vit: Callable, tiny_pointmae: Callable
+) -> None:
+    """The read-ahead an accelerator uses (forced here on the CPU): same records, same order, same features,
+    and a bad record in the middle batch still costs only itself."""
+    garbage = tmp_path / "broken.png"
+    garbage.write_bytes(b"not a png")
+    batch = [*records[:3], dataclasses.replace(records[3], rgb_path=garbage), records[4], *records[:2]]
+    runs = {}
+    for overlap in (False, True):
+        pipeline = deep_pipeline(tiny_vit(), tiny_pointmae(), tmp_path / str(overlap), cache=True)
+        sizes = count_batches(pipeline)
+        errors: list[DataError] = []
+        runs[overlap] = (list(pipeline.iter_features(batch, errors=errors, batch_size=2, overlap=overlap)), errors)
+        assert sizes == [2, 1, 1]  # misses only: the last batch's two records are cache hits by then
+        assert pipeline.cache is not None and pipeline.cache.hits == 2
+    (plain, plain_errors), (ahead, ahead_errors) = runs[False], runs[True]
+    assert [r for r, _ in ahead] == [r for r, _ in plain] == [*records[:3], records[4], *records[:2]]
+    assert [str(e) for e in ahead_errors] == [str(e) for e in plain_errors] and len(ahead_errors) == 1
+    for (_, got), (_, expected) in zip(ahead, plain, strict=True):
+        assert_same_features(got, expected)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_cuda_without_cuda_fails_clearly_on_first_use(device: str, records: list[SampleRecord], tmp_path) -> None:

@@ -77,6 +77,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
     Experiment("CFM 5-shot", "cfm", {"epochs": CFM_EPOCHS}, shots=5),
     Experiment("CFM 10-shot", "cfm", {"epochs": CFM_EPOCHS}, shots=10),
     Experiment("CFM unified", "cfm", {"epochs": CFM_EPOCHS}, unified=True),
+    Experiment("CFM bf16", "cfm", {"epochs": CFM_EPOCHS, "precision": "bf16"}),
+    Experiment("CFM pixel_subset 0.25", "cfm", {"epochs": CFM_EPOCHS, "pixel_subset": 0.25}),
     Experiment("Uni-RCM", "unircm", UNIRCM, unified=True),
     Experiment("Uni-RCM baseline mapping", "unircm", {**UNIRCM, "branches": "none", "use_orq": False}, unified=True),
     Experiment("Uni-RCM RFI", "unircm", {**UNIRCM, "branches": "rfi", "use_orq": False}, unified=True),

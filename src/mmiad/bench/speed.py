@@ -19,6 +19,7 @@ The previous implementations are kept here, verbatim from commit 0b2669a, only t
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -427,6 +428,7 @@ def bench_cfm_step(preset: str, samples: int, source_size: int, repeats: int, de
 
 
 def _speed_command(args: argparse.Namespace) -> int:
+    load_at_start = os.getloadavg()[0]
     sections = [s.strip() for s in args.only.split(",")]
     summary: list[str] = []
     detail = ""
@@ -487,8 +489,9 @@ def _speed_command(args: argparse.Namespace) -> int:
     body = (
         "### Training-side algorithms: previous vs current implementation, same run\n\n"
         f"Command: `{command}`  \n"
-        f"Machine: {machine_description()}; **shared with other sessions' tests and benchmarks while this ran** "
-        "(load average well above 2), so absolute times are inflated and noisy; each pair was run interleaved "
+        f"Machine: {machine_description()}; 1-minute load average {load_at_start:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end (above the 2 cores means other work shared them and absolute times "
+        "are inflated); each pair was run interleaved "
         "on the same inputs, and the ratios are the meaningful part. The previous implementations are verbatim "
         "copies of commit 0b2669a kept in `mmiad.bench.speed`. The FPS and kNN rows are not before/after: "
         "they compare the CPU defaults (unchanged) with the new torch paths, which exist to run on an accelerator "

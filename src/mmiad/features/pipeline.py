@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,10 @@ class FeaturePipeline:
         one cloud at a time. Both run under the pipeline's autocast, and the features come back to the CPU in
         float32 before they are cached or returned.
         """
+        return self._compute_batch(self._load_batch(records))
+
+    def _load_batch(self, records: Sequence[SampleRecord]) -> _LoadedBatch:
+        """The host-side half of :meth:`_extract_batch`: cache look-ups and reading + resizing the misses."""
         results: list[SampleFeatures | DataError | None] = []
         pending: list[tuple[int, str | None, ModelInput]] = []
         for record in records:
@@ -198,6 +203,11 @@ class FeaturePipeline:
             results.append(hit)
             if inputs is not None:
                 pending.append((len(results) - 1, key, inputs))
+        return results, pending
+
+    def _compute_batch(self, loaded: _LoadedBatch) -> list[SampleFeatures | DataError]:
+        """The device half of :meth:`_extract_batch`: the extractors on the misses, then the cache writes."""
+        results, pending = loaded
         if pending:
             images, clouds = self._run_extractors([inputs for _, _, inputs in pending])
             for (slot, key, inputs), image, points in zip(pending, images, clouds, strict=True):
@@ -280,18 +290,23 @@ class FeaturePipeline:
         errors: list[DataError] | None = None,
         description: str = "features",
         batch_size: int = DEFAULT_BATCH_SIZE,
+        overlap: bool | None = None,
     ) -> Iterator[tuple[SampleRecord, SampleFeatures]]:
         """Features of each record, in order; a bad record is appended to ``errors`` (or raised) and skipped.
 
         Records are taken ``batch_size`` at a time so that the 2D extractor's forwards are batched (see
-        :meth:`_extract_batch`); a bad record costs only itself.
+        :meth:`_extract_batch`); a bad record costs only itself. With ``overlap`` (default: when the extractors
+        run on an accelerator) one worker thread reads and resizes the next batch while the device computes the
+        current one; the features are the same either way.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        chunks = [records[start : start + batch_size] for start in range(0, len(records), batch_size)]
+        if overlap is None:  # an accelerator should not wait for file reading; on a CPU it would only compete
+            overlap = len(chunks) > 1 and self.compute_device().type != "cpu"
         with tqdm(total=len(records), desc=description, disable=not progress, leave=False) as bar:
-            for start in range(0, len(records), batch_size):
-                chunk = records[start : start + batch_size]
-                for record, found in zip(chunk, self._extract_batch(chunk), strict=True):
+            for chunk, found_batch in zip(chunks, self._batches(chunks, overlap), strict=True):
+                for record, found in zip(chunk, found_batch, strict=True):
                     bar.update(1)
                     if isinstance(found, DataError):
                         if errors is None:
@@ -299,6 +314,28 @@ class FeaturePipeline:
                         errors.append(found)
                         continue
                     yield record, found
+
+    def _batches(
+        self, chunks: Sequence[Sequence[SampleRecord]], overlap: bool
+    ) -> Iterator[list[SampleFeatures | DataError]]:
+        """Each chunk's results in order; with ``overlap`` the next chunk loads on a worker thread meanwhile."""
+        if not overlap:
+            for chunk in chunks:
+                yield self._extract_batch(chunk)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmiad-read") as reader:
+            upcoming: Future[_LoadedBatch] | None = reader.submit(self._load_batch, chunks[0]) if chunks else None
+            for index in range(len(chunks)):
+                assert upcoming is not None
+                loaded = upcoming.result()
+                following = index + 1
+                upcoming = reader.submit(self._load_batch, chunks[following]) if following < len(chunks) else None
+                yield self._compute_batch(loaded)
+
+
+#: Per record: its cached features, the DataError that stopped it, or None until computed; and the misses'
+#: (slot, cache key, model input) awaiting the extractors.
+_LoadedBatch = tuple[list[SampleFeatures | DataError | None], list[tuple[int, str | None, ModelInput]]]
 
 
 def _on_cpu(points: PointFeatures) -> PointFeatures:
