@@ -113,8 +113,12 @@ UNIRCM_ROWS = (
 )
 
 
-def run_experiment(experiment: Experiment, data: Path, work: Path, cache: str, runs: dict[str, Path]) -> dict:
-    """Train (unless rescoring) and test one experiment; returns its metrics and timings."""
+def run_experiment(
+    experiment: Experiment, data: Path, work: Path, cache: str, runs: dict[str, Path], device: str | None = None
+) -> dict:
+    """Train (unless rescoring) and test one experiment on ``device`` (default: the methods' ``auto``); returns its
+    metrics and timings."""
+    on_device = {"device": device} if device else {}
     from mmiad.engine import evaluate_run, train_run
 
     run = work / experiment.name.replace(" ", "_").replace("/", "")
@@ -127,7 +131,7 @@ def run_experiment(experiment: Experiment, data: Path, work: Path, cache: str, r
             run,
             unified=experiment.unified,
             shots=experiment.shots,
-            hparams=experiment.hparams,
+            hparams={**experiment.hparams, **on_device},
             cache_dir=cache,
         )
         train_seconds = time.perf_counter() - started
@@ -135,7 +139,8 @@ def run_experiment(experiment: Experiment, data: Path, work: Path, cache: str, r
     else:
         run = runs[experiment.base or ""]
     started = time.perf_counter()
-    result, _ = evaluate_run(run, data, cache_dir=cache, overrides=experiment.rescore)
+    overrides = {**(experiment.rescore or {}), **on_device} or None
+    result, _ = evaluate_run(run, data, cache_dir=cache, overrides=overrides)
     test_seconds = time.perf_counter() - started
     return {"result": result, "train_s": train_seconds, "test_s": test_seconds}
 
@@ -232,7 +237,7 @@ def _accuracy_command(args: argparse.Namespace) -> int:
             runs[experiment.name] = Path(rows[experiment.name]["run"])
             continue
         print(f"{experiment.name} ...", file=sys.stderr, flush=True)
-        rows[experiment.name] = run_experiment(experiment, data, work, str(work / "cache"), runs)
+        rows[experiment.name] = run_experiment(experiment, data, work, str(work / "cache"), runs, args.device)
         rows[experiment.name]["run"] = str(runs.get(experiment.base or experiment.name, ""))
         saved.write_text(json.dumps(rows[experiment.name]))
         print(f"{experiment.name}: {rows[experiment.name]['result']['mean']}", file=sys.stderr, flush=True)
@@ -320,6 +325,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", help="comma-separated experiment names (rescoring rows follow their base)")
+    parser.add_argument("--device", help="where every experiment trains and tests (default: auto)")
     parser.add_argument("--work", help="keep runs and data here (default: a temporary folder)")
     parser.set_defaults(handler=_accuracy_command)
     fallback = commands.add_parser("fallback", help="accuracy lost when one modality drops out")

@@ -168,6 +168,8 @@ def train_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         spec = r["spec"]
         settings = ", ".join(f"{k}={v}" for k, v in spec.get("hparams", {}).items()) or "defaults"
+        if spec.get("categories"):
+            settings = f"categories={'+'.join(spec['categories'])}, {settings}"
         if spec.get("unified"):
             settings = f"unified, {settings}"
         if "error" in r:

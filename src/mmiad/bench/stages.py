@@ -70,8 +70,14 @@ def zoom_on_object(sample: Any, object_mask: np.ndarray, margin: float = 0.15) -
     return replace(sample, rgb=sample.rgb[window], xyz=sample.xyz[window], valid=sample.valid[window], gt_mask=gt)
 
 
-def run_stages(preset: str, samples: int, image_size: int, data_root: Path) -> dict[str, Any]:
-    """Per-stage timings of one preset (run inside the worker subprocess)."""
+def run_stages(
+    preset: str, samples: int, image_size: int, data_root: Path, profile_name: str = "cfm"
+) -> dict[str, Any]:
+    """Per-stage timings of one preset (run inside the worker subprocess).
+
+    ``profile_name`` ``none`` keeps the background plane (no removal, no crop to the object): the whole frame is
+    valid, which is the densest cloud a sample can give the 3D extractor (~50,000 points at 224²).
+    """
     from mmiad.data.formats import load_sample
     from mmiad.data.mvtec3d import list_categories, list_records
     from mmiad.data.preprocess import get_profile, prepare_input, preprocess_sample
@@ -85,7 +91,7 @@ def run_stages(preset: str, samples: int, image_size: int, data_root: Path) -> d
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         image_extractor, point_extractor = build_extractors(preset, random_init=True)
-    profile = get_profile("cfm")
+    profile = get_profile(profile_name)
     per_category = [list_records(data_root, c, "test") for c in list_categories(data_root)]
     records = [r for group in zip(*per_category, strict=False) for r in group][:samples]  # round-robin
     torch.manual_seed(0)
@@ -97,7 +103,8 @@ def run_stages(preset: str, samples: int, image_size: int, data_root: Path) -> d
 
     def one_sample(record: Any) -> None:
         sample = _timed(timings, "read", lambda: load_sample(record))
-        sample = zoom_on_object(sample, preprocess_sample(sample, profile).valid)
+        if profile_name != "none":
+            sample = zoom_on_object(sample, preprocess_sample(sample, profile).valid)
         cleaned = _timed(timings, "preprocess", lambda s=sample: preprocess_sample(s, profile))
         inputs = _timed(timings, "resize", lambda c=cleaned: prepare_input(c, size=image_size))
         with torch.inference_mode():
@@ -257,16 +264,23 @@ def _stages_command(args: argparse.Namespace) -> int:
                 str(args.samples),
                 str(data),
                 str(args.image_size),
+                args.profile,
             ]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results.append(json.loads(output.strip().splitlines()[-1]))
             print(f"{preset}: {results[-1]['medians_s']}", file=sys.stderr)
     body = (
         f"### Inference stages per sample (median of {args.samples} samples, milliseconds)\n\n"
-        f"Command: `python -m mmiad.bench stages --samples {args.samples} --presets {args.presets}`  \n"
+        f"Command: `python -m mmiad.bench stages --samples {args.samples} --presets {args.presets} "
+        f"--profile {args.profile}`  \n"
         f"Machine: {machine_description()}  \n"
-        f"Input: synthetic `demo` test samples rendered at {args.source_size}×{args.source_size} and cropped to the "
-        "object plus a margin (so the object fills the frame as in MVTec 3D-AD), model input "
+        f"Input: synthetic `demo` test samples rendered at {args.source_size}×{args.source_size} "
+        + (
+            "and cropped to the object plus a margin (so the object fills the frame as in MVTec 3D-AD), "
+            if args.profile != "none"
+            else "with no preprocessing (the background plane kept: every pixel is a point, the densest cloud), "
+        )
+        + "model input "
         f"{args.image_size}×{args.image_size}; deep presets with random weights. `overhead / backbones` is the time "
         "of resize, grouping, interpolation, projection and scoring over the two backbone forwards; "
         "read and preprocess are excluded (preprocessing is cached on disk after the first run). "
@@ -283,13 +297,13 @@ def _stages_command(args: argparse.Namespace) -> int:
         "(FPFH) keep the dense path, which is faster for them, so their two columns time the same code.\n\n"
         + projection_table(results)
     )
-    replace_section(Path(args.out), "stages", body)
+    replace_section(Path(args.out), "stages" if args.profile == "cfm" else f"stages-{args.profile}", body)
     print(body)
     return 0
 
 
 def _worker_command(args: argparse.Namespace) -> int:
-    result = run_stages(args.preset, args.samples, args.image_size, Path(args.data))
+    result = run_stages(args.preset, args.samples, args.image_size, Path(args.data), args.profile)
     print(json.dumps(result))
     return 0
 
@@ -303,10 +317,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     stages.add_argument("--image-size", type=int, default=224)
     stages.add_argument("--source-size", type=int, default=800, help="rendered side (MVTec 3D-AD: 800)")
     stages.add_argument("--seed", type=int, default=0)
+    stages.add_argument(
+        "--profile",
+        default="cfm",
+        help="preprocessing: cfm (plane removed, cropped to the object) or none (whole frame)",
+    )
     stages.set_defaults(handler=_stages_command)
     worker = commands.add_parser("worker", help="(internal) one preset in a fresh process")
     worker.add_argument("preset")
     worker.add_argument("samples", type=int)
     worker.add_argument("data")
     worker.add_argument("image_size", type=int)
+    worker.add_argument("profile", nargs="?", default="cfm")
     worker.set_defaults(handler=_worker_command)
