@@ -87,6 +87,7 @@ def run_stages(
     from mmiad.features.registry import build_extractors
     from mmiad.methods.cfm.mapping import FeatureProjectionMLP, cosine_loss, feature_discrepancy
     from mmiad.methods.cfm.scoring import finalize_map
+    from mmiad.utils.compute import autocast
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -137,6 +138,11 @@ def run_stages(
                 )
 
             distances = _timed(timings, "mapping", mapping)
+            # The same work in bf16 (a model trained with --precision bf16): backbones and mapping under autocast.
+            with autocast("cpu", "bf16"):
+                _timed(timings, "2d_forward_bf16", lambda i=inputs: image_extractor.extract(i.rgb.unsqueeze(0)))
+                _timed(timings, "3d_forward_bf16", lambda i=inputs: point_extractor.extract(i.xyz, i.valid))
+                _timed(timings, "mapping_bf16", mapping)
 
             def scoring(d: torch.Tensor = distances) -> float:
                 combined = torch.zeros(image_size * image_size)
@@ -179,10 +185,21 @@ def run_stages(
     }
 
 
+def _bf16_total(medians: dict[str, float], total: float) -> str:
+    """The total with the backbones and the mapping timed under bf16 autocast (the 3D forward there includes the
+    grouping and interpolation, which stay float32), in ms; — when the run did not time them."""
+    swapped = ("2d_forward", "fps_grouping", "3d_forward", "interpolation", "mapping")
+    low = ("2d_forward_bf16", "3d_forward_bf16", "mapping_bf16")
+    if not all(name in medians for name in low):
+        return "—"
+    return f"{(total - sum(medians.get(n, 0.0) for n in swapped) + sum(medians[n] for n in low)) * 1000:.0f}"
+
+
 def stages_table(results: list[dict[str, Any]]) -> str:
     """Markdown table: one row per preset, one column per stage (ms), plus totals and overhead ratio."""
     header = "| preset | points | " + " | ".join(STAGES) + " | total | samples/s | overhead / backbones | peak RSS |"
-    lines = [header, "|" + "---|" * (len(STAGES) + 7)]
+    header += " total in bf16 ¹ |"
+    lines = [header, "|" + "---|" * (len(STAGES) + 8)]
     for result in results:
         medians = result["medians_s"]
         total = sum(medians.get(s, 0.0) for s in STAGES)
@@ -191,7 +208,7 @@ def stages_table(results: list[dict[str, Any]]) -> str:
         cells = " | ".join(f"{medians[s] * 1000:.1f}" if s in medians else "—" for s in STAGES)
         lines.append(
             f"| {result['preset']} | {result['points_median']} | {cells} | {total * 1000:.0f} | {1 / total:.2f} | "
-            f"{overhead / backbones:.0%} | {result['peak_rss_mb']:.0f} MB |"
+            f"{overhead / backbones:.0%} | {result['peak_rss_mb']:.0f} MB | {_bf16_total(medians, total)} |"
         )
     return "\n".join(lines)
 
@@ -285,7 +302,9 @@ def _stages_command(args: argparse.Namespace) -> int:
         "of resize, grouping, interpolation, projection and scoring over the two backbone forwards; "
         "read and preprocess are excluded (preprocessing is cached on disk after the first run). "
         "Peak RSS is that of a fresh process running only that preset. `mapping` is CFM's two MLPs on the "
-        "foreground pixels of the 224×224 grid (the method itself, not pipeline overhead).\n\n"
+        "foreground pixels of the 224×224 grid (the method itself, not pipeline overhead). ¹ The same sample with "
+        "the backbones and the mapping under bf16 autocast (`--precision bf16`; grouping and interpolation stay "
+        "float32 inside the 3D forward).\n\n"
         + stages_table(results)
         + "\n\n#### Training epoch per sample: re-extracting (official CFM) vs the feature cache\n\n"
         "`step` is one forward + backward of both MLPs on the sample's foreground pixels; the official code "
