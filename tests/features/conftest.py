@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from tiny_clouds import randomise
 
 from mmiad.features.pointmae import PointMaeEncoder, PointMaeExtractor, PointMaePreset
 from mmiad.features.vit import VisionTransformer, VitExtractor, VitPreset
@@ -31,16 +32,7 @@ def make_tiny_vit(seed: int = 0) -> VitExtractor:
 def make_tiny_pointmae(seed: int = 0, fps_backend: str = "auto") -> PointMaeExtractor:
     """A narrow Point-MAE with every tensor random, BatchNorm running statistics included."""
     model = PointMaeEncoder(12, (3, 7, 11), dim=32, num_heads=2)
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = value
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(value.shape, generator=generator) + 0.5
-        else:
-            state[key] = torch.randn(value.shape, generator=generator) * 0.2
-    model.load_state_dict(state)
+    model.load_state_dict(randomise(model, seed))
     return PointMaeExtractor(model, SMALL_MAE, f"random-{seed}", fps_backend)
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import nullcontext
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_clouds import cloud
 
 from mmiad.features.base import DeviceExtractor, PointFeatures, extractor_device, place_extractor
 from mmiad.features.fpfh import FPFHExtractor
@@ -47,16 +47,6 @@ def assert_matches_cpu(got: torch.Tensor, expected: torch.Tensor, device: str) -
         assert torch.equal(got, expected)
     else:
         assert got.shape == expected.shape and relative_error(got, expected) <= CUDA_TOLERANCE
-
-
-def cloud(size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A scanner-like surface (5 cm wide, 50 cm away) with a few invalid pixels."""
-    rng = np.random.default_rng(seed)
-    u, v = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size))
-    xyz = np.stack([u * 0.05, v * 0.05, 0.5 + 0.01 * np.sin(3 * u) + 1e-3 * rng.normal(size=u.shape)], axis=-1)
-    valid = np.ones((size, size), bool)
-    valid[:3, :5] = False
-    return xyz.astype(np.float32), valid
 
 
 def rgb_batch(count: int = 3, side: int = 32, seed: int = 0) -> torch.Tensor:

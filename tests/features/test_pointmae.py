@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_clouds import cloud, randomise
 
 from mmiad.features.checkpoints import CheckpointError
 from mmiad.features.grouping import group_points, three_nn_weights
@@ -27,20 +28,6 @@ def narrow(keep: int = 12, layers: tuple[int, ...] = (3, 7, 11)) -> PointMaeEnco
     return PointMaeEncoder(keep, layers, dim=DIM, num_heads=2)
 
 
-def randomise(model: PointMaeEncoder, seed: int) -> dict[str, torch.Tensor]:
-    """Random values for every tensor, BatchNorm statistics included (variances kept positive)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = value
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(value.shape, generator=generator) + 0.5
-        else:
-            state[key] = torch.randn(value.shape, generator=generator) * 0.2
-    return state
-
-
 def official_checkpoint(state: dict[str, torch.Tensor]) -> dict:
     """Wrap encoder tensors like Point-MAE's ``save_checkpoint`` with DDP: decoder and extras included."""
     base = {f"module.MAE_encoder.{k}": v for k, v in state.items()}
@@ -49,15 +36,6 @@ def official_checkpoint(state: dict[str, torch.Tensor]) -> dict:
     base["module.decoder_pos_embed.0.weight"] = torch.ones(128, 3)
     base["module.increase_dim.0.weight"] = torch.ones(96, DIM, 1)
     return {"base_model": base, "optimizer": {"state": {}}, "epoch": 300, "metrics": {}, "best_metrics": {}}
-
-
-def cloud(size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    u, v = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size))
-    xyz = np.stack([u * 0.05, v * 0.05, 0.5 + 0.01 * np.sin(3 * u) + 1e-3 * rng.normal(size=u.shape)], axis=-1)
-    valid = np.ones((size, size), bool)
-    valid[:3, :5] = False
-    return xyz.astype(np.float32), valid
 
 
 @pytest.mark.parametrize("batchnorm", ["cloud", "running"])
