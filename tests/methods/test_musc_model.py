@@ -39,6 +39,23 @@ def test_scores_do_not_depend_on_sample_order(musc_tokens) -> None:
     )
 
 
+@pytest.mark.parametrize("cae", [True, False])
+def test_mutual_scoring_on_each_device_equals_the_cpu(musc_tokens, compute_device: str, cae: bool) -> None:
+    """The O(N²) scoring runs on the configured device and hands CPU float32 scores back: identical on the CPU,
+    within float rounding of the distance kernels on CUDA."""
+    model, tokens = musc_tokens
+    on_cpu = MuSc(replace(model.config, device="cpu", cae=cae)).score_tokens(tokens)
+    on_device = MuSc(replace(model.config, device=compute_device, cae=cae)).score_tokens(tokens)
+    for got, expected in zip(on_device, on_cpu, strict=True):
+        assert isinstance(got.pred_score, float)
+        if compute_device == "cpu":
+            assert got.pred_score == expected.pred_score
+            np.testing.assert_array_equal(got.anomaly_map, expected.anomaly_map)
+        else:
+            assert got.pred_score == pytest.approx(expected.pred_score, rel=1e-4)
+            np.testing.assert_allclose(got.anomaly_map, expected.anomaly_map, rtol=1e-4, atol=1e-6)
+
+
 def test_subset_mode_is_deterministic_under_a_seed(musc_tokens) -> None:
     model, tokens = musc_tokens
     tokens = tokens + tokens[:2]  # 10 samples: two subsets of 5

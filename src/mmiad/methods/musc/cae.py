@@ -30,7 +30,8 @@ def rank_match(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     group = torch.cumsum(
         torch.cat([ordered_target.new_zeros(1, dtype=torch.long), (ordered_target.diff() != 0).long()]), 0
     )
-    sums = torch.zeros(int(group[-1]) + 1, dtype=ordered_source.dtype).index_add_(0, group, ordered_source)
+    sums = torch.zeros(int(group[-1]) + 1, dtype=ordered_source.dtype, device=ordered_source.device)
+    sums.index_add_(0, group, ordered_source)
     counts = torch.bincount(group).to(ordered_source.dtype)
     out = torch.empty_like(ordered_source)
     out[order] = (sums / counts)[group]
@@ -110,8 +111,8 @@ def cae_scores(
     one (the token extraction refuses an empty cloud in the 3D modes). The interval keeps
     ``max(1, int(R·interval))`` references, as the official multimodal code (the batch check makes it ≥ 1).
     """
-    scores_2d = torch.zeros(valid_2d.shape, dtype=torch.float32)
-    scores_3d = torch.zeros(valid_3d.shape, dtype=torch.float32)
+    scores_2d = torch.zeros(valid_2d.shape, dtype=torch.float32, device=tokens_2d.device)
+    scores_3d = torch.zeros(valid_3d.shape, dtype=torch.float32, device=tokens_3d.device)
     for index in range(tokens_2d.shape[0]):
         d2 = patch_to_sample_distances(tokens_2d, valid_2d, index, chunk_size)
         d3 = patch_to_sample_distances(tokens_3d, valid_3d, index, chunk_size)

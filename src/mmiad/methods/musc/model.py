@@ -27,6 +27,7 @@ from mmiad.methods.musc.msm import MixedSizeError, check_batch, checked_subsets,
 from mmiad.methods.musc.rscon import rescore
 from mmiad.methods.musc.tokens import SampleTokens, extract_tokens
 from mmiad.postprocess.smoothing import smooth_maps
+from mmiad.utils.compute import resolve_device
 
 
 class MuSc:
@@ -105,8 +106,18 @@ class MuSc:
         return self._predictions(tokens, scores_2d, scores_3d)
 
     def _score_subset(self, part: Sequence[SampleTokens]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per sample: 2D patch scores (L2,) and 3D group scores (G_i,), each the mean over layers."""
+        """Per sample: 2D patch scores (L2,) and 3D group scores (G_i,), each the mean over layers.
+
+        The mutual scoring (the O(N²) distance work) runs on the configured device; the scores come back to the
+        CPU in float32 (the tokens are float32 already, so autocast does not apply).
+        """
         config = self.config
+        device = resolve_device(config.device)
+
+        def stacked(tokens: list[torch.Tensor], what: str) -> tuple[torch.Tensor, torch.Tensor]:
+            values, valid = stack_tokens(tokens, what)
+            return values.to(device), valid.to(device)
+
         count = len(part)
         layers_2d, layers_3d = len(part[0].image), len(part[0].points)
         interval, chunk_size = config.interval, config.chunk_size
@@ -114,22 +125,24 @@ class MuSc:
         if config.modality == "both" and config.cae:
             if layers_2d != layers_3d:
                 raise ValueError(f"CAE pairs layers: the 2D extractor gives {layers_2d}, the 3D one {layers_3d}")
-            patches = [patch_members(t.centre_pixels, t.inputs.rgb.shape[-1], t.grid) for t in part]
+            patches = [patch_members(t.centre_pixels, t.inputs.rgb.shape[-1], t.grid).to(device) for t in part]
             for layer in range(layers_2d):
-                z2, v2 = stack_tokens([t.image[layer] for t in part], "2D")
-                z3, v3 = stack_tokens([t.points[layer] for t in part], "3D")
+                z2, v2 = stacked([t.image[layer] for t in part], "2D")
+                z3, v3 = stacked([t.points[layer] for t in part], "3D")
                 s2, s3 = cae_scores(z2, v2, z3, v3, patches, interval=interval, chunk_size=chunk_size)
                 sum_2d = s2 if sum_2d is None else sum_2d + s2
                 sum_3d = s3 if sum_3d is None else sum_3d + s3
         else:
             for layer in range(layers_2d):
-                z2, v2 = stack_tokens([t.image[layer] for t in part], "2D")
+                z2, v2 = stacked([t.image[layer] for t in part], "2D")
                 s2 = mutual_scores(z2, v2, interval=interval, chunk_size=chunk_size)
                 sum_2d = s2 if sum_2d is None else sum_2d + s2
             for layer in range(layers_3d):
-                z3, v3 = stack_tokens([t.points[layer] for t in part], "3D")
+                z3, v3 = stacked([t.points[layer] for t in part], "3D")
                 s3 = mutual_scores(z3, v3, interval=interval, chunk_size=chunk_size)
                 sum_3d = s3 if sum_3d is None else sum_3d + s3
+        sum_2d = sum_2d.cpu() if sum_2d is not None else None
+        sum_3d = sum_3d.cpu() if sum_3d is not None else None
         out_2d = [sum_2d[i] / layers_2d if sum_2d is not None else torch.zeros(0) for i in range(count)]
         out_3d = [
             sum_3d[i, : part[i].points[0].shape[0]] / layers_3d if sum_3d is not None else torch.zeros(0)

@@ -100,7 +100,7 @@ def patch_to_sample_distances(
     others = [j for j in range(tokens.shape[0]) if j != index]
     columns = []
     for start in range(0, len(others), chunk_size):
-        picked = torch.tensor(others[start : start + chunk_size])
+        picked = torch.tensor(others[start : start + chunk_size], device=tokens.device)
         columns.append(_block_min_distances(query, tokens[picked], valid[picked]))
     return torch.cat(columns, dim=1)
 
@@ -118,7 +118,7 @@ def mutual_scores(
 ) -> torch.Tensor:
     """(N, L) MSM scores of one modality and one layer (the official ``MSM_single``); invalid tokens score 0."""
     check_batch(tokens.shape[0], interval)
-    scores = torch.zeros(valid.shape, dtype=torch.float32)
+    scores = torch.zeros(valid.shape, dtype=torch.float32, device=tokens.device)
     for index in range(tokens.shape[0]):
         distances = patch_to_sample_distances(tokens, valid, index, chunk_size)
         scores[index, valid[index]] = interval_average(distances, interval)
