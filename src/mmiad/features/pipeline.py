@@ -68,14 +68,21 @@ class SampleFeatures:
             self._inputs = self._inputs()
         return self._inputs  # type: ignore[return-value]
 
-    def on_grid(self, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def on_grid(
+        self, grid: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(2D map C2×G×G, 3D map C3×G×G, foreground G×G) aligned on a G×G grid.
 
         The 2D map is upsampled bilinearly (align_corners=False, as the official CFM/Uni-RCM code), the 3D map
         by the official projection (:meth:`PointFeatures.to_grid`). Foreground is where the 3D map is non-zero.
+        With ``device`` the upsampling and the projection run there (the features stay where they are stored),
+        so an accelerator does the per-pixel work of a 224² grid; None computes where the features are.
         """
-        image = F.interpolate(self.image.unsqueeze(0).float(), size=(grid, grid), mode="bilinear", align_corners=False)
-        return image[0], self.points.to_grid(grid), self.points.foreground(grid)
+        image, points = self.image, self.points
+        if device is not None:
+            image, points = image.to(device), points.to(device)
+        image = F.interpolate(image.unsqueeze(0).float(), size=(grid, grid), mode="bilinear", align_corners=False)
+        return image[0], points.to_grid(grid), points.foreground(grid)
 
 
 class FeaturePipeline:

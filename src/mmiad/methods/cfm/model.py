@@ -159,7 +159,7 @@ class CFM(AnomalyModel):
         return fraction if fraction is not None and fraction < 1 else None
 
     def _foreground_rows(self, features: SampleFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        grid_2d, grid_3d, foreground = features.on_grid(self.config.grid_size)
+        grid_2d, grid_3d, foreground = features.on_grid(self.config.grid_size, self.device)
         rows_2d = grid_2d.flatten(1).T[foreground.flatten()]
         rows_3d = grid_3d.flatten(1).T[foreground.flatten()]
         return rows_2d.contiguous(), rows_3d.contiguous()
@@ -240,9 +240,9 @@ class CFM(AnomalyModel):
         discrepancies are taken in float32 and the maps returned on the CPU.
         """
         grid = self.config.grid_size
-        grid_2d, grid_3d, foreground = features.on_grid(grid)
-        mask = foreground.flatten()
         device = next(self.map_to_3d_.parameters()).device
+        grid_2d, grid_3d, foreground = features.on_grid(grid, device)
+        mask = foreground.flatten()
         rows_2d = grid_2d.flatten(1).T[mask].to(device)
         rows_3d = grid_3d.flatten(1).T[mask].to(device)
         source_3d, source_2d = self._inputs_of(rows_2d, rows_3d)
@@ -253,6 +253,7 @@ class CFM(AnomalyModel):
             distance_2d = feature_discrepancy(predicted_2d.to(rows_2d.dtype), rows_2d).cpu()
         map_3d = torch.zeros(grid * grid)
         map_2d = torch.zeros(grid * grid)
+        mask = mask.cpu()
         map_3d[mask] = distance_3d
         map_2d[mask] = distance_2d
         map_2d, map_3d = map_2d.view(grid, grid), map_3d.view(grid, grid)
