@@ -78,6 +78,9 @@ class UniRCMConfig(MethodSettings):
             them (about a third more compute, a fraction of the activation memory). None: only when that lets
             the whole batch fit the budget where it otherwise would not (cheaper than splitting it with exact
             BatchNorm), or when not even one image fits without it.
+        checkpoint_dir: Save the training state there after every epoch and continue from it when the same
+            training is run again (:mod:`~mmiad.methods.unircm.resume`); None (default) saves nothing. Not
+            available under torchrun with several processes.
 
     ``compat`` applies the official smoothing and normalisations: pixel and AUPRO maps blurred by PIL's GaussianBlur
     (radius σ) on a uint8 copy, the image score from the 5×5/7×7 box cascade, CFM's per-metric normalisations;
@@ -113,6 +116,7 @@ class UniRCMConfig(MethodSettings):
     micro_batch: int | None = None
     micro_batch_norm: str = "exact"
     activation_checkpointing: bool | None = None
+    checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -37,6 +37,7 @@ from mmiad.methods.unircm.blocks import RefGuidedMapping, load_mapping_state
 from mmiad.methods.unircm.config import STORE_DTYPES, UniRCMConfig
 from mmiad.methods.unircm.memory import grid_store_budget, plan_training, training_memory_options
 from mmiad.methods.unircm.orq import ResidualQuantizer
+from mmiad.methods.unircm.resume import TrainingCheckpoint, training_fingerprint
 from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import Grids, feature_mean_squares, foreground_of, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
@@ -168,7 +169,18 @@ class UniRCM(AnomalyModel):
             plan=plan_training(self.map_to_3d_, self.map_to_2d_, **training_memory_options(c)),
             batch_norm=c.micro_batch_norm,
             precision=c.precision,
+            resume=self._resume_point(kept),
         )
+
+    def _resume_point(self, kept: list[int]) -> TrainingCheckpoint | None:
+        """The checkpoint of this training when ``checkpoint_dir`` is set (one process only)."""
+        if self.config.checkpoint_dir is None:
+            return None
+        if ddp.world_size() > 1:
+            raise ValueError("checkpoint_dir is not supported under torchrun with several processes yet")
+        widths = (self.map_to_3d_.in_features, self.map_to_2d_.in_features)
+        fingerprint = training_fingerprint(self.config, kept, widths, self.feature_mean_squares_)
+        return TrainingCheckpoint(Path(self.config.checkpoint_dir), fingerprint)
 
     def _foreground_rows(self, store: Mapping[int, Grids]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """All ranks' foreground rows in global sample order (at most ``orq_max_points``), on rank 0 only.

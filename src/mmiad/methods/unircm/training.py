@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from mmiad.methods.unircm.batchnorm import StopForwardError, WholeBatchNorm
 from mmiad.methods.unircm.blocks import RefGuidedMapping
+from mmiad.methods.unircm.resume import TrainingCheckpoint
 from mmiad.utils import distributed as ddp
 from mmiad.utils.budget import MicroBatchPlan, split_batch
 from mmiad.utils.compute import autocast
@@ -174,6 +175,7 @@ def train_mappings(
     batch_norm: str = "exact",
     checkpointing: bool | None = None,
     precision: str = "fp32",
+    resume: TrainingCheckpoint | None = None,
 ) -> list[float]:
     """Adam on the joint loss of both directions over foreground rows; returns the mean loss per epoch.
 
@@ -194,6 +196,8 @@ def train_mappings(
         checkpointing: Recompute the blocks' activations in the backward pass (less memory, ~1/3 more time);
             None: as the plan says (off without a plan).
         precision: Autocast of the networks' forward passes (``fp32``: none).
+        resume: Where the state is saved after every epoch and restored from at the start (see
+            :mod:`mmiad.methods.unircm.resume`); None trains from scratch and saves nothing.
     """
     if batch_norm not in BATCH_NORM_MODES:
         raise ValueError(f"unknown batch_norm {batch_norm!r}; expected one of {BATCH_NORM_MODES}")
@@ -222,8 +226,16 @@ def train_mappings(
         return load(parts[part])
 
     history: list[float] = []
+    start = 0
+    if resume is not None:
+        restored = resume.restore(networks, optimizer, generator)
+        if restored is not None:
+            start, history = min(restored[0], epochs), restored[1][:epochs]
+    bar = tqdm(
+        range(start, epochs), desc="train unircm", disable=not progress, leave=False, initial=start, total=epochs
+    )
     with checkpointed_blocks([map_to_3d, map_to_2d]) if checkpointing else _nothing():
-        for _ in tqdm(range(epochs), desc="train unircm", disable=not progress, leave=False):
+        for epoch in bar:
             order = [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()]
             losses = []
             for start in range(0, len(order), batch_size):
@@ -253,6 +265,8 @@ def train_mappings(
                 optimizer.step()
                 losses.append(global_loss)
             history.append(float(np.mean(losses)) if losses else float("nan"))
+            if resume is not None and ddp.is_main_process():
+                resume.save(epoch + 1, networks, optimizer, generator, history)
     networks.eval()
     return history
 

@@ -1,0 +1,106 @@
+"""Resumable Uni-RCM training: a run stopped after some epochs and started again ends where an uninterrupted
+run ends (weights, Adam state, loss history), and a checkpoint of another training is never used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from mmiad.methods.unircm import UniRCM
+from mmiad.methods.unircm.blocks import RefGuidedMapping
+from mmiad.methods.unircm.resume import CHECKPOINT_NAME, TrainingCheckpoint
+from mmiad.methods.unircm.training import train_mappings
+
+GRID = 6
+
+
+def _store(images: int = 6) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        i: (
+            torch.randn(GRID * GRID, 5, generator=generator),
+            torch.randn(GRID * GRID, 4, generator=generator),
+            torch.rand(GRID * GRID, generator=generator) > 0.3,
+        )
+        for i in range(images)
+    }
+
+
+def _train(epochs: int, resume: TrainingCheckpoint | None) -> tuple[nn.ModuleList, list[float]]:
+    """Fresh networks from the same seed, trained ``epochs`` epochs (3 steps of 2 images each)."""
+    torch.manual_seed(1)
+    shape = {"hidden": 8, "grid": GRID, "num_blocks": 2}
+    networks = nn.ModuleList([RefGuidedMapping(5, 4, **shape), RefGuidedMapping(4, 5, **shape)])
+    store = _store()
+    history = train_mappings(
+        *networks,  # type: ignore[arg-type]
+        store,
+        sorted(store),
+        epochs=epochs,
+        batch_size=2,
+        learning_rate=1e-2,
+        mse_weight=0.01,
+        mse_scale=(1.0, 1.0),
+        seed=3,
+        resume=resume,
+    )
+    return networks, history
+
+
+def _assert_same(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_a_stopped_run_continues_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    reference, reference_history = _train(5, None)
+    checkpoint = TrainingCheckpoint(tmp_path, "run-a")
+    _, first = _train(2, checkpoint)  # "killed" after two epochs
+    assert (tmp_path / CHECKPOINT_NAME).is_file() and first == reference_history[:2]
+    resumed, history = _train(5, checkpoint)  # the same command again
+    assert history == reference_history
+    _assert_same(resumed, reference)  # weights and BatchNorm running statistics
+    # Running it once more trains nothing and returns the same model.
+    again, again_history = _train(5, checkpoint)
+    assert again_history == reference_history
+    _assert_same(again, reference)
+
+
+def test_another_trainings_checkpoint_is_ignored_with_a_warning(tmp_path: Path) -> None:
+    reference, reference_history = _train(3, None)
+    _train(2, TrainingCheckpoint(tmp_path, "run-a"))
+    with pytest.warns(UserWarning, match="another training's state"):
+        other, history = _train(3, TrainingCheckpoint(tmp_path, "run-b"))
+    assert history == reference_history
+    _assert_same(other, reference)
+
+
+def test_a_damaged_checkpoint_is_reported_and_training_starts_over(tmp_path: Path) -> None:
+    reference, reference_history = _train(2, None)
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"\x00" * 64)
+    with pytest.warns(UserWarning, match="starting the training from epoch 0"):
+        model, history = _train(2, TrainingCheckpoint(tmp_path, "run-a"))
+    assert history == reference_history
+    _assert_same(model, reference)
+
+
+def test_the_model_fingerprints_its_training_and_resumes_through_its_settings(
+    tiny_dataset: Path, tiny_hparams: dict, tmp_path: Path
+) -> None:
+    from mmiad.data.mvtec3d import list_records
+
+    records = list_records(tiny_dataset, "puck", "train")
+    settings = {**tiny_hparams["unircm"], "use_orq": False, "cache_dir": str(tmp_path / "cache")}
+    plain = UniRCM(**settings).fit(records)
+    ticked = UniRCM(**settings, checkpoint_dir=str(tmp_path / "ck")).fit(records)
+    assert ticked.loss_history_ == plain.loss_history_
+    assert (tmp_path / "ck" / CHECKPOINT_NAME).is_file()
+    resumed = UniRCM(**settings, checkpoint_dir=str(tmp_path / "ck")).fit(records)  # finished: nothing to train
+    assert resumed.loss_history_ == plain.loss_history_
+    _assert_same(resumed.map_to_3d_, plain.map_to_3d_)
+    # Other data is another training: its fingerprint differs, so the checkpoint is not used.
+    with pytest.warns(UserWarning, match="another training's state"):
+        UniRCM(**settings, checkpoint_dir=str(tmp_path / "ck")).fit(records[:-1])
