@@ -18,7 +18,7 @@ from mmiad.methods.modelfile import ModelFileError
 from mmiad.postprocess.threshold import calibrate
 from mmiad.utils import distributed as ddp
 from mmiad.utils.atomic import write_json
-from mmiad.utils.compute import describe_device, resolve_device
+from mmiad.utils.compute import describe_device
 from mmiad.utils.names import UnsafeNameError, plain_name
 
 RUN_INDEX = "run.json"
@@ -157,11 +157,7 @@ def train_run(
 
 def compute_record(model: AnomalyModel) -> dict[str, str]:
     """Where and in which precision a model was trained, for the run's records (never needed to load it)."""
-    settings = model.config
-    return {
-        "trained_on": describe_device(resolve_device(str(getattr(settings, "device", "auto")))),
-        "precision": str(getattr(settings, "precision", "fp32")),
-    }
+    return {"trained_on": describe_device(model.device), "precision": model.config.precision}
 
 
 def write_run_index(

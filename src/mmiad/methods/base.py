@@ -21,7 +21,7 @@ from mmiad.data.sample import SampleRecord
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.methods.settings import MethodSettings
 from mmiad.postprocess.threshold import Thresholds
-from mmiad.utils.compute import device_present
+from mmiad.utils.compute import device_present, resolve_device
 
 if TYPE_CHECKING:
     from mmiad.features.pipeline import FeaturePipeline
@@ -253,6 +253,12 @@ class AnomalyModel(ABC):
             ValueError: for methods without an ONNX scorer (memory banks search millions of rows).
         """
         raise ValueError(f"ONNX export is not available for method {self.name!r}")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the method's networks, banks and scoring run: ``config.device`` resolved (``auto``: CUDA when
+        present; under torchrun with NCCL, the rank's own GPU)."""
+        return resolve_device(self.config.device)
 
     def preprocess_profile(self) -> str:
         """The offline preprocessing profile of this method's settings."""

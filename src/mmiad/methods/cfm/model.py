@@ -26,7 +26,7 @@ from mmiad.methods.modelfile import prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.settings import MethodSettings
 from mmiad.utils.budget import MicroBatchPlan
-from mmiad.utils.compute import autocast, resolve_device
+from mmiad.utils.compute import autocast
 
 MAPPINGS = ("crossmodal", "intramodal")
 
@@ -106,11 +106,6 @@ class CFM(AnomalyModel):
     config_class = CFMConfig
     tiny_hparams: ClassVar[dict[str, Any]] = {"image_size": 64, "grid_size": 32, "epochs": 3, "batch_size": 2}
     config: CFMConfig
-
-    @property
-    def device(self) -> torch.device:
-        """Where the MLPs train and score (``config.device`` resolved)."""
-        return resolve_device(self.config.device)
 
     # ------------------------------------------------------------------ training
     def _build_networks(self, channels_2d: int, channels_3d: int) -> None:

@@ -34,7 +34,6 @@ from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.postprocess.smoothing import SMOOTHINGS
-from mmiad.utils.compute import resolve_device
 
 BANKS = ("point", "rgb", "fused")
 VARIANTS = {"triple": BANKS, "double": BANKS[:2]}
@@ -226,11 +225,6 @@ class M3DM(AnomalyModel):
 
     def _sets(self, features: SampleFeatures) -> PatchSets:
         return patch_sets(features, self.config.rgb_grid, self.config.point_grid)
-
-    @property
-    def device(self) -> torch.device:
-        """Where UFF runs (``config.device`` resolved)."""
-        return resolve_device(self.config.device)
 
     def _on_device(self, block: FeatureFusionBlock) -> FeatureFusionBlock:
         return block.to(self.device)

@@ -41,7 +41,7 @@ from mmiad.methods.unircm.resume import TrainingCheckpoint, training_fingerprint
 from mmiad.methods.unircm.store import GridStore
 from mmiad.methods.unircm.training import Grids, feature_mean_squares, foreground_of, mse_scales, train_mappings
 from mmiad.utils import distributed as ddp
-from mmiad.utils.compute import autocast, resolve_device
+from mmiad.utils.compute import autocast
 
 
 def normalize_orq_map(scores: torch.Tensor, how: str) -> torch.Tensor:
@@ -96,11 +96,6 @@ class UniRCM(AnomalyModel):
         "orq_iterations": 3,
         "device": "cpu",
     }
-
-    @property
-    def device(self) -> torch.device:
-        """Where the networks run (CUDA rank-local device under torchrun with NCCL)."""
-        return resolve_device(self.config.device)
 
     # ------------------------------------------------------------------ features
     def grids_of(self, features: SampleFeatures) -> Grids:
