@@ -87,6 +87,25 @@ def test_a_damaged_checkpoint_is_reported_and_training_starts_over(tmp_path: Pat
     _assert_same(model, reference)
 
 
+def test_a_tampered_checkpoint_restores_nothing(tmp_path: Path) -> None:
+    """Right fingerprint, wrong contents (a tensor of another shape): all or nothing, then a fresh start."""
+    from mmiad.methods.modelfile import load_model_file, save_model_file
+
+    reference, reference_history = _train(3, None)
+    checkpoint = TrainingCheckpoint(tmp_path, "run-a")
+    _train(1, checkpoint)
+    tensors, header = load_model_file(checkpoint.path)
+    name = next(n for n in tensors if n.startswith("opt.") and tensors[n].ndim == 2)
+    tensors[name] = tensors[name][:, :-1].contiguous()  # Adam's moment no longer fits its parameter
+    save_model_file(
+        checkpoint.path, tensors, {k: v for k, v in header.items() if k not in ("format", "format_version")}
+    )
+    with pytest.warns(UserWarning, match="does not fit this training"):
+        model, history = _train(3, checkpoint)
+    assert history == reference_history
+    _assert_same(model, reference)
+
+
 def test_the_model_fingerprints_its_training_and_resumes_through_its_settings(
     tiny_dataset: Path, tiny_hparams: dict, tmp_path: Path
 ) -> None:

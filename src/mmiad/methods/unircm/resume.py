@@ -14,6 +14,7 @@ widths and the features' mean squares); a file from another training is ignored 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import warnings
@@ -103,12 +104,30 @@ class TrainingCheckpoint:
                 stacklevel=2,
             )
             return None
-        networks.load_state_dict({name[4:]: value for name, value in tensors.items() if name.startswith("net.")})
-        slots: dict[int, dict[str, torch.Tensor]] = {}
-        for name, value in tensors.items():
-            if name.startswith("opt."):
-                _, index, slot = name.split(".", 2)
-                slots.setdefault(int(index), {})[slot] = value
-        optimizer.load_state_dict({"state": slots, "param_groups": header["param_groups"]})
-        generator.set_state(tensors["generator"])
-        return int(header["epoch"]), [float(v) for v in header["history"]]
+        # Fingerprinted but edited or damaged inside: load all or nothing, so a half-restored state never trains.
+        before = (copy.deepcopy(networks.state_dict()), copy.deepcopy(optimizer.state_dict()), generator.get_state())
+        try:
+            networks.load_state_dict({name[4:]: value for name, value in tensors.items() if name.startswith("net.")})
+            slots: dict[int, dict[str, torch.Tensor]] = {}
+            for name, value in tensors.items():
+                if name.startswith("opt."):
+                    _, index, slot = name.split(".", 2)
+                    slots.setdefault(int(index), {})[slot] = value
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            for position, named in slots.items():  # the optimizer itself would only fail at its next step
+                for slot_name, value in named.items():
+                    if value.ndim and value.shape != parameters[position].shape:
+                        raise ValueError(f"optimizer slot {position}.{slot_name} of shape {tuple(value.shape)}")
+            optimizer.load_state_dict({"state": slots, "param_groups": header["param_groups"]})
+            generator.set_state(tensors["generator"])
+            return int(header["epoch"]), [float(v) for v in header["history"]]
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+            networks.load_state_dict(before[0])
+            optimizer.load_state_dict(before[1])
+            generator.set_state(before[2])
+            warnings.warn(
+                f"{self.path}: the saved state does not fit this training ({type(error).__name__}); "
+                "starting the training from epoch 0",
+                stacklevel=2,
+            )
+            return None
