@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -193,8 +194,8 @@ def _memory_command(args: argparse.Namespace) -> int:
     trains = [r for r in results if r["spec"]["kind"] == "train"]
     body = (
         f"Command: `python -m mmiad.bench memory --specs SPECS.json`  \nMachine: {machine_description()}, "
-        "**shared with other helpers' test suites (load average 15-30 on 2 cores)**: times are inflated and "
-        "only indicative; peaks do not depend on the load.\n\n"
+        f"1-minute load average {os.getloadavg()[0]:.1f} at the end (above the 2 cores, other work shared them "
+        "and times are inflated); peaks do not depend on the load.\n\n"
         "#### `mmiad.train` on the synthetic `demo` data (one category, 20 training images)\n\n"
         + train_table(trains)
         + "\n\n#### Uni-RCM training steps: the preflight's estimate vs the measured peak\n\n"
