@@ -95,7 +95,8 @@ def add_device_option(parser: argparse.ArgumentParser, *, precision: bool = Fals
             "--precision",
             choices=PRECISIONS,
             help="autocast for the extractors and the learned networks (default fp32, the papers'); bf16 is the "
-            "fast low precision on recent CPUs",
+            "fast low precision on recent CPUs; for training, import and zero-shot --method (a trained run keeps "
+            "the precision it was trained with)",
         )
 
 
