@@ -13,6 +13,7 @@ them there, and a method that computes on a GPU moves what it needs (:meth:`Poin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -231,14 +232,22 @@ class FeaturePipeline:
         images = [image.clone() for image in batch.unbind(0)]
         return images, [self.point_features(item.xyz, item.valid) for item in inputs]
 
+    @contextlib.contextmanager
+    def extracting(self, extractor: object) -> Iterator[torch.device]:
+        """The one way to run an extractor: placed on the compute device, in inference mode, under the
+        precision's autocast; yields the device the extractor is on (inputs go there)."""
+        self.compute_device()
+        device = extractor_device(extractor)
+        with torch.inference_mode(), autocast(device, self.precision):
+            yield device
+
     def image_features(self, rgb: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S) model-input RGB → (B,C,h,w) CPU float32 features, computed on the device in the precision.
 
         Not cached: this is for callers that extract one modality outside :meth:`extract` (a modality fallback);
         they get the same features, where and in the arithmetic the pipeline was asked for.
         """
-        self.compute_device()
-        with torch.inference_mode(), autocast(extractor_device(self.image_extractor), self.precision):
+        with self.extracting(self.image_extractor):
             batch = self.image_extractor.extract(rgb)
         return batch.to(torch.device("cpu"), torch.float32)
 
@@ -247,8 +256,7 @@ class FeaturePipeline:
 
         Not cached, like :meth:`image_features`.
         """
-        self.compute_device()
-        with torch.inference_mode(), autocast(extractor_device(self.point_extractor), self.precision):
+        with self.extracting(self.point_extractor):
             points = self.point_extractor.extract(xyz, valid)
         return _on_cpu(points)
 

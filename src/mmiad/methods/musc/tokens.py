@@ -27,7 +27,6 @@ from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.musc.config import MuScConfig
 from mmiad.methods.musc.ipg import make_grouping
 from mmiad.methods.musc.snamd import aggregate_2d, aggregate_3d
-from mmiad.utils.compute import autocast
 
 
 @dataclass
@@ -64,8 +63,7 @@ def _image_tokens(
 ) -> tuple[list[torch.Tensor], tuple[int, int]]:
     extractor = pipeline.image_extractor
     if hasattr(extractor, "extract_layers"):
-        device = pipeline.compute_device()  # places the extractors; the tokens come back to the CPU in float32
-        with torch.inference_mode(), autocast(device, pipeline.precision):
+        with pipeline.extracting(extractor) as device:  # the tokens come back to the CPU in float32
             layers = extractor.extract_layers(inputs.rgb.unsqueeze(0).to(device), config.image_layers)
         maps = [m[0].to("cpu", torch.float32) for m in layers]
     else:
@@ -97,8 +95,7 @@ def _point_tokens(
             flat = torch.from_numpy(np.ascontiguousarray(xyz.reshape(-1, 3)[inputs.valid.reshape(-1)], np.float32))
             xyz = np.zeros_like(inputs.xyz, dtype=np.float32)
             xyz.reshape(-1, 3)[inputs.valid.reshape(-1)] = _unit_sphere(flat).numpy()
-        device = pipeline.compute_device()
-        with torch.inference_mode(), autocast(device, pipeline.precision):
+        with pipeline.extracting(extractor):
             groups = extractor.extract_groups(xyz, inputs.valid, grouping)
         features, points = groups.features.to("cpu"), groups.points.cpu()
         width = groups.layer_width
