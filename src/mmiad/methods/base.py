@@ -24,7 +24,7 @@ from mmiad.postprocess.threshold import Thresholds
 from mmiad.utils.compute import device_present, resolve_device
 
 if TYPE_CHECKING:
-    from mmiad.features.pipeline import FeaturePipeline
+    from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 
 
 @dataclass
@@ -117,6 +117,26 @@ class NotFittedError(RuntimeError):
     """``predict`` or ``save`` was called before ``fit``."""
 
 
+@dataclass
+class Scored:
+    """What a method computes for one sample from its features (:meth:`AnomalyModel.score`).
+
+    The engine turns it into a :class:`Prediction` (record, label, ground truth, geometry, thresholds); a method
+    only says how anomalous the sample looks.
+
+    Attributes:
+        score: Image-level anomaly score (higher is more anomalous).
+        anomaly_map: S×S final map at the model input side (``image_size``), float32 on the CPU.
+        modality_maps: Intermediate maps by name (``2d``, ``3d``...), for reports.
+        metric_maps: Per-metric maps where the official code normalises differently per metric (``compat``).
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    modality_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    metric_maps: dict[str, np.ndarray] = field(default_factory=dict)
+
+
 class AnomalyModel(ABC):
     """Base class of every method.
 
@@ -131,12 +151,29 @@ class AnomalyModel(ABC):
         tiny_hparams: Settings for a seconds-long fit on the ``tiny`` synthetic preset (the shared conformance
             tests run every registered method with them).
         needs_training: False for zero-shot methods, which score a batch without ``fit``.
+        modalities: What the method reads: ``("2d", "3d")``, ``("3d",)`` or ``("2d",)``.
+        unified: True when one model serves every category by design (Uni-RCM, GLFM).
+        few_shot: True when the method is meant for a handful of nominal samples (CIF, RAD).
+        whole_batch: True when :meth:`score` must see every test sample at once (MuSc's mutual scoring);
+            otherwise the engine hands it ``score_batch_size`` samples at a time.
+        importable: True when ``mmiad import`` can read the official release's checkpoints for it.
+        compat_protocol: True when ``compat`` also switches the metrics to the official evaluation protocol.
+
+    Capabilities are declared here, once, on the class; the engine, the CLI and the benchmarks read them from the
+    registry and never list method names themselves. ONNX export is declared by overriding :meth:`export_scorer`.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodSettings]] = MethodSettings
     tiny_hparams: ClassVar[dict[str, Any]] = {}
     needs_training: ClassVar[bool] = True
+    modalities: ClassVar[tuple[str, ...]] = ("2d", "3d")
+    unified: ClassVar[bool] = False
+    few_shot: ClassVar[bool] = False
+    whole_batch: ClassVar[bool] = False
+    importable: ClassVar[bool] = False
+    compat_protocol: ClassVar[bool] = False
+    score_batch_size: ClassVar[int] = 8
     config: Any
     fitted_: bool  # set by fit() and from_state(); absent before (scikit-learn's convention)
     _pipeline: FeaturePipeline | None = None
@@ -159,11 +196,81 @@ class AnomalyModel(ABC):
     ) -> AnomalyModel:
         """Learn from nominal samples; bad samples are appended to ``errors`` and skipped."""
 
-    @abstractmethod
+    def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
+        """Score a batch of samples from their features, in order: the one thing a method does at test time.
+
+        The engine reads, preprocesses and extracts (batched, cached, on the device); the method never opens a
+        file here. ``features[i].inputs`` gives the resized model input when a method needs it (masks, xyz).
+        A method that cannot score one sample raises :class:`~mmiad.data.errors.DataError` naming it; the
+        engine then scores the rest of the batch one by one, so one bad sample costs only itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement score()")
+
+    def prepare_scoring(self) -> None:  # noqa: B027 (a hook: most methods need nothing)
+        """Called once before a :meth:`predict` pass (put networks in eval mode, move banks to the device)."""
+
     def predict(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
     ) -> Iterator[Prediction]:
-        """Predictions one sample at a time (so a large test set never has to fit in memory)."""
+        """Predictions in order, a batch at a time: the pipeline's batched features through :meth:`score`.
+
+        Zero-shot methods (``needs_training`` False) need no ``fit``; ``whole_batch`` methods see every sample
+        at once. A bad sample is appended to ``errors`` (or raised) and skipped.
+        """
+        if self.needs_training:
+            self.check_fitted()
+        self.prepare_scoring()
+        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
+        batch: list[tuple[SampleRecord, SampleFeatures]] = []
+        size = max(1, len(prepared)) if self.whole_batch else self.score_batch_size
+        stream = self.pipeline.iter_features(
+            prepared, progress=progress, errors=errors, description=f"predict {self.name}"
+        )
+        for item in stream:
+            batch.append(item)
+            if len(batch) == size:
+                yield from self._scored_batch(batch, errors)
+                batch = []
+        if batch:
+            yield from self._scored_batch(batch, errors)
+
+    def _scored_batch(
+        self, batch: Sequence[tuple[SampleRecord, SampleFeatures]], errors: list[DataError] | None
+    ) -> Iterator[Prediction]:
+        """Predictions of one batch; when the batch fails on a sample, each is scored alone (unless whole_batch)."""
+        try:
+            results: list[Scored | DataError] = list(self.score([f for _, f in batch]))
+        except DataError as error:
+            if len(batch) == 1 or self.whole_batch:
+                if errors is None:
+                    raise
+                errors.append(error)
+                return
+            results = []
+            for item in batch:
+                try:
+                    results.extend(self.score([item[1]]))
+                except DataError as single:
+                    results.append(single)
+        if len(results) != len(batch):
+            raise RuntimeError(f"{type(self).__name__}.score returned {len(results)} results for {len(batch)} samples")
+        for (record, features), result in zip(batch, results, strict=True):
+            if isinstance(result, DataError):
+                if errors is None:
+                    raise result
+                errors.append(result)
+                continue
+            inputs = features.inputs
+            yield Prediction(
+                record=record,
+                pred_score=float(result.score),
+                anomaly_map=np.asarray(result.anomaly_map, dtype=np.float32),
+                label=inputs.label,
+                gt_mask=inputs.gt_mask,
+                geometry=inputs,
+                modality_maps=dict(result.modality_maps),
+                metric_maps=dict(result.metric_maps),
+            )
 
     # ------------------------------------------------------------------ persistence
     def get_config(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ is the anomaly score. No memory bank: the model is two MLPs, which is why CFM is
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction
+from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP, feature_discrepancy
 from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
 from mmiad.methods.cfm.training import accumulate_batch, plan_cfm_training, sample_pixels, subset_generator
@@ -254,19 +254,17 @@ class CFM(AnomalyModel):
         map_2d, map_3d = map_2d.view(grid, grid), map_3d.view(grid, grid)
         return aggregate(map_2d, map_3d, self.config.aggregation), map_2d, map_3d
 
-    def predict(
-        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
-    ) -> Iterator[Prediction]:
-        """Anomaly map and score per sample (see :mod:`mmiad.methods.cfm.scoring`)."""
-        self.check_fitted()
+    def prepare_scoring(self) -> None:
+        """Both MLPs in eval mode (dropout-free anyway, but a loaded or fitted model scores the same)."""
         self.map_to_3d_.eval()
         self.map_to_2d_.eval()
-        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
-        for record, features in self.pipeline.iter_features(
-            prepared, progress=progress, errors=errors, description="predict cfm"
-        ):
-            combined, map_2d, map_3d = self.score_features(features)
-            settings = self.settings
+
+    def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
+        """Anomaly map and score per sample (see :mod:`mmiad.methods.cfm.scoring`)."""
+        settings = self.settings
+        results = []
+        for sample in features:
+            combined, map_2d, map_3d = self.score_features(sample)
             scored = finalize_map(
                 combined,
                 out_size=settings.image_size,
@@ -274,17 +272,15 @@ class CFM(AnomalyModel):
                 sigma=settings.sigma,
                 compat=settings.compat,
             )
-            inputs = features.inputs
-            yield Prediction(
-                record=record,
-                pred_score=scored.score,
-                anomaly_map=scored.anomaly_map.numpy(),
-                label=inputs.label,
-                gt_mask=inputs.gt_mask,
-                geometry=inputs,
-                modality_maps={"2d": map_2d.numpy(), "3d": map_3d.numpy()},
-                metric_maps={name: m.numpy() for name, m in scored.metric_maps.items()},
+            results.append(
+                Scored(
+                    score=scored.score,
+                    anomaly_map=scored.anomaly_map.numpy(),
+                    modality_maps={"2d": map_2d.numpy(), "3d": map_3d.numpy()},
+                    metric_maps={name: m.numpy() for name, m in scored.metric_maps.items()},
+                )
             )
+        return results
 
     # ------------------------------------------------------------------ persistence
     def learned_facts(self) -> dict[str, Any]:
