@@ -27,7 +27,7 @@ from mmiad.engine import evaluate_run, load_trained, train_run
 from mmiad.features import registry as extractor_registry
 from mmiad.features.registry import build_extractors, register_image_extractor
 from mmiad.methods import registry as method_registry
-from mmiad.methods.base import AnomalyModel, Prediction
+from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.registry import register_method
 from mmiad.methods.settings import MethodSettings
 
@@ -52,16 +52,14 @@ class DistanceToMean(AnomalyModel):
         self.fitted_ = True
         return self
 
-    def predict(
-        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list | None = None
-    ) -> Iterator[Prediction]:
-        self.check_fitted()
+    def score(self, features: Sequence[Any]) -> list[Scored]:
         grid, size = self.config.grid_size, self.config.image_size
-        for record, features in self.pipeline.iter_features(self.pipeline.preprocess(records, errors=errors)):
-            distance = (features.on_grid(grid)[0].flatten(1).T - self.mean_).norm(dim=1).view(1, 1, grid, grid)
+        results = []
+        for sample in features:
+            distance = (sample.on_grid(grid)[0].flatten(1).T - self.mean_).norm(dim=1).view(1, 1, grid, grid)
             full = torch.nn.functional.interpolate(distance, size=(size, size), mode="nearest")[0, 0].numpy()
-            inputs = features.inputs
-            yield Prediction(record, float(full.max()), full, inputs.label, inputs.gt_mask, inputs)
+            results.append(Scored(float(full.max()), full))
+        return results
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"mean": self.mean_}

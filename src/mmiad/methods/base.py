@@ -196,6 +196,7 @@ class AnomalyModel(ABC):
     ) -> AnomalyModel:
         """Learn from nominal samples; bad samples are appended to ``errors`` and skipped."""
 
+    @abstractmethod
     def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
         """Score a batch of samples from their features, in order: the one thing a method does at test time.
 
@@ -204,7 +205,6 @@ class AnomalyModel(ABC):
         A method that cannot score one sample raises :class:`~mmiad.data.errors.DataError` naming it; the
         engine then scores the rest of the batch one by one, so one bad sample costs only itself.
         """
-        raise NotImplementedError(f"{type(self).__name__} does not implement score()")
 
     def prepare_scoring(self) -> None:  # noqa: B027 (a hook: most methods need nothing)
         """Called once before a :meth:`predict` pass (put networks in eval mode, move banks to the device)."""

@@ -8,7 +8,7 @@ and the image score is PatchCore's reweighted maximum. No training beyond collec
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction
+from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError
@@ -100,30 +100,23 @@ class BTF(AnomalyModel):
         self.fitted_ = True
         return self
 
-    def predict(
-        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
-    ) -> Iterator[Prediction]:
+    def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
         """Nearest-patch distance map (blurred) and reweighted image score per sample."""
-        self.check_fitted()
         config = self.settings
-        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
-        for record, features in self.pipeline.iter_features(
-            prepared, progress=progress, errors=errors, description="predict btf"
-        ):
-            distances, score = self.bank_.score(btf_patches(features, config.grid_size), reweight_k=config.reweight_k)
+        results = []
+        for sample in features:
+            distances, score = self.bank_.score(btf_patches(sample, config.grid_size), reweight_k=config.reweight_k)
             anomaly_map = patch_map(
                 distances, config.grid_size, config.image_size, smoothing=config.smoothing, sigma=config.sigma
             )
-            inputs = features.inputs
-            yield Prediction(
-                record=record,
-                pred_score=score,
-                anomaly_map=anomaly_map.numpy(),
-                label=inputs.label,
-                gt_mask=inputs.gt_mask,
-                geometry=inputs,
-                modality_maps={"patch": distances.view(config.grid_size, config.grid_size).numpy()},
+            results.append(
+                Scored(
+                    score=score,
+                    anomaly_map=anomaly_map.numpy(),
+                    modality_maps={"patch": distances.view(config.grid_size, config.grid_size).numpy()},
+                )
             )
+        return results
 
     def learned_facts(self) -> dict[str, Any]:
         """The bank size and row width."""

@@ -14,7 +14,7 @@ per-category banks are built.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction
+from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.m3dm.fusion import FeatureFusionBlock, contrastive_backward, cosine_lr, official_training_rgb
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map
@@ -467,29 +467,22 @@ class M3DM(AnomalyModel):
         score = weights * np.array([value for _, value, _ in results])
         return score, weights[:, None, None] * np.stack(maps).astype(np.float64)
 
-    def predict(
-        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
-    ) -> Iterator[Prediction]:
+    def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
         """DLF score (``detect_fuser.score_samples``) and map (``seg_fuser.score_samples``) per sample."""
-        self.check_fitted()
         size = self.config.image_size
         detect, segment = self.detect_coef_.numpy(), self.segment_coef_.numpy()
-        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
-        for record, features in self.pipeline.iter_features(
-            prepared, progress=progress, errors=errors, description="predict m3dm"
-        ):
-            score, maps = self._bank_outputs(features)
+        results = []
+        for sample in features:
+            score, maps = self._bank_outputs(sample)
             anomaly_map = np.tensordot(segment, maps, axes=1).reshape(size, size).astype(np.float32)
-            inputs = features.inputs
-            yield Prediction(
-                record=record,
-                pred_score=float(score @ detect),
-                anomaly_map=anomaly_map,
-                label=inputs.label,
-                gt_mask=inputs.gt_mask,
-                geometry=inputs,
-                modality_maps={name: maps[i].astype(np.float32) for i, name in enumerate(self.config.banks)},
+            results.append(
+                Scored(
+                    score=float(score @ detect),
+                    anomaly_map=anomaly_map,
+                    modality_maps={name: maps[i].astype(np.float32) for i, name in enumerate(self.config.banks)},
+                )
             )
+        return results
 
     # ------------------------------------------------------------------ persistence
     def learned_facts(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ and CFM's per-metric normalisations.
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
-from mmiad.methods.base import AnomalyModel, Prediction
+from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.cfm.scoring import ScoredMap, finalize_map
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
@@ -372,30 +372,26 @@ class UniRCM(AnomalyModel):
         image = finalize_map(combined, out_size=c.image_size, smoothing="box_cascade", sigma=c.sigma, compat=True)
         return ScoredMap(pixels.anomaly_map, image.score, pixels.metric_maps)
 
-    def predict(
-        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
-    ) -> Iterator[Prediction]:
-        """Anomaly map and score per sample."""
-        self.check_fitted()
+    def prepare_scoring(self) -> None:
+        """Both mappings in eval mode (a loaded or freshly fitted model scores the same)."""
         self.map_to_3d_.eval()
         self.map_to_2d_.eval()
-        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
-        for record, features in self.pipeline.iter_features(
-            prepared, progress=progress, errors=errors, description="predict unircm"
-        ):
-            maps = self.score_grids(*self.grids_of(features))
+
+    def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
+        """Anomaly map and score per sample."""
+        results = []
+        for sample in features:
+            maps = self.score_grids(*self.grids_of(sample))
             scored = self.finalize(maps.pop("combined"))
-            inputs = features.inputs
-            yield Prediction(
-                record=record,
-                pred_score=scored.score,
-                anomaly_map=scored.anomaly_map.numpy(),
-                label=inputs.label,
-                gt_mask=inputs.gt_mask,
-                geometry=inputs,
-                modality_maps={name: m.numpy() for name, m in maps.items()},
-                metric_maps={name: m.numpy() for name, m in scored.metric_maps.items()},
+            results.append(
+                Scored(
+                    score=scored.score,
+                    anomaly_map=scored.anomaly_map.numpy(),
+                    modality_maps={name: m.numpy() for name, m in maps.items()},
+                    metric_maps={name: m.numpy() for name, m in scored.metric_maps.items()},
+                )
             )
+        return results
 
     # ------------------------------------------------------------------ persistence
     @classmethod
