@@ -153,6 +153,16 @@ def load_sample(record: SampleRecord) -> Sample:
     reader = get_format(record.format)
     xyz = reader.read_xyz(record)
     rgb = reader.read_rgb(record)
+    return assemble_sample(record, rgb, xyz)
+
+
+def assemble_sample(record: SampleRecord, rgb: np.ndarray, xyz: np.ndarray) -> Sample:
+    """The sample of a record whose RGB and cloud are read already: checked, with its mask and label.
+
+    Raises:
+        DataError: when the sizes disagree, the cloud has no valid point or the mask is unreadable or misfit.
+    """
+    reader = get_format(record.format)
     if rgb.shape[:2] != xyz.shape[:2]:
         raise DataError(
             record.xyz_path,

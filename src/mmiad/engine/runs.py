@@ -12,8 +12,9 @@ import numpy as np
 from mmiad.data.errors import DataError
 from mmiad.data.formats import DatasetFormat, open_dataset
 from mmiad.data.sample import SampleRecord
+from mmiad.engine.scoring import score_records
 from mmiad.engine.trained import build_model, fit_and_calibrate, fit_fallback, load_trained, save_trained
-from mmiad.methods.base import AnomalyModel, finite_only
+from mmiad.methods.base import AnomalyModel
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.postprocess.threshold import calibrate
 from mmiad.utils import distributed as ddp
@@ -216,7 +217,7 @@ def extend_run(
     log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replay)} replayed samples")
     extend(new, replay, epochs=epochs, progress=progress, errors=errors)
     calibration = [r for c in [*known, *added] for r in splits[c][1]]
-    held_out = list(finite_only(trained.model.predict(calibration, progress=progress, errors=errors), errors))
+    held_out = list(score_records(trained.model, calibration, progress=progress, errors=errors))
     thresholds = calibrate(
         [p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, "validation (after extend)"
     )

@@ -11,13 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+import numpy as np
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.checks import check_fallback_widths, check_trained_config
-from mmiad.methods.base import AnomalyModel, Prediction, check_finite, finite_only, with_source
-from mmiad.methods.fallback import ModalityFallback, modality_problems, predict_degraded
+from mmiad.engine.scoring import score_records
+from mmiad.features.pipeline import SampleFeatures
+from mmiad.methods.base import AnomalyModel, Prediction, check_finite
+from mmiad.methods.fallback import ModalityFallback
 from mmiad.methods.modelfile import ModelFileError, load_model_file, one_line, save_model_file
 from mmiad.methods.registry import available_methods, get_method
 from mmiad.postprocess.threshold import Thresholds, calibrate
@@ -96,14 +98,96 @@ def calibrate_model(
     Shared by training and by ``mmiad import`` (a released model is fitted already; only its thresholds and
     fallback come from the user's data).
     """
-    held_out = list(finite_only(model.predict(calibration, progress=progress, errors=errors), errors))
+    trained = TrainedModel(model, None)
+    if with_fallback and getattr(model, "pipeline", None) is not None:
+        trained.fallback = _fit_fallback_models(model, train, errors)
+    fallback_scores = _FallbackScores(trained.fallback)
+    held_out = list(
+        score_records(
+            model, calibration, progress=progress, errors=errors, observe=fallback_scores if trained.fallback else None
+        )
+    )
     if not held_out:
         raise ValueError("no usable held-out nominal sample to calibrate thresholds on")
-    thresholds = calibrate([p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, source)
-    trained = TrainedModel(model, thresholds)
-    if with_fallback and getattr(model, "pipeline", None) is not None:
-        fit_fallback(trained, train, calibration, max_fpr=max_fpr, source=source, errors=errors)
+    trained.thresholds = calibrate([p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, source)
+    if trained.fallback is not None:
+        _calibrate_fallback(trained, fallback_scores, max_fpr=max_fpr, source=source, errors=errors)
     return trained
+
+
+def _fit_fallback_models(
+    model: AnomalyModel, train: Sequence[SampleRecord], errors: list[DataError] | None
+) -> ModalityFallback:
+    """The single-modality models fitted on the model's (cached) nominal features; problems already reported by
+    the method's own fit are not repeated."""
+    found: list[DataError] = []
+    pipeline = model.pipeline
+    prepared = pipeline.preprocess(train, errors=found)
+    fallback = ModalityFallback().fit(f for _, f in pipeline.iter_features(prepared, errors=found))
+    _report_new(found, errors)
+    return fallback
+
+
+class _FallbackScores:
+    """Scores each calibration sample's features with both single-modality models, as the scoring loop observes
+    them: the fallbacks are calibrated on the very features the main model was, with no second read."""
+
+    def __init__(self, fallback: ModalityFallback | None) -> None:
+        self.fallback = fallback
+        self.scored: dict[str, list[tuple[float, Any]]] = {"2d": [], "3d": []}
+        self.failed: list[DataError] = []
+
+    def __call__(self, prediction: Prediction, features: SampleFeatures) -> None:
+        assert self.fallback is not None
+        size = prediction.anomaly_map.shape[-1]
+        for present in ("2d", "3d"):
+            try:
+                if present == "2d":
+                    anomaly_map, score = self.fallback.score_image(features.image, size)
+                else:
+                    anomaly_map, score = self.fallback.score_points(features.points, size)
+                values = anomaly_map.numpy()
+                if not np.isfinite(score) or not np.isfinite(values).all():
+                    raise DataError(prediction.record.rgb_path, "non-finite fallback score")
+            except (DataError, ArithmeticError, ValueError, RuntimeError) as error:
+                problem = error.problem if isinstance(error, DataError) else one_line(error)
+                self.failed.append(
+                    DataError(prediction.record.rgb_path, f"{present}-only fallback calibration: {problem}")
+                )
+                continue
+            self.scored[present].append((score, values))
+
+
+def _calibrate_fallback(
+    trained: TrainedModel,
+    scores: _FallbackScores,
+    *,
+    max_fpr: float,
+    source: str,
+    errors: list[DataError] | None,
+) -> None:
+    """Thresholds of each single-modality model from its calibration scores; a modality left without is reported
+    (its degraded predictions then carry that reason instead of a label)."""
+    found = list(scores.failed)
+    for present, scored in scores.scored.items():
+        if scored:
+            trained.fallback_thresholds[present] = calibrate(
+                [s for s, _ in scored], [m for _, m in scored], max_fpr, source
+            )
+        else:
+            found.append(DataError(None, f"the {present}-only fallback has no threshold: no calibration sample scored"))
+    _report_new(found, errors)
+
+
+def _report_new(found: Sequence[DataError], errors: list[DataError] | None) -> None:
+    """Append problems not reported yet (a file the main model already reported is not repeated)."""
+    if errors is None:
+        return
+    known = {str(e) for e in errors}
+    for problem in found:
+        if str(problem) not in known:
+            known.add(str(problem))
+            errors.append(problem)
 
 
 def fit_fallback(
@@ -115,38 +199,19 @@ def fit_fallback(
     source: str,
     errors: list[DataError] | None = None,
 ) -> None:
-    """Fit and calibrate the single-modality fallback models on the model's (cached) nominal features.
+    """Fit and calibrate the single-modality fallback models of a model already calibrated (``--add-categories``).
 
-    A calibration sample the fallback cannot score is reported in ``errors`` (once: a file the main model already
-    reported is not repeated), and so is a modality left without thresholds, whose degraded predictions will then
-    carry that reason instead of a label.
+    The calibration pass goes through the scoring loop like every other, and the fallbacks are scored from its
+    features; the main model's own calibration is left as it is.
     """
+    trained.fallback = _fit_fallback_models(trained.model, train, errors)
+    trained.fallback_thresholds = {}
+    scores = _FallbackScores(trained.fallback)
     found: list[DataError] = []
-    pipeline = trained.model.pipeline
-    prepared = pipeline.preprocess(train, errors=found)
-    trained.fallback = ModalityFallback().fit(f for _, f in pipeline.iter_features(prepared, errors=found))
-    for missing, present in (("3d", "2d"), ("2d", "3d")):
-        degraded = []
-        for record in calibration:
-            try:
-                prediction = predict_degraded(pipeline, trained.fallback, record, missing)
-                check_finite(prediction)
-            except DataError as error:
-                found.append(DataError(error.path, f"{present}-only fallback calibration: {error.problem}"))
-                continue
-            degraded.append(prediction)
-        if degraded:
-            trained.fallback_thresholds[present] = calibrate(
-                [p.pred_score for p in degraded], [p.anomaly_map for p in degraded], max_fpr, source
-            )
-        else:
-            found.append(DataError(None, f"the {present}-only fallback has no threshold: no calibration sample scored"))
-    if errors is not None:
-        known = {str(e) for e in errors}
-        for problem in found:
-            if str(problem) not in known:
-                known.add(str(problem))
-                errors.append(problem)
+    for _ in score_records(trained.model, calibration, errors=found, observe=scores):
+        pass
+    _report_new(found, errors)
+    _calibrate_fallback(trained, scores, max_fpr=max_fpr, source=source, errors=errors)
 
 
 def save_trained(path: Path, trained: TrainedModel) -> Path:
@@ -223,46 +288,28 @@ def predict_records(
     records: Sequence[SampleRecord],
     *,
     key: str | None = None,
+    strict: bool = False,
     progress: bool = False,
     errors: list[DataError] | None = None,
 ) -> Iterator[Prediction]:
-    """The one way a trained model scores records: the method, the fallback for a missing modality, thresholds.
+    """The one way a trained model scores records: :func:`~mmiad.engine.scoring.score_records` with the model's
+    thresholds and fallback.
 
     ``test``, ``predict``, ``report`` and the Python API all score through here, so a sample whose point cloud is
-    unreadable or empty (or whose RGB is unreadable) is treated the same everywhere: scored from the other
-    modality by the fallback and flagged ``degraded``, with the fallback's thresholds. A sample with neither
-    modality, or any bad sample when the model has no fallback, is reported in ``errors`` (or raised) and skipped.
-    Each prediction records the model ``key``, the modality it was scored from and the thresholds applied.
+    absent, unreadable or empty (or whose RGB is unreadable) is treated the same everywhere: scored from the other
+    modality by the fallback and flagged ``degraded`` (with the file and the reason in its note), with the
+    fallback's thresholds, unless ``strict``. A sample with neither modality, or any bad sample when the model has
+    no fallback, is reported in ``errors`` (or raised) and skipped. Each prediction records the model ``key``, the
+    modality it was scored from and the thresholds applied.
     """
-    found: list[DataError] = [] if errors is None else errors
-    for record in tqdm(records, desc="predict", disable=not progress, leave=False):
-        try:
-            problems = modality_problems(record) if trained.fallback is not None else {}
-            if not problems:
-                for prediction in finite_only(trained.model.predict([record], errors=found), found):
-                    prediction.model = key
-                    yield apply_thresholds(with_source(prediction, record), trained.thresholds)
-                continue
-            assert trained.fallback is not None
-            missing, why = next(iter(problems.items()))
-            prediction = predict_degraded(trained.model.pipeline, trained.fallback, record, missing)
-            prediction = with_source(prediction, record)
-            prediction.model = key
-            check_finite(prediction)
-            thresholds = trained.fallback_thresholds.get(prediction.modality)
-            prediction.note = f"degraded: scored from {prediction.modality} only ({why.problem})"
-            if thresholds is None:
-                prediction.note += f"; not labelled: the model has no {prediction.modality}-only threshold"
-            yield apply_thresholds(prediction, thresholds)
-        except DataError as error:
-            if errors is None:
-                raise
-            errors.append(error)
-        except ModelFileError:
-            raise
-        except (ArithmeticError, ValueError, RuntimeError, IndexError, MemoryError) as error:
-            # A stage failing on one sample's data (an overflow, a degenerate cloud) costs that sample only.
-            problem = DataError(record.rgb_path, f"could not be scored ({type(error).__name__}: {one_line(error)})")
-            if errors is None:
-                raise problem from error
-            errors.append(problem)
+    return score_records(
+        trained.model,
+        records,
+        thresholds=trained.thresholds,
+        fallback=trained.fallback,
+        fallback_thresholds=trained.fallback_thresholds,
+        key=key,
+        strict=strict,
+        progress=progress,
+        errors=errors,
+    )

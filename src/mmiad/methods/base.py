@@ -212,65 +212,16 @@ class AnomalyModel(ABC):
     def predict(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
     ) -> Iterator[Prediction]:
-        """Predictions in order, a batch at a time: the pipeline's batched features through :meth:`score`.
+        """Predictions in order, unlabelled: the engine's scoring loop (:func:`mmiad.engine.scoring.score_records`)
+        reads and extracts in batches and hands the features to :meth:`score`.
 
         Zero-shot methods (``needs_training`` False) need no ``fit``; ``whole_batch`` methods see every sample
-        at once. A bad sample is appended to ``errors`` (or raised) and skipped.
+        at once. A bad sample is appended to ``errors`` (or raised) and skipped. Without a fallback, a sample
+        missing a modality is such a bad sample; the engine's trained models score it degraded.
         """
-        if self.needs_training:
-            self.check_fitted()
-        self.prepare_scoring()
-        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
-        batch: list[tuple[SampleRecord, SampleFeatures]] = []
-        size = max(1, len(prepared)) if self.whole_batch else self.score_batch_size
-        stream = self.pipeline.iter_features(
-            prepared, progress=progress, errors=errors, description=f"predict {self.name}"
-        )
-        for item in stream:
-            batch.append(item)
-            if len(batch) == size:
-                yield from self._scored_batch(batch, errors)
-                batch = []
-        if batch:
-            yield from self._scored_batch(batch, errors)
+        from mmiad.engine.scoring import score_records  # the engine builds on methods, not the reverse
 
-    def _scored_batch(
-        self, batch: Sequence[tuple[SampleRecord, SampleFeatures]], errors: list[DataError] | None
-    ) -> Iterator[Prediction]:
-        """Predictions of one batch; when the batch fails on a sample, each is scored alone (unless whole_batch)."""
-        try:
-            results: list[Scored | DataError] = list(self.score([f for _, f in batch]))
-        except DataError as error:
-            if len(batch) == 1 or self.whole_batch:
-                if errors is None:
-                    raise
-                errors.append(error)
-                return
-            results = []
-            for item in batch:
-                try:
-                    results.extend(self.score([item[1]]))
-                except DataError as single:
-                    results.append(single)
-        if len(results) != len(batch):
-            raise RuntimeError(f"{type(self).__name__}.score returned {len(results)} results for {len(batch)} samples")
-        for (record, features), result in zip(batch, results, strict=True):
-            if isinstance(result, DataError):
-                if errors is None:
-                    raise result
-                errors.append(result)
-                continue
-            inputs = features.inputs
-            yield Prediction(
-                record=record,
-                pred_score=float(result.score),
-                anomaly_map=np.asarray(result.anomaly_map, dtype=np.float32),
-                label=inputs.label,
-                gt_mask=inputs.gt_mask,
-                geometry=inputs,
-                modality_maps=dict(result.modality_maps),
-                metric_maps=dict(result.metric_maps),
-            )
+        return score_records(self, records, label=False, progress=progress, errors=errors)
 
     # ------------------------------------------------------------------ persistence
     def get_config(self) -> dict[str, Any]:

@@ -17,14 +17,14 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mmiad.data.errors import DataError
 from mmiad.data.formats import get_format, load_sample
 from mmiad.data.io import write_rgb, write_xyz
 from mmiad.data.preprocess.profiles import PreprocessProfile, get_profile, preprocess_sample
-from mmiad.data.sample import SampleRecord
+from mmiad.data.sample import Sample, SampleRecord
 from mmiad.utils.atomic import write_json
 from mmiad.utils.names import plain_name
 
@@ -141,9 +141,7 @@ def preprocess_dataset(
     profile = get_profile(profile)
     if profile.is_identity:
         return list(records), []
-    base = profile_cache_dir(cache_root if cache_root is not None else default_cache_root(), profile)
-    fingerprint = profile.fingerprint()
-    tag = f"{profile.name}-{fingerprint}"
+    root = cache_root if cache_root is not None else default_cache_root()
     iterator: Sequence[SampleRecord] = records
     if progress:
         from tqdm import tqdm
@@ -152,38 +150,66 @@ def preprocess_dataset(
     done: list[SampleRecord] = []
     errors: list[DataError] = []
     for record in iterator:
-        if get_format(record.format).background_removed:
-            done.append(record)
-            continue
         try:
-            for part in (record.category, record.split, record.defect_type, record.stem, Path(record.xyz_path).stem):
-                plain_name(part, source=record.xyz_path)
+            done.append(preprocess_record(record, profile, root)[0])
         except DataError as error:
             errors.append(error)
-            continue
-        folder = base / source_key(record) / record.category / record.split / record.defect_type
-        xyz_out = folder / "xyz" / f"{Path(record.xyz_path).stem}.tiff"
-        rgb_out = folder / "rgb" / f"{record.stem}.png" if profile.zero_rgb_background else None
-        outputs = [xyz_out] if rgb_out is None else [xyz_out, rgb_out]
-        sidecar = xyz_out.with_suffix(".json")
-        sources = _sources(record)
-        if not _is_fresh(sidecar, sources, outputs, fingerprint):
-            try:
-                cleaned = preprocess_sample(load_sample(record), profile)
-            except DataError as error:
-                errors.append(error)
-                continue
-            sidecar.unlink(missing_ok=True)
-            write_xyz(xyz_out, cleaned.xyz)  # atomic, as every writer of mmiad.data.io
-            if rgb_out is not None:
-                write_rgb(rgb_out, cleaned.rgb)
-            payload = {
-                "format": SIDECAR_FORMAT,
-                "fingerprint": fingerprint,
-                "profile": dataclasses.asdict(profile),
-                "sources": sources,
-                "outputs": [p.name for p in outputs],
-            }
-            _write_json(sidecar, payload)
-        done.append(_cached_record(record, xyz_out, rgb_out, tag))
     return done, errors
+
+
+def needs_preprocessing(record: SampleRecord, profile: PreprocessProfile | str) -> bool:
+    """Whether a record's cloud goes through the profile: the one place the dataset format decides it.
+
+    Not with an identity profile, and not for a format whose reader already removes the background (Eyecandies:
+    the official code preprocesses it no further, and the border-plane removal would find no border).
+    """
+    return not get_profile(profile).is_identity and not get_format(record.format).background_removed
+
+
+def preprocess_record(
+    record: SampleRecord,
+    profile: PreprocessProfile | str,
+    cache_root: str | Path | None = None,
+    *,
+    load: Callable[[SampleRecord], Sample] = load_sample,
+) -> tuple[SampleRecord, Sample | None]:
+    """One record's preprocessed copy: (its record, the cleaned sample when it was computed now, else None).
+
+    A fresh cache entry is reused without reading the source; otherwise the source is read once through
+    ``load`` and the cleaned sample is returned with the record, so a caller that scores it next does not read
+    it again. Records that need no preprocessing (:func:`needs_preprocessing`) come back unchanged.
+
+    Raises:
+        DataError: for a name that is not plain, an unreadable sample or nothing left after cleaning.
+    """
+    profile = get_profile(profile)
+    if not needs_preprocessing(record, profile):
+        return record, None
+    base = profile_cache_dir(cache_root if cache_root is not None else default_cache_root(), profile)
+    fingerprint = profile.fingerprint()
+    tag = f"{profile.name}-{fingerprint}"
+    for part in (record.category, record.split, record.defect_type, record.stem, Path(record.xyz_path).stem):
+        plain_name(part, source=record.xyz_path)
+    folder = base / source_key(record) / record.category / record.split / record.defect_type
+    xyz_out = folder / "xyz" / f"{Path(record.xyz_path).stem}.tiff"
+    rgb_out = folder / "rgb" / f"{record.stem}.png" if profile.zero_rgb_background else None
+    outputs = [xyz_out] if rgb_out is None else [xyz_out, rgb_out]
+    sidecar = xyz_out.with_suffix(".json")
+    sources = _sources(record)
+    cached = _cached_record(record, xyz_out, rgb_out, tag)
+    if _is_fresh(sidecar, sources, outputs, fingerprint):
+        return cached, None
+    cleaned = preprocess_sample(load(record), profile)
+    sidecar.unlink(missing_ok=True)
+    write_xyz(xyz_out, cleaned.xyz)  # atomic, as every writer of mmiad.data.io
+    if rgb_out is not None:
+        write_rgb(rgb_out, cleaned.rgb)
+    payload = {
+        "format": SIDECAR_FORMAT,
+        "fingerprint": fingerprint,
+        "profile": dataclasses.asdict(profile),
+        "sources": sources,
+        "outputs": [p.name for p in outputs],
+    }
+    _write_json(sidecar, payload)
+    return cached, dataclasses.replace(cleaned, record=cached)
