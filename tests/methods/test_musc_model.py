@@ -66,12 +66,12 @@ def test_subset_mode_is_deterministic_under_a_seed(musc_tokens) -> None:
     assert [p.pred_score for p in first] != pytest.approx([p.pred_score for p in whole])
 
 
-def test_too_small_batches_and_mixed_sizes_are_refused(musc_tokens) -> None:
+def test_too_small_batches_and_mixed_sizes_are_refused(musc_tokens, tiny_dataset: Path) -> None:
     model, tokens = musc_tokens
     with pytest.raises(BatchTooSmallError, match="at least 5"):
         model.score_tokens(tokens[:4])
     with pytest.raises(BatchTooSmallError, match="at least 5"):
-        model.score([tokens[0].inputs.record] * 3)
+        list(model.predict(list_records(tiny_dataset, "puck", "test")[:3]))
     odd = replace(tokens[0], grid=(4, 4), image=[t[:16] for t in tokens[0].image])
     with pytest.raises(MixedSizeError, match="one input size"):
         model.score_tokens([odd, *tokens[1:]])

@@ -40,7 +40,8 @@ def test_a_degraded_sample_gets_a_label_or_a_stated_reason(hostile_run, tiny_dat
     write_xyz(no_cloud.xyz_path, np.zeros((64, 64, 3), np.float32))
     (labelled,) = predict_records(trained, [no_cloud])
     assert labelled.degraded and labelled.pred_label in (0, 1)
-    assert labelled.note == "degraded: scored from 2d only (the point cloud has no valid point)"
+    reason = f"{no_cloud.xyz_path}: the point cloud has no valid (non-zero, finite) point"
+    assert labelled.note == f"degraded: scored from 2d only ({reason})"  # the file and the reason
     trained.fallback_thresholds.pop("2d")
     (unlabelled,) = predict_records(trained, [no_cloud])
     assert unlabelled.pred_label is None

@@ -58,9 +58,9 @@ def _hparams(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train(args: argparse.Namespace) -> int:
     from mmiad.engine import extend_run, train_run
-    from mmiad.engine.zero_shot import ZERO_SHOT_METHODS
+    from mmiad.methods.registry import get_method
 
-    if args.method in ZERO_SHOT_METHODS:
+    if not get_method(args.method).needs_training:
         raise ValueError(
             f"{args.method} is zero-shot and needs no training: score a batch directly with "
             f"`mmiad test --method {args.method} --data ROOT` or "
@@ -108,26 +108,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
+    """``test --run RUN`` (a trained run) or ``test --method M`` (a zero-shot method: each test split one batch)."""
     from mmiad.engine import evaluate_run
+    from mmiad.engine.zero_shot import evaluate_zero_shot
 
+    if args.run is not None and args.method is not None:
+        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run")
+    if args.run is None and args.method is None:
+        raise ValueError("--run RUN is required (a trained run), or --method M for a zero-shot method (e.g. musc)")
+    common: dict[str, Any] = {
+        "categories": split_list(args.categories),
+        "maps_dir": args.maps,
+        "aupro_mode": args.aupro,
+        "num_thresholds": args.num_thresholds,
+        "cache_dir": args.cache_dir,
+        "format": args.format,
+        "strict": args.strict,
+        "progress": True,
+        "log": log,
+    }
     if args.method is not None:
-        return _test_zero_shot(args)
-    if args.run is None:
-        raise ValueError("--run RUN is required (or --method musc to score each test split zero-shot)")
-    _refuse_precision(args)
-    result, errors = evaluate_run(
-        args.run,
-        args.data,
-        categories=split_list(args.categories),
-        maps_dir=args.maps,
-        aupro_mode=args.aupro,
-        num_thresholds=args.num_thresholds,
-        cache_dir=args.cache_dir,
-        format=args.format,
-        overrides={**device_overrides(args), **({"compat": True} if args.compat else {})} or None,
-        progress=True,
-        log=log,
-    )
+        result, errors = evaluate_zero_shot(args.data, _zero_shot_hparams(args), method=args.method, **common)
+    else:
+        _refuse_precision(args)
+        overrides = {**device_overrides(args), **({"compat": True} if args.compat else {})} or None
+        result, errors = evaluate_run(args.run, args.data, overrides=overrides, **common)
     return _show_metrics(result, errors, args.json)
 
 
@@ -146,25 +151,34 @@ def _show_metrics(result: dict[str, Any], errors: list[DataError], json_path: st
 
     report_errors(errors)
     print(format_table(result))
+    degraded = {category: count for category, count in result.get("degraded", {}).items() if count}
+    if degraded:
+        counts = ", ".join(f"{category} {count}" for category, count in degraded.items())
+        print(f"degraded samples (scored from one modality by the fallback, counted above): {counts}")
     if json_path:
         write_json(json_path, result)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from mmiad.engine import RunModels, apply_thresholds, input_records, override_image_threshold
+    """``predict`` from a trained run (``--run``), an ONNX export (``--onnx``) or a zero-shot method
+    (``--method``, the input is one batch labelled by the batch outlier rule); one writer for all three."""
+    from mmiad.engine import RunModels, override_image_threshold
 
-    if args.method is not None:
-        return _predict_zero_shot(args)
-    if (args.run is None) == (args.onnx is None):
-        raise ValueError("give exactly one of --run RUN (PyTorch) or --onnx DIR (an `mmiad export` folder)")
-    _refuse_precision(args)
+    if sum(x is not None for x in (args.run, args.onnx, args.method)) != 1:
+        raise ValueError(
+            "give exactly one of --run RUN (PyTorch), --onnx DIR (an `mmiad export` folder) or --method M "
+            "(a zero-shot method, e.g. musc)"
+        )
+    if args.method is None:
+        _refuse_precision(args)
     if args.onnx is not None and args.device not in (None, "auto", "cpu"):
         raise ValueError(
             "--onnx runs the exported graphs with ONNX Runtime on the CPU; use --run RUN for --device cuda"
         )
     errors: list[DataError] = []
     predictions: Iterable[Any]
+    strict = args.strict
     if args.onnx is not None:
         from mmiad.export.runtime import OnnxPredictor
 
@@ -173,22 +187,48 @@ def _predict(args: argparse.Namespace) -> int:
         thresholds = predictor.thresholds
         if args.threshold is not None:
             thresholds = override_image_threshold(thresholds, args.threshold)
-        records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
-        predictions = (
-            apply_thresholds(p, thresholds) for p in predictor.predict(records, progress=True, errors=errors)
+        records = _records(args, category, errors)
+        predictions = predictor.predict(records, thresholds=thresholds, strict=strict, progress=True, errors=errors)
+    elif args.method is not None:
+        from mmiad.engine.zero_shot import batch_thresholds, label_batch, score_zero_shot
+
+        records = _records(args, args.category or "custom", errors)
+        scored = score_zero_shot(
+            records,
+            _zero_shot_hparams(args),
+            method=args.method,
+            cache_dir=args.cache_dir,
+            strict=strict,
+            progress=True,
+            errors=errors,
         )
+        if scored:
+            batch = batch_thresholds(scored, args.outlier_k, args.threshold)
+            label_batch(scored, batch)
+            log(f"zero-shot batch thresholds: image {batch.image:.4g} ({batch.source})")
+        predictions = scored
     else:
         models = RunModels(
             args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=device_overrides(args)
         )
         category = args.category or models.key_for(None)
-        records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
-        predictions = models.predict(records, category, progress=True, errors=errors)
+        records = _records(args, category, errors)
+        predictions = models.predict(records, category, strict=strict, progress=True, errors=errors)
     rows = _write_predictions(predictions, Path(args.out), errors)
     report_errors(errors)
     if not rows:
         return EXIT_ERROR
     return EXIT_PARTIAL if errors else EXIT_OK
+
+
+def _records(args: argparse.Namespace, category: str, errors: list[DataError]) -> list[Any]:
+    """The records ``--input`` names; with ``--require-both``/``--strict`` an RGB without its cloud is an error
+    instead of a sample to score from the RGB alone."""
+    from mmiad.engine import input_records
+
+    return input_records(
+        args.input, xyz=args.xyz, category=category, format=args.format, require_both=args.strict, errors=errors
+    )
 
 
 def _write_predictions(predictions: Iterable[Any], out: Path, errors: list[DataError]) -> list[Any]:
@@ -200,11 +240,13 @@ def _write_predictions(predictions: Iterable[Any], out: Path, errors: list[DataE
 
     def announce(row: Any) -> None:
         if row.degraded:
-            log(f"  {row.name}: DEGRADED, scored from {row.modality} only (a sensor dropped out)")
+            log(f"  {row.name}: DEGRADED, {row.note}")
 
     rows, csv_path = write_predictions(predictions, out, on_row=announce, errors=errors)
     flagged = sum(1 for row in rows if row.label == 1)
-    log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous; summary in {csv_path}")
+    degraded = sum(1 for row in rows if row.degraded)
+    also = f", {degraded} degraded (see the note column)" if degraded else ""
+    log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous{also}; summary in {csv_path}")
     return rows
 
 
@@ -218,57 +260,26 @@ def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
     return hparams
 
 
-def _test_zero_shot(args: argparse.Namespace) -> int:
-    """``test --method musc``: each category's test split is one batch scored by mutual scoring."""
-    from mmiad.engine.zero_shot import evaluate_zero_shot
-
-    if args.run is not None:
-        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run")
-    result, errors = evaluate_zero_shot(
-        args.data,
-        _zero_shot_hparams(args),
-        method=args.method,
-        categories=split_list(args.categories),
-        maps_dir=args.maps,
-        aupro_mode=args.aupro,
-        num_thresholds=args.num_thresholds,
-        cache_dir=args.cache_dir,
-        format=args.format,
-        progress=True,
-        log=log,
-    )
-    return _show_metrics(result, errors, args.json)
-
-
-def _predict_zero_shot(args: argparse.Namespace) -> int:
-    """``predict --method musc``: the input folder is one batch; labels by the batch outlier rule."""
-    from mmiad.engine import input_records
-    from mmiad.engine.zero_shot import batch_thresholds, label_batch, score_zero_shot
-
-    if args.run is not None or args.onnx is not None:
-        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run or --onnx")
-    errors: list[DataError] = []
-    category = args.category or "custom"
-    records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
-    predictions = score_zero_shot(
-        records, _zero_shot_hparams(args), method=args.method, cache_dir=args.cache_dir, progress=True, errors=errors
-    )
-    thresholds = batch_thresholds(predictions, args.outlier_k, args.threshold)
-    label_batch(predictions, thresholds)
-    log(f"zero-shot batch thresholds: image {thresholds.image:.4g} ({thresholds.source})")
-    rows = _write_predictions(predictions, Path(args.out), errors)
-    report_errors(errors)
-    if not rows:
-        return EXIT_ERROR
-    return EXIT_PARTIAL if errors else EXIT_OK
-
-
 def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", help="musc: zero-shot MuSc-V2, no run needed (the batch scores itself)")
+    from mmiad.engine.zero_shot import zero_shot_methods
+
+    names = ", ".join(zero_shot_methods())
+    parser.add_argument("--method", help=f"a zero-shot method ({names}): no run needed, the batch scores itself")
     parser.add_argument("--extractors", help="zero-shot: extractor preset (weightfree, dino-pointmae)")
     parser.add_argument("--weights-dir", help="zero-shot: folder with checkpoint files")
     parser.add_argument("--random-init", action="store_true", help="zero-shot: random extractor weights (smoke only)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: a MuSc option, e.g. r_list=[1]")
+
+
+def _add_strict_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict",
+        "--require-both",
+        dest="strict",
+        action="store_true",
+        help="a sample missing a modality (an absent, unreadable or empty cloud or RGB) is an error; by default it "
+        "is scored from the other modality by the fallback, flagged degraded, and its file and reason are printed",
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -389,6 +400,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     test.add_argument("--cache-dir", help="cache folder")
     add_device_option(test, precision=True)
     _add_zero_shot_options(test)
+    _add_strict_option(test)
     test.set_defaults(handler=_test)
 
     predict = commands.add_parser("predict", help="score new samples: maps, overlays, masks, summary")
@@ -411,6 +423,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_device_option(predict, precision=True)
     _add_zero_shot_options(predict)
+    _add_strict_option(predict)
     predict.set_defaults(handler=_predict)
 
     compare = commands.add_parser("compare", help="one table comparing trained runs: metrics, speed, memory")

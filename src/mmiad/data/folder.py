@@ -41,15 +41,21 @@ def list_folder_records(
     xyz_path: str | Path | None = None,
     category: str = "custom",
     split: str = "predict",
+    require_both: bool = False,
     errors: list[DataError] | None = None,
 ) -> list[SampleRecord]:
     """Records for any of the accepted forms (see the module docstring).
+
+    An RGB image without a cloud of its stem is a sample whose cloud is absent: its record names the cloud it
+    lacks (``xyz/<stem>.tiff`` or ``<stem>.tiff``), and scoring treats it as one whose cloud is unreadable (the
+    fallback scores it from the RGB, flagged degraded). With ``require_both`` it is reported instead.
 
     Args:
         path: A folder, or an RGB file when ``xyz_path`` is given.
         xyz_path: The TIFF paired with an RGB file ``path``.
         category: Category name attached to the records (used to pick a per-category model).
         split: Split name attached to the records.
+        require_both: Report an RGB without its cloud instead of listing it.
         errors: When given, unpaired files are appended here instead of raising.
 
     Raises:
@@ -70,12 +76,27 @@ def list_folder_records(
     if (path / "rgb").is_dir() and (path / "xyz").is_dir():
         gt_dir = path / "gt" if (path / "gt").is_dir() else None
         pairs, found_errors = pair_folder(path / "rgb", path / "xyz", gt_dir)
+        if not require_both:  # an RGB alone is a sample whose cloud is absent
+            alone = [e for e in found_errors if e.problem.startswith("no matching point cloud")]
+            found_errors = [e for e in found_errors if e not in alone]
+            for error in alone:
+                assert error.path is not None
+                mask = gt_dir / f"{error.path.stem}.png" if gt_dir is not None else None
+                pairs.append(
+                    (error.path, path / "xyz" / f"{error.path.stem}.tiff", mask if mask and mask.is_file() else None)
+                )
+            pairs.sort(key=lambda pair: pair[0].stem)
     else:
         files = sorted(p for p in path.iterdir() if p.is_file())
         masks = {p.stem[: -len(MASK_SUFFIX)]: p for p in files if p.stem.endswith(MASK_SUFFIX)}
         rgbs = {p.stem: p for p in files if p.suffix.lower() in RGB_SUFFIXES and not p.stem.endswith(MASK_SUFFIX)}
         xyzs = {p.stem: p for p in files if p.suffix.lower() in XYZ_SUFFIXES}
-        found_errors += [DataError(rgbs[s], f"no matching point cloud {s}.tiff") for s in sorted(rgbs.keys() - xyzs)]
+        if require_both:
+            found_errors += [
+                DataError(rgbs[s], f"no matching point cloud {s}.tiff") for s in sorted(rgbs.keys() - xyzs)
+            ]
+        else:  # an RGB alone is a sample whose cloud is absent
+            xyzs.update({s: rgbs[s].with_suffix(".tiff") for s in rgbs.keys() - xyzs})
         found_errors += [DataError(xyzs[s], f"no matching RGB image {s}.png") for s in sorted(xyzs.keys() - rgbs)]
         pairs = [(rgbs[s], xyzs[s], masks.get(s)) for s in sorted(rgbs.keys() & xyzs.keys())]
     if found_errors:

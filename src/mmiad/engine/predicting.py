@@ -77,12 +77,14 @@ class RunModels:
         records: list[SampleRecord],
         category: str | None = None,
         *,
+        strict: bool = False,
         progress: bool = False,
         errors: list[DataError] | None = None,
     ) -> Iterator[Prediction]:
-        """Score records with the model serving ``category`` (see :func:`predict_records`)."""
+        """Score records with the model serving ``category`` (see :func:`predict_records`; ``strict`` makes a
+        sample missing a modality an error instead of a degraded prediction)."""
         key = self.key_for(category)
-        return predict_records(self.trained(key), records, key=key, progress=progress, errors=errors)
+        return predict_records(self.trained(key), records, key=key, strict=strict, progress=progress, errors=errors)
 
 
 def override_image_threshold(thresholds: Thresholds | None, image_threshold: float) -> Thresholds:
@@ -99,9 +101,13 @@ def input_records(
     category: str = "custom",
     format: str | None = None,
     split: str = "test",
+    require_both: bool = False,
     errors: list[DataError] | None = None,
 ) -> list[SampleRecord]:
     """The records a user points ``predict`` at.
+
+    In a plain folder an RGB image without the cloud of its stem is a record whose cloud is absent (scored from
+    the RGB alone, degraded) unless ``require_both``, which reports it instead.
 
     * an RGB file with ``xyz``: that one pair;
     * a dataset root of a registered format (MVTec 3D-AD, Eyecandies, or ``format`` given): ``category``'s
@@ -119,7 +125,7 @@ def input_records(
         raise DataError(path, "input folder not found" if not path.exists() else "a single file needs --xyz CLOUD")
     dataset_format = get_format(format) if format not in (None, "auto") else detect_format(path)
     if dataset_format.name == "folder":
-        return list_folder_records(path, category=category, errors=errors)
+        return list_folder_records(path, category=category, require_both=require_both, errors=errors)
     records = open_dataset(path, dataset_format.name).records(category, split, errors=errors)
     if not records:
         raise DataError(path, f"no {split} sample of category {category!r} in this {dataset_format.name} dataset")

@@ -61,9 +61,12 @@ class Scorer(Protocol):
     def score(self, features: Sequence[SampleFeatures]) -> list[Scored]: ...
 
 
-#: Called with each whole sample's prediction and its features (calibration scores the fallbacks from them).
-Observer = Callable[[Prediction, SampleFeatures], None]
-_Item = tuple[LoadedRecord, SampleFeatures | None]
+#: Called with each prediction before it is labelled: a whole sample's with its features (calibration scores the
+#: fallbacks from them), a degraded one's with None and the reason its other modality is missing.
+Observer = Callable[[Prediction, SampleFeatures | None, DataError | None], None]
+#: A record to score: whole ones with their features and what the method derives from them (MuSc's tokens),
+#: degraded ones with (None, None).
+_Item = tuple[LoadedRecord, SampleFeatures | None, object]
 
 
 def score_records(
@@ -96,7 +99,7 @@ def score_records(
         progress: Show a progress bar.
         errors: Where bad samples go; None raises the first.
         batch_size: Records per read and per extractor forward.
-        observe: Called with each whole sample's prediction and features, before it is labelled.
+        observe: Called with each prediction before it is labelled (see :data:`Observer`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -178,7 +181,7 @@ class _Loop:
 
     def features(self, loaded: Sequence[LoadedRecord | DataError]) -> list[_Item]:
         """Features of the chunk's whole samples (misses extracted in one batch); degraded ones pass as None."""
-        items: list[_Item] = []
+        items: list[LoadedRecord] = []
         whole: list[LoadedRecord] = []
         for entry in loaded:
             if isinstance(entry, DataError):
@@ -186,15 +189,29 @@ class _Loop:
             elif entry.missing is not None and not self._degraded_allowed(entry):
                 continue
             else:
-                items.append((entry, None))
+                items.append(entry)
                 if entry.missing is None:
                     whole.append(entry)
         if not whole:
-            return items
+            return [(entry, None, None) for entry in items]
         results: list[SampleFeatures | DataError | None] = [entry.features for entry in whole]
         pending = [(i, e.key, e.inputs) for i, e in enumerate(whole) if e.features is None and e.inputs is not None]
         computed = iter(self.pipeline._compute_batch((results, pending)))
-        return [(entry, next(computed) if entry.missing is None else None) for entry, _ in items]  # type: ignore[misc]
+        derive = getattr(self.scorer, "prepare_features", None)
+        ready: list[_Item] = []
+        for entry in items:
+            if entry.missing is not None:
+                ready.append((entry, None, None))
+                continue
+            features = next(computed)
+            assert isinstance(features, SampleFeatures)
+            try:
+                ready.append((entry, features, derive(features) if derive is not None else features))
+            except ModelFileError:
+                raise
+            except SAMPLE_FAILURES as error:
+                self.report(_sample_error(entry.source, error))
+        return ready
 
     def _degraded_allowed(self, entry: LoadedRecord) -> bool:
         """Whether a record missing a modality may be scored by the fallback; when not, it is reported."""
@@ -210,9 +227,8 @@ class _Loop:
 
     def finish(self, items: Sequence[_Item]) -> Iterator[Prediction]:
         """Score a batch of items (whole ones through the method, degraded ones through the fallback) in order."""
-        whole = [(entry, features) for entry, features in items if features is not None]
-        scored = iter(self._score([features for _, features in whole]))
-        for entry, features in items:
+        scored = iter(self._score([derived for _, features, derived in items if features is not None]))
+        for entry, features, _ in items:
             try:
                 if features is None:
                     prediction = self._degraded(entry)
@@ -227,7 +243,7 @@ class _Loop:
             except SAMPLE_FAILURES as error:
                 self.report(_sample_error(entry.source, error))
 
-    def _score(self, features: Sequence[SampleFeatures]) -> list[Scored | Exception]:
+    def _score(self, features: Sequence[object]) -> list[Scored | Exception]:
         """The method's results, ``score_batch_size`` at a time; a failing batch is retried sample by sample so
         that only the bad one is lost (a whole-batch method loses the batch: its scores need every sample)."""
         scorer = self.scorer
@@ -236,7 +252,7 @@ class _Loop:
         for start in range(0, len(features), size):
             batch = features[start : start + size]
             try:
-                found: list[Scored | Exception] = list(scorer.score(batch))
+                found: list[Scored | Exception] = list(scorer.score(batch))  # type: ignore[arg-type]
             except SAMPLE_FAILURES as error:
                 if scorer.whole_batch:  # mutual scores need every sample: the batch fails as one
                     raise
@@ -246,7 +262,7 @@ class _Loop:
                     found = []
                     for single in batch:
                         try:
-                            found.extend(scorer.score([single]))
+                            found.extend(scorer.score([single]))  # type: ignore[list-item]
                         except SAMPLE_FAILURES as error_one:
                             found.append(error_one)
             if len(found) != len(batch):
@@ -269,7 +285,7 @@ class _Loop:
             cached_record=entry.prepared if entry.prepared != entry.source else None,
         )
         if self.observe is not None:
-            self.observe(prediction, features)
+            self.observe(prediction, features, None)
         return self._labelled(prediction, self.thresholds)
 
     def _degraded(self, entry: LoadedRecord) -> Prediction:
@@ -296,6 +312,8 @@ class _Loop:
             modality=present,
             note=degraded_note(present, entry.reason),
         )
+        if self.observe is not None:
+            self.observe(prediction, None, entry.reason)
         thresholds = self.fallback_thresholds.get(present)
         if thresholds is None and self.label:
             prediction.note += f"; not labelled: the model has no {present}-only threshold"

@@ -102,11 +102,15 @@ def calibrate_model(
     if with_fallback and getattr(model, "pipeline", None) is not None:
         trained.fallback = _fit_fallback_models(model, train, errors)
     fallback_scores = _FallbackScores(trained.fallback)
-    held_out = list(
-        score_records(
-            model, calibration, progress=progress, errors=errors, observe=fallback_scores if trained.fallback else None
-        )
+    scored = score_records(
+        model,
+        calibration,
+        fallback=trained.fallback,
+        progress=progress,
+        errors=errors,
+        observe=fallback_scores if trained.fallback is not None else None,
     )
+    held_out = [p for p in scored if not p.degraded]  # a degraded sample calibrates only its fallback
     if not held_out:
         raise ValueError("no usable held-out nominal sample to calibrate thresholds on")
     trained.thresholds = calibrate([p.pred_score for p in held_out], [p.anomaly_map for p in held_out], max_fpr, source)
@@ -137,8 +141,14 @@ class _FallbackScores:
         self.scored: dict[str, list[tuple[float, Any]]] = {"2d": [], "3d": []}
         self.failed: list[DataError] = []
 
-    def __call__(self, prediction: Prediction, features: SampleFeatures) -> None:
+    def __call__(self, prediction: Prediction, features: SampleFeatures | None, missing: DataError | None) -> None:
         assert self.fallback is not None
+        if features is None:  # degraded: the fallback of its one modality scored it, the other one cannot
+            assert missing is not None
+            absent = "3d" if prediction.modality == "2d" else "2d"
+            self.failed.append(DataError(missing.path, f"{absent}-only fallback calibration: {missing.problem}"))
+            self._add(prediction.modality, prediction.pred_score, prediction.anomaly_map, prediction)
+            return
         size = prediction.anomaly_map.shape[-1]
         for present in ("2d", "3d"):
             try:
@@ -146,16 +156,20 @@ class _FallbackScores:
                     anomaly_map, score = self.fallback.score_image(features.image, size)
                 else:
                     anomaly_map, score = self.fallback.score_points(features.points, size)
-                values = anomaly_map.numpy()
-                if not np.isfinite(score) or not np.isfinite(values).all():
-                    raise DataError(prediction.record.rgb_path, "non-finite fallback score")
             except (DataError, ArithmeticError, ValueError, RuntimeError) as error:
                 problem = error.problem if isinstance(error, DataError) else one_line(error)
                 self.failed.append(
                     DataError(prediction.record.rgb_path, f"{present}-only fallback calibration: {problem}")
                 )
                 continue
-            self.scored[present].append((score, values))
+            self._add(present, score, anomaly_map.numpy(), prediction)
+
+    def _add(self, present: str, score: float, anomaly_map: Any, prediction: Prediction) -> None:
+        if not np.isfinite(score) or not np.isfinite(anomaly_map).all():
+            problem = f"{present}-only fallback calibration: non-finite score"
+            self.failed.append(DataError(prediction.record.rgb_path, problem))
+            return
+        self.scored[present].append((score, anomaly_map))
 
 
 def _calibrate_fallback(
@@ -208,7 +222,7 @@ def fit_fallback(
     trained.fallback_thresholds = {}
     scores = _FallbackScores(trained.fallback)
     found: list[DataError] = []
-    for _ in score_records(trained.model, calibration, errors=found, observe=scores):
+    for _ in score_records(trained.model, calibration, fallback=trained.fallback, errors=found, observe=scores):
         pass
     _report_new(found, errors)
     _calibrate_fallback(trained, scores, max_fpr=max_fpr, source=source, errors=errors)

@@ -1,4 +1,5 @@
-"""Zero-shot methods (MuSc-V2): score a batch with no training, and label it without calibrated thresholds.
+"""Zero-shot methods (``needs_training`` False, e.g. MuSc-V2): score a batch with no training, and label it
+without calibrated thresholds.
 
 A trained method carries thresholds calibrated on nominal data; a zero-shot method has seen no data before the
 batch it scores, and its scores are relative to that batch. Samples are labelled by a robust outlier rule over the
@@ -9,7 +10,6 @@ defects). The rule assumes most of the batch is nominal; ``--threshold`` overrid
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,30 +20,55 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.evaluation import evaluate_predictions
 from mmiad.engine.runs import Log, quiet
-from mmiad.methods.base import Prediction
+from mmiad.engine.scoring import score_records
+from mmiad.methods.base import AnomalyModel, Prediction
+from mmiad.methods.registry import available_methods, get_method
 from mmiad.metrics.pro import AuproMode
 from mmiad.postprocess.threshold import Thresholds
 
-#: Methods that need no training; ``train`` refuses them with a pointer to ``test``/``predict``.
-ZERO_SHOT_METHODS = ("musc",)
 OUTLIER_K = 3.0
+
+
+def zero_shot_model(
+    method: str, hparams: dict[str, Any] | None = None, *, cache_dir: str | None = None
+) -> AnomalyModel:
+    """A zero-shot method (``needs_training`` False) ready to score a batch.
+
+    Raises:
+        ValueError: for an unknown method, a method that needs training (with the commands to train it), or an
+            option it does not take.
+    """
+    from mmiad.engine.trained import build_model
+
+    if get_method(method).needs_training:
+        raise ValueError(
+            f"method {method!r} needs training: `mmiad train --method {method} --data ROOT --out RUN`, then "
+            "`mmiad test --run RUN` / `mmiad predict --run RUN`; zero-shot methods: "
+            + (", ".join(zero_shot_methods()) or "none")
+        )
+    return build_model(method, cache_dir, hparams)
+
+
+def zero_shot_methods() -> list[str]:
+    """The registered methods that need no training (read from their capabilities)."""
+    return [name for name in available_methods() if not get_method(name).needs_training]
 
 
 def score_zero_shot(
     records: Sequence[SampleRecord],
     hparams: dict[str, Any] | None = None,
     *,
-    method: str = "musc",
+    method: str,
     cache_dir: str | None = None,
+    strict: bool = False,
     progress: bool = False,
     errors: list[DataError] | None = None,
 ) -> list[Prediction]:
-    """Predictions for one batch scored by mutual scoring (no run, no training), in input order."""
-    if method not in ZERO_SHOT_METHODS:
-        raise ValueError(f"{method!r} is not a zero-shot method; zero-shot methods: {', '.join(ZERO_SHOT_METHODS)}")
-    from mmiad.methods.musc import MuSc
-
-    return MuSc(cache_dir=cache_dir, **(hparams or {})).score(records, progress=progress, errors=errors)
+    """Predictions for one batch scored by a zero-shot method (no run, no training), in input order, unlabelled
+    (see :func:`batch_thresholds`). The engine's scoring loop reads and extracts; a ``whole_batch`` method sees
+    the whole batch."""
+    model = zero_shot_model(method, hparams, cache_dir=cache_dir)
+    return list(score_records(model, records, label=False, strict=strict, progress=progress, errors=errors))
 
 
 def robust_threshold(values: Sequence[float] | np.ndarray, k: float = OUTLIER_K) -> float:
@@ -77,20 +102,20 @@ def evaluate_zero_shot(
     data_root: str | Path,
     hparams: dict[str, Any] | None = None,
     *,
-    method: str = "musc",
+    method: str,
     categories: Sequence[str] | None = None,
     maps_dir: str | Path | None = None,
     aupro_mode: AuproMode | None = None,
     num_thresholds: int | None = None,
     cache_dir: str | None = None,
     format: str | None = None,
+    strict: bool = False,
     progress: bool = False,
     log: Log = quiet,
 ) -> tuple[dict[str, Any], list[DataError]]:
     """Metrics per category, each category's test split scored as one batch (the paper's protocol)."""
     from mmiad.data.formats import open_dataset
-    from mmiad.data.io import write_map
-    from mmiad.data.preprocess import map_to_original
+    from mmiad.engine.evaluation import write_test_map
     from mmiad.metrics import summarize
 
     dataset = open_dataset(data_root, format)
@@ -100,14 +125,11 @@ def evaluate_zero_shot(
     for category in names:
         records = dataset.records(category, "test", errors=errors)
         predictions = score_zero_shot(
-            records, hparams, method=method, cache_dir=cache_dir, progress=progress, errors=errors
+            records, hparams, method=method, cache_dir=cache_dir, strict=strict, progress=progress, errors=errors
         )
-        if maps_dir is not None:
+        if maps_dir is not None:  # the same confined, atomic writer as ``mmiad test --run --maps``
             for prediction in predictions:
-                record = prediction.record
-                target = Path(maps_dir) / category / "test" / record.defect_type / f"{record.stem}.tiff"
-                write_map(target, map_to_original(prediction.anomaly_map, prediction.geometry))
-                target.with_suffix(".json").write_text(json.dumps({"score": prediction.pred_score}))
+                write_test_map(maps_dir, category, prediction)
         per_category[category] = evaluate_predictions(
             predictions, aupro_mode=aupro_mode or "exact", num_thresholds=num_thresholds or 99
         )

@@ -3,7 +3,8 @@
 Preprocessing, FPFH, Point-MAE's grouping and the 3D→grid projection reuse the library's own code (they are
 cheap next to the networks and have no good ONNX form); the 2D extractor, Point-MAE's encoder and the scoring head
 run from the exported graphs. Predictions are the same :class:`~mmiad.methods.base.Prediction` objects the PyTorch
-model yields, so everything downstream (thresholds, writing maps and overlays) is shared.
+model yields, and they come from the engine's one scoring loop (reading, batching, the single-modality fallback,
+thresholds), so a sample is treated as ``mmiad predict --run`` treats it.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import torch
 from mmiad.data.errors import DataError
 from mmiad.data.preprocess import get_profile
 from mmiad.data.sample import SampleRecord
-from mmiad.engine import apply_thresholds
+from mmiad.engine.scoring import score_records
 from mmiad.export._deps import cpu_session
 from mmiad.export.manifest import Manifest
 from mmiad.features.base import PointFeatureExtractor, PointFeatures, feature_points
 from mmiad.features.grouping import group_points, three_nn_weights
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.features.registry import default_cache_dir
-from mmiad.methods.base import Prediction, finite_only, with_source
+from mmiad.methods.base import Prediction, Scored
 from mmiad.methods.cfm.scoring import finalize_map
-from mmiad.methods.modelfile import ModelFileError
+from mmiad.methods.fallback import ModalityFallback
+from mmiad.methods.modelfile import ModelFileError, load_model_file
 from mmiad.postprocess.threshold import Thresholds
 
 
@@ -107,6 +109,10 @@ def _point_extractor(manifest: Manifest, directory: Path) -> PointFeatureExtract
     return extractor
 
 
+#: The single-modality fallback models of an export (a model file of their banks, config and thresholds).
+FALLBACK_FILE = "fallback.safetensors"
+
+
 class OnnxPredictor:
     """Scores samples with an exported CFM (one model export folder, see :mod:`mmiad.export.model`).
 
@@ -142,6 +148,8 @@ class OnnxPredictor:
         point = _point_extractor(self.manifest, directory)
         self.pipeline = FeaturePipeline(image, point, profile, self.manifest.image_size, None, root)
         self.scorer: Any = cpu_session(str(directory / self.manifest.graphs["scorer"]["file"]))
+        self.directory = directory
+        self.fallback, self.fallback_thresholds = load_fallback(directory)
 
     @classmethod
     def from_export(
@@ -163,16 +171,23 @@ class OnnxPredictor:
         final, map_2d, map_3d, score = self.scorer.run(["anomaly_map", "map_2d", "map_3d", "score"], feeds)
         return final, map_2d, map_3d, float(score)
 
-    def predict(
-        self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
-    ) -> Iterator[Prediction]:
-        """One prediction per usable record, as ``CFM.predict`` (thresholds not applied; see ``predict_with_onnx``)."""
-        prepared = self.pipeline.preprocess(records, progress=False, errors=errors)
-        sources = {record.sample_id: record for record in records}
-        for record, features in self.pipeline.iter_features(
-            prepared, progress=progress, errors=errors, description="predict onnx"
-        ):
-            final, map_2d, map_3d, score = self.score_features(features)
+    # The engine's scoring loop reads these (see :class:`mmiad.engine.scoring.Scorer`).
+    whole_batch = False
+    score_batch_size = 8
+
+    @property
+    def name(self) -> str:
+        """The exported method's name."""
+        return f"{self.manifest.method} (onnx)"
+
+    def prepare_scoring(self) -> None:
+        """Nothing to prepare: the ONNX sessions are ready."""
+
+    def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
+        """Maps and image scores from the scorer graph, as the method's own ``score``."""
+        results = []
+        for sample in features:
+            final, map_2d, map_3d, score = self.score_features(sample)
             metric_maps: dict[str, np.ndarray] = {}
             if self.hparams.get("compat"):
                 # The final map is already smoothed; only the official per-metric normalisations remain.
@@ -180,19 +195,31 @@ class OnnxPredictor:
                     torch.from_numpy(final), out_size=final.shape[-1], smoothing="none", sigma=0.0, compat=True
                 )
                 metric_maps = {name: m.numpy() for name, m in scored.metric_maps.items()}
-            inputs = features.inputs
-            prediction = Prediction(
-                record=record,
-                pred_score=score,
-                anomaly_map=final,
-                label=inputs.label,
-                gt_mask=inputs.gt_mask,
-                geometry=inputs,
-                modality_maps={"2d": map_2d, "3d": map_3d},
-                metric_maps=metric_maps,
-            )
-            source = sources.get(record.sample_id)
-            yield from finite_only([prediction if source is None else with_source(prediction, source)], errors)
+            results.append(Scored(score, final, {"2d": map_2d, "3d": map_3d}, metric_maps))
+        return results
+
+    def predict(
+        self,
+        records: Sequence[SampleRecord],
+        *,
+        thresholds: Thresholds | None = None,
+        strict: bool = False,
+        progress: bool = False,
+        errors: list[DataError] | None = None,
+    ) -> Iterator[Prediction]:
+        """Labelled predictions through the engine's scoring loop, as ``mmiad predict --run`` (``thresholds``: the
+        exported ones when None); a sample missing a modality is scored by the exported fallback, degraded."""
+        return score_records(
+            self,
+            records,
+            thresholds=thresholds if thresholds is not None else self.thresholds,
+            fallback=self.fallback,
+            fallback_thresholds=self.fallback_thresholds,
+            key=self.directory.name,
+            strict=strict,
+            progress=progress,
+            errors=errors,
+        )
 
 
 def predict_with_onnx(
@@ -207,6 +234,19 @@ def predict_with_onnx(
 ) -> Iterator[Prediction]:
     """Predictions of an export with thresholds applied (the exported ones unless ``thresholds`` is given)."""
     predictor = OnnxPredictor.from_export(export_dir, category, cache_dir=cache_dir)
-    chosen = thresholds if thresholds is not None else predictor.thresholds
-    for prediction in predictor.predict(records, progress=progress, errors=errors):
-        yield apply_thresholds(prediction, chosen)
+    return predictor.predict(records, thresholds=thresholds, progress=progress, errors=errors)
+
+
+def load_fallback(directory: Path) -> tuple[ModalityFallback | None, dict[str, Thresholds]]:
+    """The single-modality fallback exported beside the graphs (``fallback.safetensors``), or (None, {}) for an
+    export of a model trained without one (or written before exports carried it)."""
+    path = directory / FALLBACK_FILE
+    if not path.is_file():
+        return None, {}
+    tensors, config = load_model_file(path)
+    try:
+        fallback = ModalityFallback.from_state(config, tensors)
+        thresholds = {m: Thresholds.from_dict(t) for m, t in config.get("thresholds", {}).items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise ModelFileError(f"{path}: does not describe a fallback ({type(error).__name__}: {error})") from error
+    return fallback, thresholds

@@ -206,6 +206,13 @@ class AnomalyModel(ABC):
         engine then scores the rest of the batch one by one, so one bad sample costs only itself.
         """
 
+    def prepare_features(self, features: SampleFeatures) -> Any:
+        """What :meth:`score` receives for one sample: the pipeline's features (the default), or a per-sample
+        representation the method derives from them without reading files (MuSc's tokens). The engine calls it
+        sample by sample, so a sample the method cannot use (a DataError here) costs only itself, even for a
+        ``whole_batch`` method."""
+        return features
+
     def prepare_scoring(self) -> None:  # noqa: B027 (a hook: most methods need nothing)
         """Called once before a :meth:`predict` pass (put networks in eval mode, move banks to the device)."""
 

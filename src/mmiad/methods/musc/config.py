@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from mmiad.methods.musc.msm import minimum_batch
 from mmiad.methods.musc.snamd import SNAMD_3D_POOLS
-from mmiad.utils.compute import check_device_name, check_precision
+from mmiad.methods.settings import MethodSettings
 
 MODALITIES = ("both", "2d", "3d")
 SMOOTHINGS_3D = ("pil_uint8", "gaussian", "none")
 
 
 @dataclass
-class MuScConfig:
+class MuScConfig(MethodSettings):
     """Everything that changes MuSc-V2's output. Defaults are the official code's.
+
+    The pipeline fields (extractors, profile, image size, weights, random init, device, precision) are
+    :class:`~mmiad.methods.settings.MethodSettings`'; ``compat`` changes nothing (the defaults are the official
+    code's already).
 
     Attributes:
         modality: ``both`` (2D+3D, with CAE), ``2d`` or ``3d``.
@@ -49,9 +53,6 @@ class MuScConfig:
     """
 
     modality: str = "both"
-    extractors: str = "weightfree"
-    profile: str = "cfm"
-    image_size: int = 224
     image_layers: tuple[int, ...] = (3, 7, 11)
     r_list: tuple[int, ...] = (1, 3, 5)
     snamd_3d_pool: str = "official"
@@ -69,13 +70,9 @@ class MuScConfig:
     seed: int = 0
     chunk_size: int = 16
     allow_mixed_sizes: bool = False
-    weights_dir: str | None = None
-    random_init: bool = False
-    device: str = "auto"
-    precision: str = "fp32"
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.image_layers = tuple(int(x) for x in self.image_layers)
         self.r_list = tuple(int(x) for x in self.r_list)
         self.rscon_k = tuple(int(x) for x in self.rscon_k)
@@ -87,11 +84,7 @@ class MuScConfig:
             raise ValueError(f"unknown smoothing_3d {self.smoothing_3d!r}; expected one of {SMOOTHINGS_3D}")
         if self.chunk_size < 1 or self.divide_num < 1 or self.ipg_step < 1:
             raise ValueError("chunk_size, divide_num and ipg_step must be positive")
-        if self.extra:
-            raise ValueError(f"unknown MuSc option(s): {', '.join(sorted(self.extra))}")
         minimum_batch(self.interval)  # validates the interval
-        self.device = check_device_name(self.device)
-        check_precision(self.precision)
 
     @property
     def minimum_batch(self) -> int:
@@ -101,12 +94,11 @@ class MuScConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> MuScConfig:
         """From ``--set``-style options; an unknown key is an error naming it."""
-        known = set(cls.__dataclass_fields__) - {"extra"}
-        unknown = {k: v for k, v in options.items() if k not in known}
-        return cls(**{k: v for k, v in options.items() if k in known}, extra=unknown)
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown MuSc option(s): {', '.join(unknown)}")
+        return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        data = asdict(self)
-        data.pop("extra")
-        return data
+        return asdict(self)

@@ -1,7 +1,8 @@
 """MuSc-V2 (Li, Xue & Zhou, TPAMI 2026): zero-shot anomaly detection by mutual scoring of an unlabeled batch.
 
-There is no training and no model file. :meth:`MuSc.score` extracts tokens for every sample of a batch (one
-category's test set, or a folder of new parts), lets them score each other (MSM, with CAE across modalities),
+There is no training and no model file. The engine reads and extracts the batch (one category's test set, or a
+folder of new parts), :meth:`MuSc.prepare_features` turns each sample into tokens, and :meth:`MuSc.score` lets them
+score each other (MSM, with CAE across modalities),
 turns token scores into maps like the official code (2D: bilinear, align_corners=True; 3D: 3-NN interpolation to
 the points then ``KNNGaussianBlur(4)``; the final map is their sum), and re-scores the image scores (max of the
 map) with RsCon. Scores only mean something relative to the batch they were computed in.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,73 +20,82 @@ from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
-from mmiad.features.pipeline import FeaturePipeline
-from mmiad.methods.base import Prediction
+from mmiad.features.pipeline import SampleFeatures
+from mmiad.methods.base import AnomalyModel, Prediction, Scored
 from mmiad.methods.musc.cae import cae_scores, patch_members
 from mmiad.methods.musc.config import MuScConfig
 from mmiad.methods.musc.msm import MixedSizeError, check_batch, checked_subsets, mutual_scores, stack_tokens
 from mmiad.methods.musc.rscon import rescore
-from mmiad.methods.musc.tokens import SampleTokens, extract_tokens
+from mmiad.methods.musc.tokens import SampleTokens, tokens_of
+from mmiad.methods.registry import register_method
 from mmiad.postprocess.smoothing import smooth_maps
 from mmiad.utils.compute import resolve_device
 
 
-class MuSc:
-    """Zero-shot MuSc-V2 scorer.
+@register_method("musc")
+class MuSc(AnomalyModel):
+    """MuSc-V2: zero-shot mutual scoring of an unlabeled batch, 2D + 3D (Li, Xue & Zhou, TPAMI 2026).
 
-    Args:
-        config: Hyperparameters; keyword ``options`` build one when it is None (unknown names are errors).
-        cache_dir: Where preprocessed copies go (default ``$MMIAD_CACHE``).
+    Hyperparameters: :class:`MuScConfig`. No learned state: ``fit`` learns nothing, and the engine hands
+    :meth:`score` the whole batch (``whole_batch``), whose samples score each other.
     """
 
-    name = "musc"
+    config_class = MuScConfig
+    config: MuScConfig
+    needs_training: ClassVar[bool] = False
+    whole_batch: ClassVar[bool] = True
+    tiny_hparams: ClassVar[dict[str, Any]] = {"image_size": 64, "num_group": 32, "group_size": 16}
 
-    def __init__(self, config: MuScConfig | None = None, *, cache_dir: str | None = None, **options: Any) -> None:
-        self.config = config if config is not None else MuScConfig.from_options(options)
-        self.cache_dir = cache_dir
-        self._pipeline: FeaturePipeline | None = None
-
-    @property
-    def pipeline(self) -> FeaturePipeline:
-        """mmiad's feature pipeline for the configured extractors (the feature cache is not used: see tokens)."""
-        if self._pipeline is None:
-            from mmiad.features.registry import build_pipeline
-
-            config = self.config
-            self._pipeline = build_pipeline(
-                config.extractors,
-                profile=config.profile,
-                image_size=config.image_size,
-                weights_dir=config.weights_dir,
-                random_init=config.random_init,
-                cache_dir=self.cache_dir,
-                device=config.device,
-                precision=config.precision,
-            )
-        return self._pipeline
-
-    def score(
+    def fit(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
-    ) -> list[Prediction]:
-        """Predictions for a batch, in input order; bad samples go to ``errors`` (or raise) and are left out.
+    ) -> MuSc:
+        """Nothing to learn: a zero-shot method scores each batch by itself (kept for the estimator contract)."""
+        self.fitted_ = True
+        return self
+
+    def prepare_features(self, features: SampleFeatures) -> SampleTokens:
+        """The sample's MuSc tokens (SNAMD-aggregated patches and groups), from its model input and features."""
+        return tokens_of(self.pipeline, features.inputs, lambda: features, self.config)
+
+    def score(self, features: Sequence[Any]) -> list[Scored]:
+        """Mutual scoring of the batch, in order: ``features`` are the tokens of :meth:`prepare_features`.
 
         Raises:
-            BatchTooSmallError: fewer usable samples than :attr:`MuScConfig.minimum_batch` (per subset).
-            MixedSizeError: samples whose token grids differ.
+            BatchTooSmallError: fewer samples than :attr:`MuScConfig.minimum_batch` (per subset).
+            MixedSizeError: samples whose token grids (or, unless allowed, original sizes) differ.
         """
-        check_batch(len(records), self.config.interval)
-        prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
-        tokens = []
-        for record in tqdm(prepared, desc="musc tokens", disable=not progress, leave=False):
-            try:
-                tokens.append(extract_tokens(self.pipeline, record, self.config))
-            except DataError as error:
-                if errors is None:
-                    raise
-                errors.append(error)
-        return self.score_tokens(tokens, progress=progress)
+        check_batch(len(features), self.config.interval)
+        tokens = [f if isinstance(f, SampleTokens) else self.prepare_features(f) for f in features]
+        return self.scored_tokens(tokens)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """None: MuSc learns nothing."""
+        return {}
+
+    def load_state(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Nothing to restore."""
 
     def score_tokens(self, tokens: Sequence[SampleTokens], *, progress: bool = False) -> list[Prediction]:
+        """Predictions for tokens already extracted (benchmarks, tests): :meth:`scored_tokens` with each sample's
+        model input (record, label, ground truth, geometry)."""
+        predictions = []
+        for sample, scored in zip(tokens, self.scored_tokens(tokens, progress=progress), strict=True):
+            inputs = sample.inputs
+            assert inputs.record is not None  # set by FeaturePipeline.load_inputs
+            predictions.append(
+                Prediction(
+                    record=inputs.record,
+                    pred_score=scored.score,
+                    anomaly_map=scored.anomaly_map,
+                    label=inputs.label,
+                    gt_mask=inputs.gt_mask,
+                    geometry=inputs,
+                    modality_maps=scored.modality_maps,
+                )
+            )
+        return predictions
+
+    def scored_tokens(self, tokens: Sequence[SampleTokens], *, progress: bool = False) -> list[Scored]:
         """Mutual scoring, maps and RsCon for tokens already extracted (the part independent of extractors)."""
         config = self.config
         check_batch(len(tokens), config.interval)
@@ -103,7 +113,7 @@ class MuSc:
             for position, index in enumerate(subset):
                 scores_2d[index] = part_2d[position]
                 scores_3d[index] = part_3d[position]
-        return self._predictions(tokens, scores_2d, scores_3d)
+        return self._scored(tokens, scores_2d, scores_3d)
 
     def _score_subset(self, part: Sequence[SampleTokens]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per sample: 2D patch scores (L2,) and 3D group scores (G_i,), each the mean over layers.
@@ -150,9 +160,9 @@ class MuSc:
         ]
         return out_2d, out_3d
 
-    def _predictions(
+    def _scored(
         self, tokens: Sequence[SampleTokens], scores_2d: list[torch.Tensor], scores_3d: list[torch.Tensor]
-    ) -> list[Prediction]:
+    ) -> list[Scored]:
         config = self.config
         size = int(tokens[0].inputs.rgb.shape[-1])
         maps_2d, maps_3d, salient = [], [], []
@@ -181,27 +191,21 @@ class MuSc:
             finals.append(final)
         image_scores = torch.stack([f.max() for f in finals])
         image_scores = rescore(image_scores, torch.stack(salient), config.rscon_k)
-        predictions = []
-        for index, sample in enumerate(tokens):
-            inputs = sample.inputs
-            assert inputs.record is not None  # set by FeaturePipeline.load_inputs, which extract_tokens reads through
+        results = []
+        for index in range(len(tokens)):
             modality_maps = {}
             if maps_2d:
                 modality_maps["2d"] = maps_2d[index].numpy()
             if maps_3d:
                 modality_maps["3d"] = maps_3d[index].numpy()
-            predictions.append(
-                Prediction(
-                    record=inputs.record,
-                    pred_score=float(image_scores[index]),
+            results.append(
+                Scored(
+                    score=float(image_scores[index]),
                     anomaly_map=finals[index].numpy(),
-                    label=inputs.label,
-                    gt_mask=inputs.gt_mask,
-                    geometry=inputs,
                     modality_maps=modality_maps,
                 )
             )
-        return predictions
+        return results
 
 
 def _check_sizes(tokens: Sequence[SampleTokens], allow_mixed: bool) -> None:

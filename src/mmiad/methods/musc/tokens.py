@@ -82,13 +82,14 @@ def _point_tokens(
     inputs: ModelInput,
     pipeline: FeaturePipeline,
     config: MuScConfig,
-    record: SampleRecord,
+    record: SampleRecord | None,
     cached: Callable[[], SampleFeatures],
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     extractor = pipeline.point_extractor
     grouping = make_grouping(config.ipg, config.ipg_step, config.curvature_threshold)
     if not inputs.valid.any():
-        raise DataError(record.xyz_path, "no valid 3D point: MuSc cannot score this sample's 3D modality")
+        path = record.xyz_path if record is not None else None
+        raise DataError(path, "no valid 3D point: MuSc cannot score this sample's 3D modality")
     if hasattr(extractor, "extract_groups"):
         xyz = inputs.xyz
         if config.normalize_cloud:
@@ -129,7 +130,7 @@ def _point_tokens(
 
 
 def extract_tokens(pipeline: FeaturePipeline, record: SampleRecord, config: MuScConfig) -> SampleTokens:
-    """Tokens of one preprocessed record for the configured modalities.
+    """Tokens of one preprocessed record, read here (benchmarks and tests; the engine uses :func:`tokens_of`).
 
     Extractors without a MuSc hook (texture, FPFH) go through :meth:`FeaturePipeline.extract` and so through the
     feature cache; the hooked ones (ViT layers, Point-MAE groups) are run directly, since their output depends on
@@ -143,13 +144,28 @@ def extract_tokens(pipeline: FeaturePipeline, record: SampleRecord, config: MuSc
             stored.append(pipeline.extract(record))
         return stored[0]
 
+    return tokens_of(pipeline, inputs, cached, config)
+
+
+def tokens_of(
+    pipeline: FeaturePipeline, inputs: ModelInput, features: Callable[[], SampleFeatures], config: MuScConfig
+) -> SampleTokens:
+    """Tokens of one sample from its model input and (for extractors without a MuSc hook) its pipeline features,
+    for the configured modalities; no file is read.
+
+    Raises:
+        DataError: when the sample has no valid 3D point left to group (3D modality).
+    """
+    record = inputs.record
     image: list[torch.Tensor] = []
     grid = (0, 0)
     if config.modality != "3d":
-        image, grid = _image_tokens(pipeline, inputs, config, cached)
+        image, grid = _image_tokens(pipeline, inputs, config, features)
     empty = torch.zeros(0, dtype=torch.long)
     points: list[torch.Tensor] = []
     centre_pixels, pixel_index, neighbors, weights = empty, empty, empty.view(0, 3), torch.zeros(0, 3)
     if config.modality != "2d":
-        points, centre_pixels, pixel_index, neighbors, weights = _point_tokens(inputs, pipeline, config, record, cached)
+        points, centre_pixels, pixel_index, neighbors, weights = _point_tokens(
+            inputs, pipeline, config, record, features
+        )
     return SampleTokens(inputs, image, grid, points, centre_pixels, pixel_index, neighbors, weights)
