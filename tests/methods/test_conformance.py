@@ -20,7 +20,11 @@ def records(tiny_dataset: Path) -> tuple[list, list]:
     return list_records(tiny_dataset, "puck", "train"), list_records(tiny_dataset, "puck", "test")
 
 
-@pytest.mark.parametrize("name", available_methods())
+TRAINED = [name for name in available_methods() if get_method(name).needs_training]
+ZERO_SHOT = [name for name in available_methods() if not get_method(name).needs_training]
+
+
+@pytest.mark.parametrize("name", TRAINED)
 def test_method_contract(name: str, records, tmp_path: Path, tiny_hparams: dict) -> None:
     train, test = records
     method = get_method(name)
@@ -47,7 +51,22 @@ def test_method_contract(name: str, records, tmp_path: Path, tiny_hparams: dict)
     assert loaded.info["category"] == "puck"
 
 
-@pytest.mark.parametrize("name", available_methods())
+@pytest.mark.parametrize("name", ZERO_SHOT)
+def test_zero_shot_contract(name: str, records, tmp_path: Path, tiny_hparams: dict) -> None:
+    """A zero-shot method scores a batch with no fit, every sample, deterministically, whatever the order."""
+    _, test = records
+    method = get_method(name)
+    model = method(cache_dir=str(tmp_path / "cache"), **tiny_hparams.get(name, {}))
+    predictions = list(model.predict(test))
+    assert [p.record for p in predictions] == test  # the user's records, in order
+    for prediction in predictions:
+        assert prediction.anomaly_map.shape == (64, 64)
+        assert np.isfinite(prediction.pred_score) and np.isfinite(prediction.anomaly_map).all()
+    again = list(method(cache_dir=str(tmp_path / "cache"), **tiny_hparams.get(name, {})).predict(test[::-1]))[::-1]
+    np.testing.assert_allclose([p.pred_score for p in again], [p.pred_score for p in predictions], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRAINED)
 def test_user_hyperparameters_round_trip_unchanged(name: str, records, tmp_path: Path, tiny_hparams: dict) -> None:
     """``compat`` is resolved when the model runs, never by rewriting the config: what the user set is saved."""
     train, _ = records
