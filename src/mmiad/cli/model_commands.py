@@ -188,7 +188,9 @@ def _predict(args: argparse.Namespace) -> int:
         if args.threshold is not None:
             thresholds = override_image_threshold(thresholds, args.threshold)
         records = _records(args, category, errors)
-        predictions = predictor.predict(records, thresholds=thresholds, strict=strict, progress=True, errors=errors)
+        predictions = predictor.predict(
+            records, thresholds=thresholds, strict=strict, keep_rgb=True, progress=True, errors=errors
+        )
     elif args.method is not None:
         from mmiad.engine.zero_shot import batch_thresholds, label_batch, score_zero_shot
 
@@ -199,6 +201,7 @@ def _predict(args: argparse.Namespace) -> int:
             method=args.method,
             cache_dir=args.cache_dir,
             strict=strict,
+            keep_rgb=True,
             progress=True,
             errors=errors,
         )
@@ -213,7 +216,7 @@ def _predict(args: argparse.Namespace) -> int:
         )
         category = args.category or models.key_for(None)
         records = _records(args, category, errors)
-        predictions = models.predict(records, category, strict=strict, progress=True, errors=errors)
+        predictions = models.predict(records, category, strict=strict, keep_rgb=True, progress=True, errors=errors)
     rows = _write_predictions(predictions, Path(args.out), errors)
     report_errors(errors)
     if not rows:
@@ -317,7 +320,7 @@ def _demo(args: argparse.Namespace) -> int:
         folders = sorted(p for p in (data / category / "test").iterdir() if p.is_dir() and p.name != "good")
         records = input_records(folders[0], category=category)
         predict_errors: list[DataError] = []
-        predictions = models.predict(records, category, progress=True, errors=predict_errors)
+        predictions = models.predict(records, category, keep_rgb=True, progress=True, errors=predict_errors)
         _write_predictions(predictions, out / "predictions" / category, predict_errors)
         report_errors(predict_errors)
     log(f"done: metrics in {out / 'metrics.json'}, maps in {out / 'maps'}, predictions in {out / 'predictions'}")

@@ -78,13 +78,17 @@ class RunModels:
         category: str | None = None,
         *,
         strict: bool = False,
+        keep_rgb: bool = False,
         progress: bool = False,
         errors: list[DataError] | None = None,
     ) -> Iterator[Prediction]:
         """Score records with the model serving ``category`` (see :func:`predict_records`; ``strict`` makes a
         sample missing a modality an error instead of a degraded prediction)."""
         key = self.key_for(category)
-        return predict_records(self.trained(key), records, key=key, strict=strict, progress=progress, errors=errors)
+        trained = self.trained(key)
+        return predict_records(
+            trained, records, key=key, strict=strict, keep_rgb=keep_rgb, progress=progress, errors=errors
+        )
 
 
 def override_image_threshold(thresholds: Thresholds | None, image_threshold: float) -> Thresholds:

@@ -13,7 +13,9 @@ answers with one read of each file:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -106,8 +108,11 @@ def read_record(record: SampleRecord) -> Sample:
     raise MissingModalityError(missing, reason, sample)
 
 
-def load_record(pipeline: FeaturePipeline, record: SampleRecord) -> LoadedRecord:
+def load_record(pipeline: FeaturePipeline, record: SampleRecord, *, keep_rgb: bool = False) -> LoadedRecord:
     """Everything needed to score ``record`` with ``pipeline``, each file read at most once.
+
+    With ``keep_rgb`` the model input keeps the user's original RGB (``ModelInput.source_rgb``) when it was the
+    one read, for outputs drawn at the original resolution (``predict``'s overlays).
 
     Raises:
         DataError: for a record that cannot be scored at all (a degraded one is returned, not raised).
@@ -115,30 +120,46 @@ def load_record(pipeline: FeaturePipeline, record: SampleRecord) -> LoadedRecord
     try:
         prepared, cleaned = preprocess_record(record, pipeline.profile, pipeline.preprocess_root, load=read_record)
     except MissingModalityError as missing:
-        return _degraded(pipeline, record, missing)
+        return _degraded(pipeline, record, missing, keep_rgb)
     try:
         key, hit = pipeline._cached(prepared)
     except OSError:  # an input file is missing: not cacheable, and reading it below says which modality
         key, hit = None, None
     if hit is not None:
         if cleaned is not None:  # just preprocessed: the model input is at hand, no need to read the copy
-            hit = SampleFeatures(hit.image, hit.points, _model_input(pipeline, cleaned))
-        return LoadedRecord(record, prepared, features=hit)
+            inputs: ModelInput | Callable[[], ModelInput] = _model_input(pipeline, cleaned, keep_rgb)
+        else:  # read when the loop asks for it (it always does: labels, geometry)
+            inputs = partial(_read_input, pipeline, prepared, keep_rgb)
+        return LoadedRecord(record, prepared, features=SampleFeatures(hit.image, hit.points, inputs))
     if cleaned is None:
         try:
             cleaned = read_record(prepared)
         except MissingModalityError as missing:
             if prepared is not record:  # a preprocessed copy is never degraded: its source was whole
                 raise DataError(missing.path, missing.problem) from missing
-            return _degraded(pipeline, record, missing)
-    return LoadedRecord(record, prepared, inputs=_model_input(pipeline, cleaned), key=key)
+            return _degraded(pipeline, record, missing, keep_rgb)
+    return LoadedRecord(record, prepared, inputs=_model_input(pipeline, cleaned, keep_rgb), key=key)
 
 
-def _model_input(pipeline: FeaturePipeline, sample: Sample) -> ModelInput:
-    return prepare_input(sample, size=pipeline.image_size, rgb_pad_mode=pipeline.profile.rgb_pad_mode)
+def _read_input(pipeline: FeaturePipeline, record: SampleRecord, keep_rgb: bool) -> ModelInput:
+    return _model_input(pipeline, read_record(record), keep_rgb)
 
 
-def _degraded(pipeline: FeaturePipeline, record: SampleRecord, missing: MissingModalityError) -> LoadedRecord:
+def _model_input(pipeline: FeaturePipeline, sample: Sample, keep_rgb: bool = False) -> ModelInput:
+    """The resized model input; with ``keep_rgb`` it keeps the RGB when that is the user's own file (a profile
+    that zeroes the background reads a cleaned copy instead, and then the user's RGB is read for the overlay)."""
+    inputs = prepare_input(sample, size=pipeline.image_size, rgb_pad_mode=pipeline.profile.rgb_pad_mode)
+    record = sample.record
+    if keep_rgb and record is not None and not any(key == "preprocessed" for key, _ in record.extra):
+        inputs.source_rgb = sample.rgb
+    elif keep_rgb and record is not None and not pipeline.profile.zero_rgb_background:
+        inputs.source_rgb = sample.rgb  # a cleaned copy keeps the user's RGB file when it does not zero it
+    return inputs
+
+
+def _degraded(
+    pipeline: FeaturePipeline, record: SampleRecord, missing: MissingModalityError, keep_rgb: bool
+) -> LoadedRecord:
     """The model input of the one usable modality; a cloud alone is cleaned as its format requires."""
     sample = missing.sample
     if missing.missing == "2d" and needs_preprocessing(record, pipeline.profile):
@@ -146,7 +167,7 @@ def _degraded(pipeline: FeaturePipeline, record: SampleRecord, missing: MissingM
     return LoadedRecord(
         record,
         record,
-        inputs=_model_input(pipeline, sample),
+        inputs=_model_input(pipeline, sample, keep_rgb and missing.missing == "3d"),
         missing=missing.missing,
         reason=missing.reason,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -83,6 +84,7 @@ def score_records(
     errors: list[DataError] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     observe: Observer | None = None,
+    keep_rgb: bool = False,
 ) -> Iterator[Prediction]:
     """Predictions of ``records`` in input order (see the module docstring for what happens to each).
 
@@ -100,6 +102,8 @@ def score_records(
         errors: Where bad samples go; None raises the first.
         batch_size: Records per read and per extractor forward.
         observe: Called with each prediction before it is labelled (see :data:`Observer`).
+        keep_rgb: Keep each user's RGB on its model input (``source_rgb``) for outputs at the original resolution,
+            so that writing them decodes no file a second time.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -112,7 +116,7 @@ def score_records(
     overlap = len(chunks) > 1 and pipeline.compute_device().type != "cpu"
     held: list[_Item] = []  # a whole-batch method scores everything at once, at the end
     with tqdm(total=len(records), desc=f"score {scorer.name}", disable=not progress, leave=False) as bar:
-        for chunk, loaded in zip(chunks, _read_ahead(pipeline, chunks, overlap), strict=True):
+        for chunk, loaded in zip(chunks, _read_ahead(pipeline, chunks, overlap, keep_rgb), strict=True):
             items = loop.features(loaded)
             bar.update(len(chunk))
             if scorer.whole_batch:
@@ -123,12 +127,14 @@ def score_records(
             yield from loop.finish(held)
 
 
-def _load_chunk(pipeline: FeaturePipeline, chunk: Sequence[SampleRecord]) -> list[LoadedRecord | DataError]:
+def _load_chunk(
+    pipeline: FeaturePipeline, chunk: Sequence[SampleRecord], keep_rgb: bool = False
+) -> list[LoadedRecord | DataError]:
     """The host-side half: every record of a chunk read (or the error that stopped it)."""
     found: list[LoadedRecord | DataError] = []
     for record in chunk:
         try:
-            found.append(load_record(pipeline, record))
+            found.append(load_record(pipeline, record, keep_rgb=keep_rgb))
         except DataError as error:
             found.append(error)
         except (OSError, ValueError, ArithmeticError, IndexError, MemoryError) as error:
@@ -137,21 +143,22 @@ def _load_chunk(pipeline: FeaturePipeline, chunk: Sequence[SampleRecord]) -> lis
 
 
 def _read_ahead(
-    pipeline: FeaturePipeline, chunks: Sequence[Sequence[SampleRecord]], overlap: bool
+    pipeline: FeaturePipeline, chunks: Sequence[Sequence[SampleRecord]], overlap: bool, keep_rgb: bool
 ) -> Iterator[list[LoadedRecord | DataError]]:
     """Each chunk read in order; with ``overlap`` the next chunk is read on a worker thread while the device
     computes the current one (on a CPU the thread would only compete with the extractors)."""
     if not overlap:
         for chunk in chunks:
-            yield _load_chunk(pipeline, chunk)
+            yield _load_chunk(pipeline, chunk, keep_rgb)
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmiad-read") as reader:
-        upcoming: Future[list[LoadedRecord | DataError]] | None = reader.submit(_load_chunk, pipeline, chunks[0])
+        load = partial(_load_chunk, pipeline, keep_rgb=keep_rgb)
+        upcoming: Future[list[LoadedRecord | DataError]] | None = reader.submit(load, chunks[0])
         for index in range(len(chunks)):
             assert upcoming is not None
             loaded = upcoming.result()
             following = index + 1
-            upcoming = reader.submit(_load_chunk, pipeline, chunks[following]) if following < len(chunks) else None
+            upcoming = reader.submit(load, chunks[following]) if following < len(chunks) else None
             yield loaded
 
 

@@ -303,6 +303,7 @@ def predict_records(
     *,
     key: str | None = None,
     strict: bool = False,
+    keep_rgb: bool = False,
     progress: bool = False,
     errors: list[DataError] | None = None,
 ) -> Iterator[Prediction]:
@@ -324,6 +325,7 @@ def predict_records(
         fallback_thresholds=trained.fallback_thresholds,
         key=key,
         strict=strict,
+        keep_rgb=keep_rgb,
         progress=progress,
         errors=errors,
     )

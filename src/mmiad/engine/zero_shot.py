@@ -61,6 +61,7 @@ def score_zero_shot(
     method: str,
     cache_dir: str | None = None,
     strict: bool = False,
+    keep_rgb: bool = False,
     progress: bool = False,
     errors: list[DataError] | None = None,
 ) -> list[Prediction]:
@@ -68,7 +69,10 @@ def score_zero_shot(
     (see :func:`batch_thresholds`). The engine's scoring loop reads and extracts; a ``whole_batch`` method sees
     the whole batch."""
     model = zero_shot_model(method, hparams, cache_dir=cache_dir)
-    return list(score_records(model, records, label=False, strict=strict, progress=progress, errors=errors))
+    scored = score_records(
+        model, records, label=False, strict=strict, keep_rgb=keep_rgb, progress=progress, errors=errors
+    )
+    return list(scored)
 
 
 def robust_threshold(values: Sequence[float] | np.ndarray, k: float = OUTLIER_K) -> float:

@@ -204,6 +204,7 @@ class OnnxPredictor:
         *,
         thresholds: Thresholds | None = None,
         strict: bool = False,
+        keep_rgb: bool = False,
         progress: bool = False,
         errors: list[DataError] | None = None,
     ) -> Iterator[Prediction]:
@@ -217,6 +218,7 @@ class OnnxPredictor:
             fallback_thresholds=self.fallback_thresholds,
             key=self.directory.name,
             strict=strict,
+            keep_rgb=keep_rgb,
             progress=progress,
             errors=errors,
         )

@@ -98,6 +98,9 @@ def write_prediction(prediction: Prediction, out: Path) -> PredictionRow:
 def _input_rgb(prediction: Prediction) -> np.ndarray:
     """The sample's RGB at its original resolution (black when unreadable: a degraded 3D-only sample)."""
     record = prediction.record
+    kept = getattr(prediction.geometry, "source_rgb", None)
+    if kept is not None:  # read once by the scoring loop already
+        return np.asarray(kept)
     try:
         return get_format(record.format).read_rgb(record)
     except DataError:

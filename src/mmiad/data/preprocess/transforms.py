@@ -131,6 +131,8 @@ class ModelInput:
         padded_size: Side L of the square canvas before resizing.
         pad: (top, left) padding on that canvas.
         record: Where the sample came from.
+        source_rgb: The original H×W×3 RGB when the caller asked to keep it (``mmiad predict`` draws its overlays
+            on it instead of decoding the file again), else None.
     """
 
     rgb: torch.Tensor
@@ -142,6 +144,7 @@ class ModelInput:
     padded_size: int
     pad: tuple[int, int]
     record: SampleRecord | None = None
+    source_rgb: np.ndarray | None = None
 
     @property
     def geometry(self) -> PadGeometry:

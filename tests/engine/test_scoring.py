@@ -1,0 +1,168 @@
+"""The one scoring loop: each input file decoded once, one rule for a missing modality, the same for every path."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmiad.cli.main import main
+from mmiad.data import formats
+from mmiad.data.io import read_xyz, write_xyz
+from mmiad.data.mvtec3d import list_records
+from mmiad.engine import evaluate_run, train_run
+from mmiad.methods.registry import get_method
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """A tiny CFM run on a copy of ``puck`` (the tests break some of its files), and its cache."""
+    root = tmp_path_factory.mktemp("scoring")
+    data = root / "data"
+    shutil.copytree(tiny_dataset / "puck", data / "puck")
+    cache = str(root / "cache")
+    train_run("cfm", data, root / "run", hparams=dict(get_method("cfm").tiny_hparams), cache_dir=cache)
+    return data, root / "run", cache
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> Counter[Path]:
+    """How many times each file is decoded as an RGB image or a point cloud, through any format reader."""
+    counts: Counter[Path] = Counter()
+    read_rgb, read_xyz_file = formats.read_rgb, formats.read_xyz
+
+    def counting_rgb(path: Path) -> np.ndarray:
+        counts[Path(path).resolve()] += 1
+        return read_rgb(path)
+
+    def counting_xyz(path: Path) -> np.ndarray:
+        counts[Path(path).resolve()] += 1
+        return read_xyz_file(path)
+
+    monkeypatch.setattr(formats, "read_rgb", counting_rgb)
+    monkeypatch.setattr(formats, "read_xyz", counting_xyz)
+    return counts
+
+
+def _inputs(records: list, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for record in records:
+        shutil.copy(record.rgb_path, target / f"{record.defect_type}_{record.stem}.png")
+        shutil.copy(record.xyz_path, target / f"{record.defect_type}_{record.stem}.tiff")
+    return target
+
+
+def test_test_and_predict_decode_every_input_file_once(run, decodes: Counter[Path], tmp_path: Path) -> None:
+    data, run_dir, cache = run
+    tests = list_records(data, "puck", "test")
+    inputs = {Path(p).resolve() for r in tests for p in (r.rgb_path, r.xyz_path)}
+    for attempt in ("cold caches", "warm caches"):
+        decodes.clear()
+        result, errors = evaluate_run(run_dir, data, cache_dir=cache)
+        assert errors == [] and result["per_category"]["puck"]["image_auroc"] is not None
+        read = {path: n for path, n in decodes.items() if path in inputs}
+        # Cold: every input decoded once (preprocessed and resized from that one read). Warm: the features come
+        # from the cache and only the model input is read, from the preprocessed copy of the cloud.
+        expected = (
+            {path: 1 for path in inputs} if attempt == "cold caches" else {Path(r.rgb_path).resolve(): 1 for r in tests}
+        )
+        assert read == expected, attempt
+    folder = _inputs(tests, tmp_path / "inputs")
+    decodes.clear()
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--input",
+                str(folder),
+                "--out",
+                str(tmp_path / "out"),
+                "--cache-dir",
+                cache,
+            ]
+        )
+        == 0
+    )
+    users = {p.resolve() for p in folder.iterdir()}
+    assert {path: n for path, n in decodes.items() if path in users} == {path: 1 for path in users}  # overlays too
+
+
+def test_an_absent_and_an_unreadable_cloud_are_scored_alike(run, tmp_path: Path, capsys) -> None:
+    """One rule: an RGB without its cloud and an RGB whose cloud is corrupt are both scored from the RGB by the
+    fallback, flagged and explained with the file and the reason (printed and in ``predictions.csv``); with
+    ``--require-both`` both are errors and the other samples are still scored."""
+    data, run_dir, cache = run
+    folder = _inputs(list_records(data, "puck", "test"), tmp_path / "inputs")
+    absent, corrupt = sorted(folder.glob("*.tiff"))[:2]
+    absent.unlink()
+    corrupt.write_bytes(b"not a tiff")
+    out = tmp_path / "out"
+    predict = ["predict", "--run", str(run_dir), "--input", str(folder), "--cache-dir", cache]
+    assert main([*predict, "--out", str(out)]) == 0
+    console = capsys.readouterr().err
+    rows = {r["name"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    assert len(rows) == len(list(folder.glob("*.png")))
+    for cloud in (absent, corrupt):
+        row = rows[cloud.stem]
+        assert row["degraded"] == "True" and row["modality"] == "2d" and row["label"] in ("0", "1")
+        assert str(cloud) in row["note"] and str(cloud) in console  # the file, in the table and on the console
+        assert row["xyz_path"] == str(cloud)  # the user's file
+    assert "file not found" in rows[absent.stem]["note"] or "not found" in rows[absent.stem]["note"]
+    whole = [r for name, r in rows.items() if name not in (absent.stem, corrupt.stem)]
+    assert whole and all(r["degraded"] == "False" and r["note"] == "" for r in whole)
+
+    strict = tmp_path / "strict"
+    assert main([*predict, "--out", str(strict), "--require-both"]) == 3
+    console = capsys.readouterr().err
+    kept = {r["name"] for r in csv.DictReader((strict / "predictions.csv").open())}
+    assert kept == {r["name"] for r in whole}
+    assert str(absent.with_suffix(".png")) in console and str(corrupt) in console
+
+
+def test_test_reports_and_counts_degraded_samples(run, tmp_path: Path, capsys) -> None:
+    data, run_dir, cache = run
+    broken_data = tmp_path / "data"
+    shutil.copytree(data, broken_data)
+    cloud = sorted((broken_data / "puck" / "test" / "good" / "xyz").iterdir())[0]
+    write_xyz(cloud, np.zeros_like(read_xyz(cloud)))  # a sensor that wrote an empty scan
+    metrics = tmp_path / "metrics.json"
+    test = ["test", "--run", str(run_dir), "--data", str(broken_data), "--cache-dir", cache, "--json", str(metrics)]
+    assert main(test) == 0
+    captured = capsys.readouterr()
+    result = json.loads(metrics.read_text())
+    assert result["degraded"] == {"puck": 1}
+    (sample,) = result["degraded_samples"]
+    assert sample["file"].endswith(f"{cloud.stem}.png") and str(cloud) in sample["note"]
+    assert str(cloud) in captured.err and "degraded samples" in captured.out and "puck 1" in captured.out
+
+    assert main([*test, "--strict"]) == 0  # the sample is reported as an error and left out of the metrics
+    captured = capsys.readouterr()
+    strict = json.loads(metrics.read_text())
+    assert strict["degraded"] == {"puck": 0} and str(cloud) in captured.err and "--strict" in captured.err
+    total = len(list_records(broken_data, "puck", "test"))
+    assert strict["per_category"]["puck"] != result["per_category"]["puck"] or total == 1
+
+
+def test_onnx_predict_scores_a_missing_cloud_degraded_like_the_run(run, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    data, run_dir, cache = run
+    assert main(["export", "--run", str(run_dir), "--out", str(tmp_path / "onnx"), "--cache-dir", cache]) == 0
+    folder = _inputs(list_records(data, "puck", "test"), tmp_path / "inputs")
+    missing = sorted(folder.glob("*.tiff"))[0]
+    missing.unlink()
+    rows = {}
+    for source in (["--run", str(run_dir)], ["--onnx", str(tmp_path / "onnx")]):
+        out = tmp_path / source[0].strip("-")
+        assert main(["predict", *source, "--input", str(folder), "--out", str(out), "--cache-dir", cache]) == 0
+        rows[source[0]] = {r["name"]: r for r in csv.DictReader((out / "predictions.csv").open())}
+    torch_row, onnx_row = rows["--run"][missing.stem], rows["--onnx"][missing.stem]
+    assert onnx_row["degraded"] == "True" and onnx_row["modality"] == "2d" and str(missing) in onnx_row["note"]
+    assert float(onnx_row["score"]) == pytest.approx(float(torch_row["score"]), rel=1e-4)
+    assert onnx_row["label"] == torch_row["label"]
