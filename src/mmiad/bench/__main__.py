@@ -1,11 +1,12 @@
-"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, compare, speed, memory, musc)."""
+"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, compare, speed, memory, musc,
+scoring)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, gpu, memory, musc, speed, stages, unified
+from mmiad.bench import accuracy, comparison, gpu, memory, musc, scoring, speed, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     memory.register(commands)
     gpu.register(commands)
     musc.register(commands)
+    scoring.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 
