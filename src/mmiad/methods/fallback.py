@@ -20,6 +20,7 @@ from mmiad.data.errors import DataError
 from mmiad.data.formats import get_format
 from mmiad.data.io import valid_points
 from mmiad.data.preprocess import prepare_input, preprocess_sample
+from mmiad.data.preprocess.cache import needs_preprocessing
 from mmiad.data.sample import Sample, SampleRecord
 from mmiad.features.base import PointFeatures
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
@@ -110,7 +111,8 @@ def missing_modality(record: SampleRecord) -> str | None:
 
 
 def modality_problems(record: SampleRecord) -> dict[str, DataError]:
-    """What makes a modality unusable (``{"3d": error}``), empty when both are usable.
+    """What makes a modality unusable (``{"3d": error}``), empty when both are usable (reading both files; the
+    engine's loop learns it from its one read instead, see :func:`mmiad.engine.reading.read_record`).
 
     Raises:
         DataError: when neither modality is usable (nothing to score).
@@ -136,7 +138,12 @@ def modality_problems(record: SampleRecord) -> dict[str, DataError]:
 def predict_degraded(
     pipeline: FeaturePipeline, fallback: ModalityFallback, record: SampleRecord, missing: str
 ) -> Prediction:
-    """Score a sample from its one usable modality; the prediction is flagged ``degraded``."""
+    """Score a sample as if ``missing`` had dropped out (reading its files); the prediction is flagged ``degraded``.
+
+    The engine does not score through here: its scoring loop reads each file once and hands a degraded sample's
+    one modality to :meth:`ModalityFallback.score_image` / :meth:`~ModalityFallback.score_points` itself. This is
+    for measuring a fallback on whole samples (``python -m mmiad.bench fallback``).
+    """
     reader = get_format(record.format)
     if missing == "3d":
         rgb = reader.read_rgb(record)
@@ -148,7 +155,7 @@ def predict_degraded(
     if gt_mask is None and record.label == 0:
         gt_mask = np.zeros(rgb.shape[:2], bool)
     sample = Sample(rgb, xyz, valid_points(xyz), gt_mask, record.label, record.category, record.defect_type, record)
-    if missing == "2d":
+    if missing == "2d" and needs_preprocessing(record, pipeline.profile):
         sample = preprocess_sample(sample, pipeline.profile)
     inputs = prepare_input(sample, size=pipeline.image_size, rgb_pad_mode=pipeline.profile.rgb_pad_mode)
     # The pipeline's own entry points: on its device and in its precision, with the features back on the CPU.
