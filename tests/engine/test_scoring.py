@@ -166,3 +166,18 @@ def test_onnx_predict_scores_a_missing_cloud_degraded_like_the_run(run, tmp_path
     assert onnx_row["degraded"] == "True" and onnx_row["modality"] == "2d" and str(missing) in onnx_row["note"]
     assert float(onnx_row["score"]) == pytest.approx(float(torch_row["score"]), rel=1e-4)
     assert onnx_row["label"] == torch_row["label"]
+
+
+def test_native_eyecandies_calibrates_the_fallback_without_plane_removal(tmp_path: Path) -> None:
+    """Preprocessing follows the dataset format in one place: the Eyecandies reader removes the background, so
+    neither the model nor its fallback calibration runs the MVTec border-plane removal on those clouds (it
+    would find no border and skip every validation sample)."""
+    from mmiad.data.synthetic import generate_dataset
+    from mmiad.engine import load_trained
+
+    data = generate_dataset(tmp_path / "data", preset="tiny", categories=["puck"], layout="eyecandies")
+    hparams = {**get_method("cfm").tiny_hparams, "profile": "m3dm"}  # a profile that removes the plane
+    files, errors = train_run("cfm", data, tmp_path / "run", hparams=hparams, cache_dir=str(tmp_path / "cache"))
+    assert errors == [], [str(e) for e in errors]
+    trained = load_trained(files["puck"], cache_dir=str(tmp_path / "cache"))
+    assert set(trained.fallback_thresholds) == {"2d", "3d"}
