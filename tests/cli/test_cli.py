@@ -106,7 +106,7 @@ def test_bad_files_are_reported_and_the_rest_carry_on(tmp_path: Path, capsys) ->
 
 
 def test_set_passes_typed_hyperparameters(tmp_path: Path, capsys) -> None:
-    from mmiad.cli.model_commands import _hparams
+    from mmiad.cli.train_command import _hparams
 
     args = build_parser().parse_args(
         ["train", "--data", "d", "--out", "o", "--epochs", "3", "--set", "use_orq=false", "--set", "branches=rfi"]

@@ -1,288 +1,17 @@
-"""Model sub-commands: ``train``, ``test``, ``predict`` and ``demo`` (the README's main job)."""
+"""Model sub-commands: ``train`` (:mod:`~mmiad.cli.train_command`), ``test`` and ``predict``
+(:mod:`~mmiad.cli.scoring_commands`), ``compare`` and ``demo`` (the README's main job)."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-from mmiad.cli.common import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_PARTIAL,
-    add_device_option,
-    add_format_option,
-    device_overrides,
-    finite_float,
-    log,
-    parse_assignments,
-    report_errors,
-    split_list,
-    write_json,
-)
+from mmiad.cli import scoring_commands, train_command
+from mmiad.cli.common import add_device_option, add_format_option, log, report_errors, write_json
+from mmiad.cli.scoring_commands import show_metrics, write_prediction_outputs
 from mmiad.data.errors import DataError
-from mmiad.features.registry import extractors_help
-from mmiad.methods.registry import methods_help
 from mmiad.utils.atomic import write_text
-
-# CLI option → method hyperparameter; only options the user actually gave are passed on.
-_HPARAM_OPTIONS = {
-    "extractors": "extractors",
-    "weights_dir": "weights_dir",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "lr": "learning_rate",
-    "image_size": "image_size",
-    "grid_size": "grid_size",
-    "aggregation": "aggregation",
-    "mapping": "mapping",
-    "smoothing": "smoothing",
-    "random_init": "random_init",
-    "compat": "compat",
-    "memory_budget_gb": "memory_budget_gb",
-    "device": "device",
-    "precision": "precision",
-}
-
-
-def _hparams(args: argparse.Namespace) -> dict[str, Any]:
-    hparams = {key: getattr(args, option) for option, key in _HPARAM_OPTIONS.items()}
-    hparams = {k: v for k, v in hparams.items() if v not in (None, False)}
-    if args.seed is not None:
-        hparams["seed"] = args.seed
-    hparams.update(parse_assignments(args.set))
-    return hparams
-
-
-def _train(args: argparse.Namespace) -> int:
-    from mmiad.engine import extend_run, train_run
-    from mmiad.methods.registry import get_method
-
-    if not get_method(args.method).needs_training:
-        raise ValueError(
-            f"{args.method} is zero-shot and needs no training: score a batch directly with "
-            f"`mmiad test --method {args.method} --data ROOT` or "
-            f"`mmiad predict --method {args.method} --input DIR --out OUT`"
-        )
-    started = time.perf_counter()
-    if args.resume or args.add_categories:
-        if not (args.resume and args.add_categories):
-            raise ValueError("--resume RUN and --add-categories a,b go together")
-        path, errors = extend_run(
-            args.resume,
-            args.data,
-            split_list(args.add_categories) or [],
-            epochs=args.epochs or 20,
-            max_fpr=args.max_fpr,
-            cache_dir=args.cache_dir,
-            format=args.format,
-            progress=True,
-            log=log,
-        )
-        report_errors(errors)
-        log(f"extended {path} in {time.perf_counter() - started:.1f} s")
-        return 0
-    if not args.out:
-        raise ValueError("--out RUN is required (or --resume RUN --add-categories ...)")
-    files, errors = train_run(
-        args.method,
-        args.data,
-        args.out,
-        categories=split_list(args.categories),
-        unified=args.unified,
-        shots=args.shots,
-        seed=args.seed if args.seed is not None else 0,
-        max_fpr=args.max_fpr,
-        hparams=_hparams(args),
-        fallback=not args.no_fallback,
-        cache_dir=args.cache_dir,
-        format=args.format,
-        progress=True,
-        log=log,
-    )
-    report_errors(errors)
-    log(f"trained {len(files)} model(s) in {time.perf_counter() - started:.1f} s → {args.out}")
-    return 0
-
-
-def _test(args: argparse.Namespace) -> int:
-    """``test --run RUN`` (a trained run) or ``test --method M`` (a zero-shot method: each test split one batch)."""
-    from mmiad.engine import evaluate_run
-    from mmiad.engine.zero_shot import evaluate_zero_shot
-
-    if args.run is not None and args.method is not None:
-        raise ValueError(f"--method {args.method} is zero-shot: it takes no --run")
-    if args.run is None and args.method is None:
-        raise ValueError("--run RUN is required (a trained run), or --method M for a zero-shot method (e.g. musc)")
-    common: dict[str, Any] = {
-        "categories": split_list(args.categories),
-        "maps_dir": args.maps,
-        "aupro_mode": args.aupro,
-        "num_thresholds": args.num_thresholds,
-        "cache_dir": args.cache_dir,
-        "format": args.format,
-        "strict": args.strict,
-        "progress": True,
-        "log": log,
-    }
-    if args.method is not None:
-        result, errors = evaluate_zero_shot(args.data, _zero_shot_hparams(args), method=args.method, **common)
-    else:
-        _refuse_precision(args)
-        overrides = {**device_overrides(args), **({"compat": True} if args.compat else {})} or None
-        result, errors = evaluate_run(args.run, args.data, overrides=overrides, **common)
-    return _show_metrics(result, errors, args.json)
-
-
-def _refuse_precision(args: argparse.Namespace) -> None:
-    """A trained run computes in the precision it was trained with (its features depend on it)."""
-    if getattr(args, "precision", None):
-        raise ValueError(
-            "--precision applies to training and to zero-shot --method; a trained run uses the precision it was "
-            "trained with (its model file records it)"
-        )
-
-
-def _show_metrics(result: dict[str, Any], errors: list[DataError], json_path: str | None) -> int:
-    """What ``test`` prints and writes: the skipped files, the table, and the JSON when asked for."""
-    from mmiad.metrics import format_table
-
-    report_errors(errors)
-    print(format_table(result))
-    degraded = {category: count for category, count in result.get("degraded", {}).items() if count}
-    if degraded:
-        counts = ", ".join(f"{category} {count}" for category, count in degraded.items())
-        print(f"degraded samples (scored from one modality by the fallback, counted above): {counts}")
-    if json_path:
-        write_json(json_path, result)
-    return 0
-
-
-def _predict(args: argparse.Namespace) -> int:
-    """``predict`` from a trained run (``--run``), an ONNX export (``--onnx``) or a zero-shot method
-    (``--method``, the input is one batch labelled by the batch outlier rule); one writer for all three."""
-    from mmiad.engine import RunModels, override_image_threshold
-
-    if sum(x is not None for x in (args.run, args.onnx, args.method)) != 1:
-        raise ValueError(
-            "give exactly one of --run RUN (PyTorch), --onnx DIR (an `mmiad export` folder) or --method M "
-            "(a zero-shot method, e.g. musc)"
-        )
-    if args.method is None:
-        _refuse_precision(args)
-    if args.onnx is not None and args.device not in (None, "auto", "cpu"):
-        raise ValueError(
-            "--onnx runs the exported graphs with ONNX Runtime on the CPU; use --run RUN for --device cuda"
-        )
-    errors: list[DataError] = []
-    predictions: Iterable[Any]
-    strict = args.strict
-    if args.onnx is not None:
-        from mmiad.export.runtime import OnnxPredictor
-
-        predictor = OnnxPredictor.from_export(args.onnx, args.category, cache_dir=args.cache_dir)
-        category = args.category or predictor.manifest.model_config.get("category", "custom")
-        thresholds = predictor.thresholds
-        if args.threshold is not None:
-            thresholds = override_image_threshold(thresholds, args.threshold)
-        records = _records(args, category, errors)
-        predictions = predictor.predict(
-            records, thresholds=thresholds, strict=strict, keep_rgb=True, progress=True, errors=errors
-        )
-    elif args.method is not None:
-        from mmiad.engine.zero_shot import batch_thresholds, label_batch, score_zero_shot
-
-        records = _records(args, args.category or "custom", errors)
-        scored = score_zero_shot(
-            records,
-            _zero_shot_hparams(args),
-            method=args.method,
-            cache_dir=args.cache_dir,
-            strict=strict,
-            keep_rgb=True,
-            progress=True,
-            errors=errors,
-        )
-        if scored:
-            batch = batch_thresholds(scored, args.outlier_k, args.threshold)
-            label_batch(scored, batch)
-            log(f"zero-shot batch thresholds: image {batch.image:.4g} ({batch.source})")
-        predictions = scored
-    else:
-        models = RunModels(
-            args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=device_overrides(args)
-        )
-        category = args.category or models.key_for(None)
-        records = _records(args, category, errors)
-        predictions = models.predict(records, category, strict=strict, keep_rgb=True, progress=True, errors=errors)
-    rows = _write_predictions(predictions, Path(args.out), errors)
-    report_errors(errors)
-    if not rows:
-        return EXIT_ERROR
-    return EXIT_PARTIAL if errors else EXIT_OK
-
-
-def _records(args: argparse.Namespace, category: str, errors: list[DataError]) -> list[Any]:
-    """The records ``--input`` names; with ``--require-both``/``--strict`` an RGB without its cloud is an error
-    instead of a sample to score from the RGB alone."""
-    from mmiad.engine import input_records
-
-    return input_records(
-        args.input, xyz=args.xyz, category=category, format=args.format, require_both=args.strict, errors=errors
-    )
-
-
-def _write_predictions(predictions: Iterable[Any], out: Path, errors: list[DataError]) -> list[Any]:
-    """Maps, overlays, masks and the summary of ``predict``; a line for each degraded sample and a total.
-
-    A sample whose outputs cannot be written is added to ``errors``; the others are still written.
-    """
-    from mmiad.postprocess.outputs import write_predictions
-
-    def announce(row: Any) -> None:
-        if row.degraded:
-            log(f"  {row.name}: DEGRADED, {row.note}")
-
-    rows, csv_path = write_predictions(predictions, out, on_row=announce, errors=errors)
-    flagged = sum(1 for row in rows if row.label == 1)
-    degraded = sum(1 for row in rows if row.degraded)
-    also = f", {degraded} degraded (see the note column)" if degraded else ""
-    log(f"{len(rows)} sample(s) scored, {flagged} flagged anomalous{also}; summary in {csv_path}")
-    return rows
-
-
-def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
-    """Options of a zero-shot method: the extractor options plus ``--set KEY=VALUE``."""
-    hparams: dict[str, Any] = {}
-    for option in ("extractors", "weights_dir", "random_init", "device", "precision"):
-        if getattr(args, option, None) not in (None, False):
-            hparams[option] = getattr(args, option)
-    hparams.update(parse_assignments(args.set))
-    return hparams
-
-
-def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
-    from mmiad.engine.zero_shot import zero_shot_methods
-
-    names = ", ".join(zero_shot_methods())
-    parser.add_argument("--method", help=f"a zero-shot method ({names}): no run needed, the batch scores itself")
-    parser.add_argument("--extractors", help="zero-shot: extractor preset (weightfree, dino-pointmae)")
-    parser.add_argument("--weights-dir", help="zero-shot: folder with checkpoint files")
-    parser.add_argument("--random-init", action="store_true", help="zero-shot: random extractor weights (smoke only)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: a MuSc option, e.g. r_list=[1]")
-
-
-def _add_strict_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--strict",
-        "--require-both",
-        dest="strict",
-        action="store_true",
-        help="a sample missing a modality (an absent, unreadable or empty cloud or RGB) is an error; by default it "
-        "is scored from the other modality by the fallback, flagged degraded, and its file and reason are printed",
-    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -313,7 +42,7 @@ def _demo(args: argparse.Namespace) -> int:
     log(f"    trained in {time.perf_counter() - started:.1f} s")
     log("3/4 testing")
     result, test_errors = evaluate_run(run, data, maps_dir=out / "maps", cache_dir=cache, progress=True, log=log)
-    _show_metrics(result, errors + test_errors, str(out / "metrics.json"))
+    show_metrics(result, errors + test_errors, str(out / "metrics.json"))
     log("4/4 predicting one defect folder per category (maps, overlays, masks, summary)")
     models = RunModels(run, cache_dir=cache)
     for category in sorted(p.name for p in data.iterdir() if p.is_dir()):
@@ -321,114 +50,16 @@ def _demo(args: argparse.Namespace) -> int:
         records = input_records(folders[0], category=category)
         predict_errors: list[DataError] = []
         predictions = models.predict(records, category, keep_rgb=True, progress=True, errors=predict_errors)
-        _write_predictions(predictions, out / "predictions" / category, predict_errors)
+        write_prediction_outputs(predictions, out / "predictions" / category, predict_errors)
         report_errors(predict_errors)
     log(f"done: metrics in {out / 'metrics.json'}, maps in {out / 'maps'}, predictions in {out / 'predictions'}")
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--extractors", help=f"default weightfree; {extractors_help()}")
-    parser.add_argument("--weights-dir", help="folder with checkpoint files (default $MMIAD_WEIGHTS_DIR)")
-    parser.add_argument("--epochs", type=int, help="training epochs (paper: 250)")
-    parser.add_argument("--batch-size", type=int, help="images per optimisation step (official: 4)")
-    parser.add_argument(
-        "--memory-budget-gb",
-        type=float,
-        help="memory training may use (default: 80%% of the available RAM, or GPU memory on CUDA); a batch that "
-        "does not fit is split into micro-batches with accumulated gradients",
-    )
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--image-size", type=int, help="model input side (default 224)")
-    parser.add_argument("--grid-size", type=int, help="side of the grid the mapping runs on (default 224)")
-    parser.add_argument("--aggregation", choices=["product", "sum", "max", "2d", "3d"], help="map aggregation")
-    parser.add_argument("--mapping", choices=["crossmodal", "intramodal"], help="crossmodal (CFM) or ablation")
-    parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
-    parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
-    parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
-    add_device_option(parser, precision=True)
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any other hyperparameter of the method, e.g. --set hidden=128 --set use_orq=false (JSON values)",
-    )
-
-
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add the model sub-commands to the top-level parser."""
-    train = commands.add_parser("train", help="train one model per category on nominal samples")
-    train.add_argument(
-        "--method", default="cfm", help=f"default cfm; {methods_help()} (musc is zero-shot: no training)"
-    )
-    train.add_argument("--data", required=True, help="dataset root (MVTec 3D-AD, Eyecandies, ...)")
-    add_format_option(train)
-    train.add_argument("--out", help="run folder to write")
-    train.add_argument("--resume", help="a trained unified run to extend (with --add-categories)")
-    train.add_argument("--add-categories", help="comma-separated new categories to add to --resume RUN")
-    train.add_argument("--categories", help="comma-separated subset of categories")
-    train.add_argument("--unified", action="store_true", help="one model for all categories (no category labels)")
-    train.add_argument("--shots", type=int, help="few-shot: k nominal samples per category, drawn with --seed")
-    train.add_argument("--seed", type=int, help="seed of the few-shot draw and of training")
-    train.add_argument("--max-fpr", type=finite_float, default=0.01, help="false-alarm rate the thresholds allow")
-    train.add_argument("--cache-dir", help="cache folder (default $MMIAD_CACHE or ~/.cache/mmiad)")
-    train.add_argument(
-        "--no-fallback", action="store_true", help="skip the single-modality models used when a sensor drops out"
-    )
-    _add_training_options(train)
-    train.set_defaults(handler=_train)
-
-    test = commands.add_parser("test", help="metrics per category of a trained run on the test split")
-    test.add_argument("--run", help="run folder written by train (not with a zero-shot --method)")
-    test.add_argument("--data", required=True, help="dataset root (its test split is scored; Eyecandies: test_public)")
-    add_format_option(test)
-    test.add_argument("--json", help="write the metrics as JSON here")
-    test.add_argument("--maps", help="also write maps at the original resolution here (for `mmiad evaluate`)")
-    test.add_argument("--categories", help="comma-separated subset of categories")
-    test.add_argument(
-        "--compat",
-        action="store_true",
-        help="score the official way (as a run trained with --compat) and use the papers' sampled AUPRO",
-    )
-    test.add_argument(
-        "--aupro",
-        choices=["exact", "compat"],
-        help="AUPRO curve (default: compat for compat runs, exact otherwise)",
-    )
-    test.add_argument(
-        "--num-thresholds",
-        type=int,
-        help="thresholds of the compat AUPRO (default: the method's; 99 CFM/Uni-RCM, 100 M3DM/BTF)",
-    )
-    test.add_argument("--cache-dir", help="cache folder")
-    add_device_option(test, precision=True)
-    _add_zero_shot_options(test)
-    _add_strict_option(test)
-    test.set_defaults(handler=_test)
-
-    predict = commands.add_parser("predict", help="score new samples: maps, overlays, masks, summary")
-    predict.add_argument("--run", help="run folder written by train")
-    predict.add_argument("--onnx", help="an `mmiad export` folder: run the exported ONNX graphs instead of PyTorch")
-    predict.add_argument(
-        "--input",
-        required=True,
-        help="folder with rgb/ + xyz/, a flat folder of pairs, an RGB (with --xyz), or a dataset root (--category's "
-        "test split)",
-    )
-    add_format_option(predict)
-    predict.add_argument("--xyz", help="the xyz TIFF when --input is a single RGB file")
-    predict.add_argument("--out", required=True, help="output folder")
-    predict.add_argument("--category", help="which category's model to use (needed when the run has several)")
-    predict.add_argument("--threshold", type=finite_float, help="override the calibrated image threshold")
-    predict.add_argument("--cache-dir", help="cache folder")
-    predict.add_argument(
-        "--outlier-k", type=float, default=3.0, help="zero-shot labels: anomalous above median + k·1.4826·MAD"
-    )
-    add_device_option(predict, precision=True)
-    _add_zero_shot_options(predict)
-    _add_strict_option(predict)
-    predict.set_defaults(handler=_predict)
-
+    """Add the model sub-commands to the top-level parser (in the order ``--help`` lists them)."""
+    train_command.register(commands)
+    scoring_commands.register(commands)
     compare = commands.add_parser("compare", help="one table comparing trained runs: metrics, speed, memory")
     compare.add_argument("--data", required=True, help="dataset root")
     add_format_option(compare)
