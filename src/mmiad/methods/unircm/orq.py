@@ -234,7 +234,7 @@ def kmeans(
         chunk: Upper bound on points per distance block (bounds memory to chunk·k floats).
         use_faiss: Run the Lloyd iterations in ``faiss`` when it is importable, from the same initial centres.
             Assignments agree with the torch path up to float rounding near ties and faiss's different revival
-            of empty clusters (``tests/methods/test_unircm_orq_speed.py`` states the tolerance).
+            of empty clusters (``tests/methods/unircm/test_unircm_orq_speed.py`` states the tolerance).
     """
     if points.dim() != 2 or points.shape[0] < k or k < 1:
         raise ValueError(f"k-means needs (N, D) points with N >= k >= 1; got {tuple(points.shape)} and k={k}")
