@@ -181,3 +181,28 @@ def test_native_eyecandies_calibrates_the_fallback_without_plane_removal(tmp_pat
     assert errors == [], [str(e) for e in errors]
     trained = load_trained(files["puck"], cache_dir=str(tmp_path / "cache"))
     assert set(trained.fallback_thresholds) == {"2d", "3d"}
+
+
+def test_an_extractor_failing_on_one_sample_costs_that_sample_only(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extractors see batches of 8; when one cloud breaks the batch, the others are extracted again alone."""
+    from mmiad.engine import load_trained, predict_records
+    from mmiad.features.pipeline import FeaturePipeline
+
+    data, run_dir, cache = run
+    trained = load_trained(run_dir / "puck.safetensors", cache_dir=cache)
+    trained.model.pipeline.cache = None  # extract every sample
+    records = list_records(data, "puck", "test")
+    pipeline = trained.model.pipeline
+    bad = pipeline.load_inputs(pipeline.preprocess([records[1]])[0]).xyz.tobytes()
+    original = FeaturePipeline.point_features
+
+    def fragile(self: FeaturePipeline, xyz: np.ndarray, valid: np.ndarray):  # type: ignore[no-untyped-def]
+        if xyz.tobytes() == bad:
+            raise ValueError("degenerate cloud")
+        return original(self, xyz, valid)
+
+    monkeypatch.setattr(FeaturePipeline, "point_features", fragile)
+    errors: list = []
+    predictions = list(predict_records(trained, records, errors=errors))
+    assert [p.record for p in predictions] == [r for i, r in enumerate(records) if i != 1]
+    assert [str(e) for e in errors] == [f"{records[1].rgb_path}: could not be scored (ValueError: degenerate cloud)"]

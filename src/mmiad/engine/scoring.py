@@ -201,9 +201,7 @@ class _Loop:
                     whole.append(entry)
         if not whole:
             return [(entry, None, None) for entry in items]
-        results: list[SampleFeatures | DataError | None] = [entry.features for entry in whole]
-        pending = [(i, e.key, e.inputs) for i, e in enumerate(whole) if e.features is None and e.inputs is not None]
-        computed = iter(self.pipeline._compute_batch((results, pending)))
+        computed = iter(self._extract(whole))
         derive = getattr(self.scorer, "prepare_features", None)
         ready: list[_Item] = []
         for entry in items:
@@ -211,14 +209,39 @@ class _Loop:
                 ready.append((entry, None, None))
                 continue
             features = next(computed)
-            assert isinstance(features, SampleFeatures)
             try:
+                if isinstance(features, BaseException):
+                    raise features
                 ready.append((entry, features, derive(features) if derive is not None else features))
             except ModelFileError:
                 raise
             except SAMPLE_FAILURES as error:
                 self.report(_sample_error(entry.source, error))
         return ready
+
+    def _extract(self, whole: Sequence[LoadedRecord]) -> list[SampleFeatures | Exception]:
+        """Features of whole samples: the cache misses in one batch through the extractors; when the batch fails
+        (an extractor choking on one cloud), each sample alone, so that only the bad one is lost."""
+
+        def batch(entries: Sequence[LoadedRecord]) -> list[SampleFeatures]:
+            results: list[SampleFeatures | DataError | None] = [entry.features for entry in entries]
+            pending = [
+                (i, e.key, e.inputs) for i, e in enumerate(entries) if e.features is None and e.inputs is not None
+            ]
+            return self.pipeline._compute_batch((results, pending))  # type: ignore[return-value]
+
+        try:
+            return list(batch(whole))
+        except SAMPLE_FAILURES as error:
+            if len(whole) == 1:
+                return [error]
+        found: list[SampleFeatures | Exception] = []
+        for entry in whole:
+            try:
+                found.extend(batch([entry]))
+            except SAMPLE_FAILURES as error:
+                found.append(error)
+        return found
 
     def _degraded_allowed(self, entry: LoadedRecord) -> bool:
         """Whether a record missing a modality may be scored by the fallback; when not, it is reported."""
