@@ -206,3 +206,22 @@ def test_an_extractor_failing_on_one_sample_costs_that_sample_only(run, monkeypa
     predictions = list(predict_records(trained, records, errors=errors))
     assert [p.record for p in predictions] == [r for i, r in enumerate(records) if i != 1]
     assert [str(e) for e in errors] == [f"{records[1].rgb_path}: could not be scored (ValueError: degenerate cloud)"]
+
+
+def test_the_2d_fallback_is_calibrated_on_the_rgb_a_degraded_sample_has(tiny_dataset: Path, tmp_path: Path) -> None:
+    """With a profile that zeroes the RGB background (M3DM's), a sample without its cloud keeps its whole RGB; the
+    2D-only fallback's threshold is calibrated on exactly that, as the drop-out simulation scores it."""
+    from mmiad.engine import load_trained
+    from mmiad.methods.fallback import predict_degraded
+    from mmiad.postprocess.threshold import calibrate
+
+    cache = str(tmp_path / "cache")
+    hparams = {**get_method("cfm").tiny_hparams, "profile": "m3dm"}
+    files, _ = train_run("cfm", tiny_dataset, tmp_path / "run", categories=["puck"], hparams=hparams, cache_dir=cache)
+    trained = load_trained(files["puck"], cache_dir=cache)
+    assert trained.fallback is not None
+    held_out = list_records(tiny_dataset, "puck", "validation")
+    degraded = [predict_degraded(trained.model.pipeline, trained.fallback, r, "3d") for r in held_out]
+    expected = calibrate([p.pred_score for p in degraded], [p.anomaly_map for p in degraded], 0.01, "validation")
+    assert trained.fallback_thresholds["2d"].image == pytest.approx(expected.image, rel=1e-6)
+    assert trained.fallback_thresholds["2d"].pixel == pytest.approx(expected.pixel, rel=1e-6)

@@ -171,3 +171,13 @@ def _degraded(
         missing=missing.missing,
         reason=missing.reason,
     )
+
+
+def rgb_only_input(pipeline: FeaturePipeline, record: SampleRecord) -> ModelInput:
+    """The model input a sample gets when its cloud is missing: its own RGB (never background-zeroed, there is no
+    cloud to zero it by) and no valid point. Calibration scores the 2D-only fallback on it when the profile
+    zeroes the RGB of whole samples, so that its threshold fits what a degraded sample will look like."""
+    rgb = get_format(record.format).read_rgb(record)
+    xyz = np.zeros((*rgb.shape[:2], 3), np.float32)
+    sample = Sample(rgb, xyz, valid_points(xyz), None, record.label, record.category, record.defect_type, record)
+    return _model_input(pipeline, sample)

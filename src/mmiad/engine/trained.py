@@ -16,8 +16,9 @@ import numpy as np
 from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.checks import check_fallback_widths, check_trained_config
+from mmiad.engine.reading import rgb_only_input
 from mmiad.engine.scoring import score_records
-from mmiad.features.pipeline import SampleFeatures
+from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, check_finite
 from mmiad.methods.fallback import ModalityFallback
 from mmiad.methods.modelfile import ModelFileError, load_model_file, one_line, save_model_file
@@ -101,7 +102,7 @@ def calibrate_model(
     trained = TrainedModel(model, None)
     if with_fallback and getattr(model, "pipeline", None) is not None:
         trained.fallback = _fit_fallback_models(model, train, errors)
-    fallback_scores = _FallbackScores(trained.fallback)
+    fallback_scores = _FallbackScores(trained.fallback, model.pipeline if trained.fallback is not None else None)
     scored = score_records(
         model,
         calibration,
@@ -136,8 +137,11 @@ class _FallbackScores:
     """Scores each calibration sample's features with both single-modality models, as the scoring loop observes
     them: the fallbacks are calibrated on the very features the main model was, with no second read."""
 
-    def __init__(self, fallback: ModalityFallback | None) -> None:
+    def __init__(self, fallback: ModalityFallback | None, pipeline: FeaturePipeline | None = None) -> None:
         self.fallback = fallback
+        # A profile that zeroes the RGB background of whole samples cannot do so without a cloud: the 2D-only
+        # fallback is then calibrated on the RGB as a degraded sample has it (read again, at training time only).
+        self.raw_rgb_pipeline = pipeline if pipeline is not None and pipeline.profile.zero_rgb_background else None
         self.scored: dict[str, list[tuple[float, Any]]] = {"2d": [], "3d": []}
         self.failed: list[DataError] = []
 
@@ -153,7 +157,11 @@ class _FallbackScores:
         for present in ("2d", "3d"):
             try:
                 if present == "2d":
-                    anomaly_map, score = self.fallback.score_image(features.image, size)
+                    image = features.image
+                    if self.raw_rgb_pipeline is not None:
+                        inputs = rgb_only_input(self.raw_rgb_pipeline, prediction.record)
+                        image = self.raw_rgb_pipeline.image_features(inputs.rgb.unsqueeze(0))[0]
+                    anomaly_map, score = self.fallback.score_image(image, size)
                 else:
                     anomaly_map, score = self.fallback.score_points(features.points, size)
             except (DataError, ArithmeticError, ValueError, RuntimeError) as error:
@@ -220,7 +228,7 @@ def fit_fallback(
     """
     trained.fallback = _fit_fallback_models(trained.model, train, errors)
     trained.fallback_thresholds = {}
-    scores = _FallbackScores(trained.fallback)
+    scores = _FallbackScores(trained.fallback, trained.model.pipeline)
     found: list[DataError] = []
     for _ in score_records(trained.model, calibration, fallback=trained.fallback, errors=found, observe=scores):
         pass
