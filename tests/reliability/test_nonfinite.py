@@ -59,15 +59,15 @@ def test_predict_records_reports_a_nan_sample_and_scores_the_rest(hostile_run, t
     run, cache = hostile_run
     trained = load_trained(run_models(run)["puck"], cache_dir=str(cache))
     records = list_records(tiny_dataset, "puck", "test")[:3]
-    original = trained.model.predict
+    original = trained.model.score
 
-    def poisoned(batch, **kwargs):
-        for prediction in original(batch, **kwargs):
-            if prediction.record.sample_id == records[1].sample_id:
-                prediction = replace(prediction, pred_score=math.nan)
-            yield prediction
+    def poisoned(features):  # the method scores the three samples as one batch: the second one turns NaN
+        results = original(features)
+        if len(results) == len(records):
+            results[1] = replace(results[1], score=math.nan)
+        return results
 
-    trained.model.predict = poisoned  # type: ignore[method-assign]
+    trained.model.score = poisoned  # type: ignore[method-assign]
     errors: list[DataError] = []
     predictions = list(predict_records(trained, records, errors=errors))
     assert [p.record.sample_id for p in predictions] == [records[0].sample_id, records[2].sample_id]
