@@ -11,7 +11,7 @@ import pytest
 
 from mmiad.cli.main import main
 from mmiad.data.formats import open_dataset
-from mmiad.methods.registry import available_methods
+from mmiad.methods.registry import available_methods, get_method
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def _settings(hparams: dict) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", available_methods())
+@pytest.mark.parametrize("method", [m for m in available_methods() if get_method(m).needs_training])
 def test_every_method_runs_on_eyecandies(method: str, eyecandies: Path, tmp_path: Path, tiny_hparams: dict) -> None:
     run, cache = tmp_path / "run", str(tmp_path / "cache")
     train = ["train", "--method", method, "--data", str(eyecandies), "--out", str(run), "--cache-dir", cache]
