@@ -33,9 +33,9 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.reading import LoadedRecord, load_record
 from mmiad.features.pipeline import DEFAULT_BATCH_SIZE, FeaturePipeline, SampleFeatures
-from mmiad.methods.base import Prediction, Scored, check_finite
 from mmiad.methods.fallback import ModalityFallback
 from mmiad.methods.modelfile import ModelFileError, one_line
+from mmiad.methods.prediction import Prediction, Scored, check_finite
 from mmiad.postprocess.threshold import Thresholds
 
 #: Per-sample failures of a method or extractor that cost that sample only (an overflow, a degenerate cloud).

@@ -22,6 +22,11 @@ FORMAT = "mmiad-onnx"
 FORMAT_VERSION = 1
 
 
+#: The single-modality fallback models of an export (a model file of their banks, config and thresholds), beside
+#: the graphs, so that ``mmiad predict --onnx`` scores a sample missing a modality as ``--run`` does.
+FALLBACK_FILE = "fallback.safetensors"
+
+
 @dataclass
 class Manifest:
     """Contents of ``manifest.json``.

@@ -21,7 +21,7 @@ from mmiad.engine.runs import read_models_index
 from mmiad.export._deps import require_onnx, require_onnxruntime
 from mmiad.export.extractors import export_image_extractor, export_point_extractor
 from mmiad.export.graphs import OPSET
-from mmiad.export.manifest import MANIFEST, Manifest
+from mmiad.export.manifest import FALLBACK_FILE, MANIFEST, Manifest
 from mmiad.features.pointmae import PointMaeExtractor
 from mmiad.methods.modelfile import ModelFileError, save_model_file
 from mmiad.utils.atomic import write_json
@@ -66,8 +66,6 @@ def export_model(trained: TrainedModel, out_dir: str | Path) -> Manifest:
         },
     )
     if trained.fallback is not None:  # ``mmiad predict --onnx`` scores a sample missing a modality as --run does
-        from mmiad.export.runtime import FALLBACK_FILE
-
         thresholds = {m: t.to_dict() for m, t in trained.fallback_thresholds.items()}
         config = {**trained.fallback.config(), "thresholds": thresholds}
         save_model_file(out_dir / FALLBACK_FILE, trained.fallback.state_tensors(), config)

@@ -21,7 +21,7 @@ from mmiad.data.preprocess import get_profile
 from mmiad.data.sample import SampleRecord
 from mmiad.engine.scoring import score_records
 from mmiad.export._deps import cpu_session
-from mmiad.export.manifest import Manifest
+from mmiad.export.manifest import FALLBACK_FILE, Manifest
 from mmiad.features.base import PointFeatureExtractor, PointFeatures, feature_points
 from mmiad.features.grouping import group_points, three_nn_weights
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
@@ -107,10 +107,6 @@ def _point_extractor(manifest: Manifest, directory: Path) -> PointFeatureExtract
     if extractor.config() != config:
         raise ModelFileError(f"{directory}: FPFH here computes {extractor.config()}, the export expects {config}")
     return extractor
-
-
-#: The single-modality fallback models of an export (a model file of their banks, config and thresholds).
-FALLBACK_FILE = "fallback.safetensors"
 
 
 class OnnxPredictor:

@@ -24,9 +24,9 @@ from mmiad.data.preprocess.cache import needs_preprocessing
 from mmiad.data.sample import Sample, SampleRecord
 from mmiad.features.base import PointFeatures
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
-from mmiad.methods.base import Prediction
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map
+from mmiad.methods.prediction import Prediction
 
 MODALITIES = ("2d", "3d")
 
