@@ -104,9 +104,13 @@ def test_folder_reader_forms(tmp_path) -> None:
     write_mask(flat / "p_mask.png", np.ones((8, 10), bool))
     write_rgb(flat / "lonely.png", np.zeros((8, 10, 3), np.uint8))
     errors: list[DataError] = []
-    records = list_folder_records(flat, errors=errors)
+    records = list_folder_records(flat, require_both=True, errors=errors)
     assert [r.stem for r in records] == ["p"] and records[0].gt_path == flat / "p_mask.png"
     assert len(errors) == 1 and errors[0].path.name == "lonely.png"
+    # By default an RGB without its cloud is a sample whose cloud is absent (scored degraded), not an error.
+    lonely, paired = list_folder_records(flat, errors=errors)
+    assert lonely.xyz_path == flat / "lonely.tiff" and not lonely.xyz_path.exists() and paired.stem == "p"
+    assert len(errors) == 1
     assert load_sample(records[0]).label == 1
     single = list_folder_records(flat / "p.png", xyz_path=flat / "p.tiff")
     assert len(single) == 1 and single[0].label == -1

@@ -91,7 +91,7 @@ def list_folder_records(
         masks = {p.stem[: -len(MASK_SUFFIX)]: p for p in files if p.stem.endswith(MASK_SUFFIX)}
         rgbs = {p.stem: p for p in files if p.suffix.lower() in RGB_SUFFIXES and not p.stem.endswith(MASK_SUFFIX)}
         xyzs = {p.stem: p for p in files if p.suffix.lower() in XYZ_SUFFIXES}
-        if require_both:
+        if require_both or not xyzs:  # a folder without any cloud is not a folder of pairs
             found_errors += [
                 DataError(rgbs[s], f"no matching point cloud {s}.tiff") for s in sorted(rgbs.keys() - xyzs)
             ]
