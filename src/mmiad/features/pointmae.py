@@ -72,6 +72,8 @@ POINTMAE_PRESETS: dict[str, PointMaePreset] = {
     "pointmae_keep8": replace(_FULL, name="pointmae_keep8", keep_blocks=8, layers=(1, 4, 7)),
     "pointmae_keep4": replace(_FULL, name="pointmae_keep4", keep_blocks=4, layers=(1, 2, 3)),
     "pointmae_keep1": replace(_FULL, name="pointmae_keep1", keep_blocks=1, layers=(0,)),
+    # G2SF's grouping: 512 FPS centres of 128 points (its config_parse.py), the full 12-block encoder.
+    "pointmae_g512": replace(_FULL, name="pointmae_g512", num_group=512),
 }
 
 TRANS_DIM = 384
