@@ -55,17 +55,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "import", help="turn the authors' released trained models into a run (test/predict/report/export it)"
     )
-    parser.add_argument("--method", required=True, choices=["cfm", "unircm", "m3dm"])
+    parser.add_argument("--method", required=True, choices=["cfm", "unircm", "m3dm", "g2sf"])
     parser.add_argument(
         "--from",
         dest="source",
         required=True,
         help="released file or folder: CFM per-class CFM_2Dto3D_/CFM_3Dto2D_ files; Uni-RCM UniRCM_*.pth "
-        "(+ UniRCM_ORQ_*.pth); M3DM the UFF checkpoint of fusion_pretrain.py",
+        "(+ UniRCM_ORQ_*.pth); M3DM the UFF checkpoint of fusion_pretrain.py; G2SF the folder holding "
+        "<class>/fusion/{MMScoringTrainerV2.pth,score_mean.npy,global_scale.npy}",
     )
     parser.add_argument("--orq", help="Uni-RCM: the ORQ file, when it is not inside --from")
     parser.add_argument("--out", required=True, help="run folder to create")
-    parser.add_argument("--data", help="dataset root: calibrate thresholds as train does (required for m3dm)")
+    parser.add_argument("--data", help="dataset root: calibrate thresholds as train does (required for m3dm and g2sf)")
     add_format_option(parser)
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument("--max-fpr", type=float, default=0.01, help="false-alarm rate the thresholds allow")

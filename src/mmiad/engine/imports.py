@@ -9,6 +9,8 @@ without one the run has no thresholds (``predict`` then reports scores and maps 
 * Uni-RCM: one unified model (+ its ORQ codebooks).
 * M3DM: the release is the UFF checkpoint only; memory banks and decision fusion are built from the training
   data as in the official code, so a dataset is required.
+* G2SF: the release is, per class, the LSPN + ``score_mean.npy`` + ``global_scale.npy``; the banks are built from
+  the training data, so a dataset is required.
 
 The run folder is built next to ``out`` and renamed into place at the end, so a failed import leaves nothing.
 """
@@ -31,7 +33,7 @@ from mmiad.methods.base import AnomalyModel
 from mmiad.methods.official import OfficialImport
 from mmiad.methods.registry import get_method
 
-IMPORTABLE = ("cfm", "unircm", "m3dm")
+IMPORTABLE = ("cfm", "unircm", "m3dm", "g2sf")
 #: The released models were all trained on DINO ViT-B/8 + Point-MAE features.
 DEFAULT_EXTRACTORS = "dino-pointmae"
 
@@ -101,6 +103,8 @@ def import_run(
     try:
         if method == "m3dm":
             files, errors = _import_m3dm(Path(source), temp, job)
+        elif method == "g2sf":
+            files, errors = _import_g2sf(Path(source), temp, job)
         else:
             files, errors = _import_networks(method, Path(source), orq, temp, job)
         if out.exists():
@@ -134,6 +138,28 @@ def _import_m3dm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], 
         categories=job.categories,
         max_fpr=job.max_fpr,
         hparams={**job.hparams, "uff_checkpoint": str(source.resolve())},
+        cache_dir=job.cache_dir,
+        fallback=job.fallback,
+        format=job.dataset.name if job.dataset is not None else None,
+        progress=job.progress,
+        log=job.log,
+    )
+
+
+def _import_g2sf(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
+    """Per category: LSPN, μ and θ from the release folder, banks from the data (official ``--load_fuser``)."""
+    if job.data_root is None:
+        raise ValueError("--method g2sf needs --data ROOT: the memory banks are built from the training samples")
+    if not source.is_dir():
+        raise DataError(source, "give the release folder holding <class>/fusion/MMScoringTrainerV2.pth")
+    job.log(f"importing G2SF's fusion networks from {source}; building memory banks from {job.data_root}")
+    return train_run(
+        "g2sf",
+        job.data_root,
+        temp,
+        categories=job.categories,
+        max_fpr=job.max_fpr,
+        hparams={**job.hparams, "official_fusion": str(source.resolve())},
         cache_dir=job.cache_dir,
         fallback=job.fallback,
         format=job.dataset.name if job.dataset is not None else None,

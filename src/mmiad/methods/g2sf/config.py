@@ -38,8 +38,8 @@ class G2SFConfig(BankSettings):
         dropout: Dropout of the branches and the head (0.5).
         epochs: LSPN epochs (80).
         batch_size: Cap on the batch (8192); the batch is ``min(cap, ⌊0.7·N⌋ // 20)``.
-        lr: Adam learning rate of the LSPN (1.5e-4).
-        scale_lr: Adam learning rate of the global scale θ (5e-3).
+        learning_rate: Adam learning rate of the LSPN (1.5e-4; ``--lr``).
+        scale_learning_rate: Adam learning rate of the global scale θ (5e-3).
         weight_decay: Adam weight decay of both (1e-4).
         noise: Input noise radius as a fraction of μ (0.1).
         loss_weights: (L_sep, L_mar, L_sc, L_cma/perm, L_cns, L1) = (1, 10, 3, 20, 40, 5e-4); L2 has weight 0.
@@ -56,6 +56,9 @@ class G2SFConfig(BankSettings):
             n−1); True keeps it.
         smoothing: ``gaussian`` (σ=4, default) or ``pil_uint8`` (official ``KNNGaussianBlur``, uint8 copy; compat).
         sigma: Blur σ (PIL radius for ``pil_uint8``).
+        official_fusion: A folder of the official release (``<class>/fusion/MMScoringTrainerV2.pth``,
+            ``score_mean.npy``, ``global_scale.npy``; ``mmiad import --method g2sf``): the LSPN, μ and θ are read
+            from it instead of synthesised and trained; the banks are still built from the training data.
         z_offset: Range of the ±offset added to a pasted 3D patch, in the cloud's units (2e-4..2e-3: 0.2–2 mm
             on mmiad's metric clouds of every format, see the README).
     """
@@ -72,8 +75,8 @@ class G2SFConfig(BankSettings):
     dropout: float = 0.5
     epochs: int = 80
     batch_size: int = 8192
-    lr: float = 1.5e-4
-    scale_lr: float = 5e-3
+    learning_rate: float = 1.5e-4
+    scale_learning_rate: float = 5e-3
     weight_decay: float = 1e-4
     noise: float = 0.1
     loss_weights: tuple[float, float, float, float, float, float] = (1.0, 10.0, 3.0, 20.0, 40.0, 5e-4)
@@ -88,6 +91,7 @@ class G2SFConfig(BankSettings):
     smoothing: str = "gaussian"
     sigma: float = 4.0
     z_offset: tuple[float, float] = (2e-4, 2e-3)
+    official_fusion: str | None = None
 
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs a uint8 copy of the map through PIL."""

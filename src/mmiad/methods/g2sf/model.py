@@ -31,7 +31,7 @@ from mmiad.methods.registry import register_method
 
 @register_method("g2sf")
 class G2SF(AnomalyModel):
-    """Unimodal banks + LSPN-weighted unified score (see :class:`G2SFConfig`).
+    """Geometry-Guided Score Fusion: two unimodal banks fused by a learned local scale (Tao et al., ICCV 2025).
 
     Learned state: ``banks_`` (RGB with its scalar mean/std, point), ``lspn_``, ``scale_`` (θ), ``mu_``.
     Multi-category runs: :meth:`fit_shared` draws the cross-category 3D anomaly-source list once (the official
@@ -91,18 +91,42 @@ class G2SF(AnomalyModel):
         self.n_collected_ = {"rgb": banks.rgb.collected, "point": banks.point.collected}
         banks.finalize(progress)
         self.banks_ = banks
+        if config.official_fusion:
+            self._load_official(kept[0].category)
+        else:
+            self._train_fusion(kept, progress)
+        self.n_train_samples_ = len(kept)
+        self.fitted_ = True
+        return self
+
+    def _train_fusion(self, kept: list[SampleRecord], progress: bool) -> None:
+        """Pseudo-anomalies → fusion set → LSPN + σ (the official stages 2 and 3)."""
+        config = self.config
         chosen = self._sources or pick_sources({kept[0].category: kept}, config.n_sources_per_category, config.seed)
         sources = self.pipeline.preprocess(chosen, errors=[]) or kept
         save_dir = Path(self.cache_dir) / "g2sf" / "pseudo" / kept[0].category if self.cache_dir else None
         data, self.pseudo_counts_ = build_fusion_set(
-            self.pipeline, banks, config, kept, sources, save_dir=save_dir, progress=progress
+            self.pipeline, self.banks_, config, kept, sources, save_dir=save_dir, progress=progress
         )
-        trained = LSPNTrainer(config, banks, self.device).train(data, progress)
+        trained = LSPNTrainer(config, self.banks_, self.device).train(data, progress)
         self.lspn_, self.scale_, self.mu_ = trained.network, trained.scale, trained.mu
         self.margin_, self.best_epoch_, self.history_ = trained.margin, trained.best_epoch, trained.history
-        self.n_train_samples_ = len(kept)
-        self.fitted_ = True
-        return self
+
+    def _load_official(self, category: str) -> None:
+        """LSPN, θ and μ from the released files of ``category`` (see :mod:`mmiad.methods.g2sf.official`)."""
+        from mmiad.methods.g2sf.official import fusion_folder, load_official_fusion
+
+        config = self.config
+        assert config.official_fusion is not None and self.banks_.rgb.bank is not None
+        in_dim = self.banks_.split + int(self.banks_.point.bank.shape[1])  # type: ignore[union-attr]
+        folder = fusion_folder(config.official_fusion, category)
+        self.lspn_, theta, self.mu_ = load_official_fusion(
+            folder, in_dim, config.hidden, config.emb_dim, config.dropout
+        )
+        self.scale_ = GlobalScale().requires_grad_(False)
+        self.scale_.theta.copy_(theta)
+        self.margin_, self.best_epoch_, self.history_ = 0.0, -1, []
+        self.pseudo_counts_ = {"imported_from": str(folder)}  # type: ignore[dict-item]
 
     # ------------------------------------------------------------------ scoring
     def prepare_scoring(self) -> None:

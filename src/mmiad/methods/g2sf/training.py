@@ -215,8 +215,10 @@ class LSPNTrainer:
             torch.manual_seed(config.seed)
             network = LSPN(data.features.shape[1], config.hidden, config.emb_dim, config.dropout).to(self.device)
         scale = GlobalScale().to(self.device)
-        net_opt = torch.optim.Adam(network.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scale_opt = torch.optim.Adam(scale.parameters(), lr=config.scale_lr, weight_decay=config.weight_decay)
+        net_opt = torch.optim.Adam(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        scale_opt = torch.optim.Adam(
+            scale.parameters(), lr=config.scale_learning_rate, weight_decay=config.weight_decay
+        )
         weights = dict(zip(LOSS_NAMES, config.loss_weights, strict=True))
         best = (float("inf"), -1, copy.deepcopy(network.state_dict()), scale.theta.detach().clone())
         history: list[dict[str, float]] = []
