@@ -8,6 +8,7 @@ README for provenance and deviations.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,6 +81,7 @@ class G2SF(AnomalyModel):
         if not records:
             raise ValueError("G2SF.fit needs at least one nominal training sample")
         config = self.config
+        started = time.perf_counter()
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
         banks = self._new_banks()
         kept: list[SampleRecord] = []
@@ -91,6 +93,7 @@ class G2SF(AnomalyModel):
         self.n_collected_ = {"rgb": banks.rgb.collected, "point": banks.point.collected}
         banks.finalize(progress)
         self.banks_ = banks
+        self.timings_ = {"banks_s": time.perf_counter() - started}
         if config.official_fusion:
             self._load_official(kept[0].category)
         else:
@@ -105,10 +108,14 @@ class G2SF(AnomalyModel):
         chosen = self._sources or pick_sources({kept[0].category: kept}, config.n_sources_per_category, config.seed)
         sources = self.pipeline.preprocess(chosen, errors=[]) or kept
         save_dir = Path(self.cache_dir) / "g2sf" / "pseudo" / kept[0].category if self.cache_dir else None
+        started = time.perf_counter()
         data, self.pseudo_counts_ = build_fusion_set(
             self.pipeline, self.banks_, config, kept, sources, save_dir=save_dir, progress=progress
         )
+        self.timings_["synthesis_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         trained = LSPNTrainer(config, self.banks_, self.device).train(data, progress)
+        self.timings_["lspn_s"] = time.perf_counter() - started
         self.lspn_, self.scale_, self.mu_ = trained.network, trained.scale, trained.mu
         self.margin_, self.best_epoch_, self.history_ = trained.margin, trained.best_epoch, trained.history
 
@@ -195,6 +202,7 @@ class G2SF(AnomalyModel):
             "best_epoch": getattr(self, "best_epoch_", None),
             "pseudo": getattr(self, "pseudo_counts_", {}),
             "history": getattr(self, "history_", []),
+            "timings": getattr(self, "timings_", {}),
         }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -235,3 +243,4 @@ class G2SF(AnomalyModel):
         self.best_epoch_ = int(config.get("best_epoch") or -1)
         self.pseudo_counts_ = dict(config.get("pseudo", {}))
         self.history_ = list(config.get("history", []))
+        self.timings_ = dict(config.get("timings", {}))
