@@ -68,3 +68,13 @@ def test_patch_rows_keep_the_rgb_grid_and_project_points() -> None:
     assert rows.rgb.shape == (16, 5) and rows.point.shape == (64, 6)
     torch.testing.assert_close(rows.rgb, image.flatten(1).T)  # 4×4 image at rgb_grid 4: no pooling, no duplicate
     torch.testing.assert_close(rows.point, points.to_grid(8).flatten(1).T)
+
+
+def test_g2sf_extractor_preset_uses_512_groups() -> None:
+    from mmiad.features.pointmae import POINTMAE_PRESETS
+    from mmiad.features.registry import EXTRACTOR_PRESETS
+
+    preset = EXTRACTOR_PRESETS["dino-pointmae512"]
+    point = POINTMAE_PRESETS[preset.point]
+    assert preset.image == "dino_vitb8"
+    assert (point.num_group, point.group_size, point.keep_blocks, point.layers) == (512, 128, 12, (3, 7, 11))
