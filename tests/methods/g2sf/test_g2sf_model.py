@@ -83,6 +83,15 @@ def test_scores_follow_the_official_formula(tiny_dataset: Path, tmp_path: Path) 
     compat = G2SF.from_state(model.get_config(), model.state_tensors(), compat=True)
     smooth_official = compat.score([features])[0].anomaly_map
     assert not np.allclose(smooth_official, scored.anomaly_map)  # uint8 PIL blur vs float Gaussian
+    # The stored statistics are the ones scoring uses; bf16 autocast of the LSPN stays close to fp32.
+    tensors = model.state_tensors()
+    torch.testing.assert_close(tensors["score_mean"], model.mu_)
+    torch.testing.assert_close(tensors["global_scale"], model.scale_.theta.detach())
+    assert tensors["bank_stats.rgb"].tolist() == [model.banks_.rgb.mean, model.banks_.rgb.std]
+    low = G2SF.from_state(model.get_config(), tensors)
+    low.config.precision = "bf16"  # the LSPN's autocast only (the features above were extracted in fp32)
+    low.prepare_scoring()
+    torch.testing.assert_close(low.patch_scores(features)[0], fused, rtol=0.05, atol=0.05)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from mmiad.methods.g2sf.training import LSPNTrainer
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
+from mmiad.utils.compute import autocast
 
 
 @register_method("g2sf")
@@ -153,7 +154,8 @@ class G2SF(AnomalyModel):
         per_rank = []
         for rank in range(ranks if config.scoring_mode != "zero" else 1):
             protos = self.banks_.coreset_rows(found.indices, rank, ranks).to(device)
-            score, _, _ = pair_score(self.lspn_, sigma, feats, protos, self.banks_.split, mu, background)
+            with autocast(device, config.precision):
+                score, _, _ = pair_score(self.lspn_, sigma, feats, protos, self.banks_.split, mu, background)
             per_rank.append(score.float())
         stacked = torch.stack(per_rank, dim=1)
         if config.scoring_mode == "max":
