@@ -100,3 +100,19 @@ def tree_digest(root: Path) -> str:
         digest.update(path.read_bytes())
         digest.update(str(path.stat().st_mtime_ns).encode())
     return digest.hexdigest()
+
+
+def test_anomaly_sources_official_counts_per_format() -> None:
+    from mmiad.data.sample import SampleRecord
+    from mmiad.methods.g2sf.pseudo import pick_sources
+
+    def records(category: str, fmt: str) -> list[SampleRecord]:
+        return [SampleRecord(Path(f"{i}.png"), Path(f"{i}.tiff"), category, "train", format=fmt) for i in range(30)]
+
+    mvtec = pick_sources({"a": records("a", "mvtec3d"), "b": records("b", "mvtec3d")}, None, 0)
+    assert len(mvtec) == 16 and {r.category for r in mvtec} == {"a", "b"}
+    assert len(pick_sources({"c": records("c", "eyecandies")}, None, 0)) == 24
+    assert len(pick_sources({"c": records("c", "eyecandies")}, 3, 0)) == 3
+    assert pick_sources({"a": records("a", "mvtec3d")}, None, 0) == pick_sources(
+        {"a": records("a", "mvtec3d")}, None, 0
+    )

@@ -32,7 +32,7 @@ class G2SFConfig(BankSettings):
         top_k: Nearest coreset indices kept per patch and modality (20).
         n_anomalies: Pseudo-anomalous samples per category (800).
         train_fraction: Share of the pseudo patches in the training half (0.5; the split is at patch level).
-        n_sources_per_category: 3D anomaly-source clouds per category (8 for MVTec 3D-AD; 24 for Eyecandies).
+        n_sources_per_category: 3D anomaly-source clouds per category; None: the official 8 (24 for Eyecandies).
         hidden: Branch hidden width (512).
         emb_dim: Branch output width (128).
         dropout: Dropout of the branches and the head (0.5).
@@ -69,7 +69,7 @@ class G2SFConfig(BankSettings):
     top_k: int = 20
     n_anomalies: int = 800
     train_fraction: float = 0.5
-    n_sources_per_category: int = 8
+    n_sources_per_category: int | None = None
     hidden: int = 512
     emb_dim: int = 128
     dropout: float = 0.5
@@ -115,6 +115,8 @@ class G2SFConfig(BankSettings):
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.top_k < 2 * self.anchor + 1:
             raise ValueError(f"top_k ({self.top_k}) must cover the 2·anchor+1 ranks L_cns uses")
+        if self.n_sources_per_category is not None and self.n_sources_per_category < 1:
+            raise ValueError("n_sources_per_category must be positive (or None for the official count)")
         if self.n_anomalies < 2 or not 0 < self.train_fraction < 1 or self.epochs < 1:
             raise ValueError("need n_anomalies >= 2, 0 < train_fraction < 1 and epochs >= 1")
         if self.rgb_grid < 1 or self.point_grid % self.rgb_grid:

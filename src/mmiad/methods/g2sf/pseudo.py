@@ -51,15 +51,19 @@ def patch_labels(mask: np.ndarray, grid: int) -> torch.Tensor:
 
 
 def pick_sources(
-    records_by_category: dict[str, Sequence[SampleRecord]], per_category: int, seed: int
+    records_by_category: dict[str, Sequence[SampleRecord]], per_category: int | None, seed: int
 ) -> list[SampleRecord]:
-    """The anomaly-source list (``create_anomaly_source.py``): per category, shuffled, the first few."""
+    """The anomaly-source list (``create_anomaly_source.py``): per category, shuffled, the first few (None: 8, or
+    24 for Eyecandies, the official counts)."""
     rng = np.random.default_rng(seed)
     chosen: list[SampleRecord] = []
     for category in sorted(records_by_category):
         records = list(records_by_category[category])
+        count = per_category
+        if count is None:
+            count = 24 if records and records[0].format == "eyecandies" else 8
         order = rng.permutation(len(records))
-        chosen.extend(records[int(i)] for i in order[:per_category])
+        chosen.extend(records[int(i)] for i in order[:count])
     return chosen
 
 
