@@ -116,3 +116,21 @@ def test_anomaly_sources_official_counts_per_format() -> None:
     assert pick_sources({"a": records("a", "mvtec3d")}, None, 0) == pick_sources(
         {"a": records("a", "mvtec3d")}, None, 0
     )
+
+
+def test_moved_component_loses_its_last_row_and_column_officially() -> None:
+    from mmiad.methods.g2sf.synthesis import shifted_masks
+
+    component = np.zeros((40, 40), bool)
+    component[2:7, 3:9] = True  # 5×6 block, off the foreground
+    foreground = np.zeros((40, 40), bool)
+    foreground[20:35, 20:35] = True
+    official = shifted_masks(component, foreground, np.random.default_rng(0), full_bbox=False)
+    whole = shifted_masks(component, foreground, np.random.default_rng(0), full_bbox=True)
+    assert official is not None and whole is not None
+    target, source = official
+    assert source.sum() == 4 * 5 and target.sum() == 4 * 5  # bounding box [top, bottom) × [left, right)
+    assert not source[6].any() and not source[:, 8].any()
+    assert np.array_equal(whole[1], component) and whole[0].sum() == 30
+    rows, cols = np.nonzero(whole[0])
+    assert foreground[int(np.rint(rows.mean())), int(np.rint(cols.mean()))]  # moved onto the foreground

@@ -54,6 +54,8 @@ class G2SFConfig(BankSettings):
         scoring_mode: Aggregation over the A+1 prototypes (``min``; ``max``, ``average``, ``zero`` = rank 0).
         keep_last_component: The official Perlin mask drops the last connected component (its loop stops at
             n−1); True keeps it.
+        full_bbox: The official ``shift_mask`` cuts a moved component from its bounding box with exclusive upper
+            bounds (its last row and column are lost); True keeps the whole component.
         smoothing: ``gaussian`` (σ=4, default) or ``pil_uint8`` (official ``KNNGaussianBlur``, uint8 copy; compat).
         sigma: Blur σ (PIL radius for ``pil_uint8``).
         official_fusion: A folder of the official release (``<class>/fusion/MMScoringTrainerV2.pth``,
@@ -88,6 +90,7 @@ class G2SFConfig(BankSettings):
     checkpoint_first_epoch: bool = False
     scoring_mode: str = "min"
     keep_last_component: bool = False
+    full_bbox: bool = False
     smoothing: str = "gaussian"
     sigma: float = 4.0
     z_offset: tuple[float, float] = (2e-4, 2e-3)

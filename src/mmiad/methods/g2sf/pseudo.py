@@ -132,6 +132,7 @@ def build_fusion_set(
                 category=category,
                 z_offset=config.z_offset,
                 keep_last_component=config.keep_last_component,
+                full_bbox=config.full_bbox,
                 threshold=threshold,
             )
             if made is not None and patch_labels(made[1], config.point_grid).any():

@@ -161,7 +161,7 @@ def paste_points(
     return out
 
 
-def _shifted(
+def shifted_masks(
     component: np.ndarray, foreground: np.ndarray, rng: np.random.Generator, full_bbox: bool
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(target mask, source mask) of ``shift_mask``: the component moved onto a random foreground pixel.
@@ -196,6 +196,7 @@ def cut_paste(
     mask: np.ndarray,
     rng: np.random.Generator,
     z_offset: tuple[float, float],
+    full_bbox: bool = False,
 ) -> tuple[Sample, np.ndarray]:
     """Paste every component of ``mask`` (``cut_paste_scc``); returns the new sample and the anomaly mask."""
     rgb, xyz = base.rgb.copy(), base.xyz.copy()
@@ -211,7 +212,7 @@ def cut_paste(
         moved = (
             None
             if (component & foreground).sum() > 2 / 3 * component.sum()
-            else _shifted(component, foreground, rng, full_bbox=False)
+            else shifted_masks(component, foreground, rng, full_bbox=full_bbox)
         )
         if moved is None:  # in place: blended colour
             ratio = rng.uniform(0.0, 0.5)
@@ -236,6 +237,7 @@ def synthesise(
     category: str,
     z_offset: tuple[float, float] = (2e-4, 2e-3),
     keep_last_component: bool = False,
+    full_bbox: bool = False,
     threshold: float = 0.4,
 ) -> tuple[Sample, np.ndarray] | None:
     """One pseudo-anomalous sample and its mask, or None when no mask fits (the caller draws another base)."""
@@ -248,7 +250,7 @@ def synthesise(
     )
     if mask is None:
         return None
-    sample, anomaly = cut_paste(base, source_rgb, xyz_source, mask, rng, z_offset)
+    sample, anomaly = cut_paste(base, source_rgb, xyz_source, mask, rng, z_offset, full_bbox)
     if fmt == "eyecandies":  # zeroed outside the base's foreground after pasting
         keep = base.foreground
         sample = Sample(sample.rgb * keep[..., None], sample.xyz * keep[..., None])
