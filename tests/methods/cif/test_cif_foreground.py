@@ -1,0 +1,136 @@
+"""CIF's foreground rules against loop-by-loop and closed-form references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmiad.data.preprocess import ModelInput
+from mmiad.methods.cif.foreground import corner_plane_mask, fill_gaps, foreground_grid, resolve_rule, to_grid
+
+
+def _fill_reference(depth: np.ndarray) -> np.ndarray:
+    """One official gap-filling pass, pixel by pixel, reading only the image before the pass."""
+    out = depth.copy()
+    height, width = depth.shape
+    for r in range(height):
+        for c in range(width):
+            if depth[r, c] != 0:
+                continue
+            values = [
+                depth[rr, cc]
+                for rr in range(r - 1, r + 2)
+                for cc in range(c - 1, c + 2)
+                if 0 <= rr < height and 0 <= cc < width and depth[rr, cc] > 0
+            ]
+            if values:
+                out[r, c] = sum(values) / len(values)
+    return out
+
+
+def _tilted_scene(size: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """A tilted plane (metres) with a 2 cm bump in the middle; returns (depth, the bump's pixels)."""
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
+    depth = 0.6 + 0.002 * rows + 0.001 * cols
+    bump = (np.abs(rows - size / 2) < 5) & (np.abs(cols - size / 2) < 6)
+    depth[bump] -= 0.02
+    return depth, bump
+
+
+def test_fill_gaps_matches_the_pixel_loop() -> None:
+    rng = np.random.default_rng(0)
+    depth = rng.uniform(0.2, 0.9, (9, 11))
+    depth[rng.random(depth.shape) < 0.4] = 0
+    depth[0:3, 0:3] = 0  # a hole bigger than one pass fills
+    np.testing.assert_allclose(fill_gaps(depth), _fill_reference(depth), rtol=0, atol=1e-15)
+
+
+def test_corner_plane_finds_only_the_bump_and_never_a_missing_point() -> None:
+    depth, bump = _tilted_scene()
+    np.testing.assert_array_equal(corner_plane_mask(depth), bump)
+    holed = depth.copy()
+    holed[18:22, 18:22] = 0  # missing points inside the bump: the 3 fills close a 4×4 hole, so they count again
+    holed[26:36, 3:11] = 0  # a large hole in the background: filled only at its rim, never foreground
+    mask = corner_plane_mask(holed)
+    assert not mask[26:36, 3:11].any()
+    assert mask[18:22, 18:22].all()
+    # Without fills a missing point is never foreground.
+    assert not corner_plane_mask(holed, fills=0)[18:22, 18:22].any()
+
+
+def test_corner_plane_normalises_out_of_range_depths_and_fails_closed_on_empty_corners() -> None:
+    depth, bump = _tilted_scene()
+    millimetres = depth * 1000  # > 1: min-max normalised first, as the official dataset class does
+    low, high = millimetres.min(), millimetres.max()
+    normalised = (millimetres - low) / (high - low)
+    for _ in range(3):  # the minimum became 0, i.e. "missing": the official fills overwrite it
+        normalised = _fill_reference(normalised)
+    rows, cols = np.mgrid[0:40, 0:40] / 39.0
+    normalised_corners = {
+        (0, 0): (slice(0, 2), slice(0, 2)),
+        (0, -1): (slice(0, 2), slice(-2, None)),
+        (-1, 0): (slice(-2, None), slice(0, 2)),
+        (-1, -1): (slice(-2, None), slice(-2, None)),
+    }
+    tl, tr, bl, br = (normalised[normalised_corners[key]].mean() for key in ((0, 0), (0, -1), (-1, 0), (-1, -1)))
+    surface = (tl * (1 - rows) + bl * rows) * (1 - cols) + (tr * (1 - rows) + br * rows) * cols
+    expected = (np.abs(surface - normalised) > 7e-3) & (normalised != 0)
+    np.testing.assert_array_equal(corner_plane_mask(millimetres), expected)
+    assert expected[bump].all()
+    emptied = depth.copy()
+    emptied[-6:, -6:] = 0  # a corner with nothing left after 3 fills: the official code gets NaN, an empty mask
+    assert not corner_plane_mask(emptied).any()
+
+
+def _inputs(xyz: np.ndarray, valid: np.ndarray) -> ModelInput:
+    size = xyz.shape[0]
+    return ModelInput(torch.zeros(3, size, size), xyz.astype(np.float32), valid, None, 0, (size, size), size, (0, 0))
+
+
+def test_grid_resize_is_the_official_bilinear_point_sampling() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.random((64, 64))
+    # align_corners=False at a factor of 8 reads the two middle pixels of each 8-block per axis.
+    reference = values.reshape(8, 8, 8, 8)[:, 3:5, :, 3:5].mean(axis=(1, 3))
+    np.testing.assert_allclose(to_grid(values, 8).numpy(), reference, atol=1e-12)
+
+
+def test_foreground_grid_rules_and_the_empty_fallback() -> None:
+    depth, bump = _tilted_scene(64)
+    xyz = np.zeros((64, 64, 3))
+    xyz[..., 0], xyz[..., 1], xyz[..., 2] = 0.1, 0.1, depth
+    valid = np.ones((64, 64), dtype=bool)
+    plane = foreground_grid(_inputs(xyz, valid), "corner_plane", 8)
+    np.testing.assert_array_equal(plane.numpy(), to_grid(bump.astype(float), 8).numpy() >= 0.5)
+    only_object = np.where(bump[..., None], xyz, 0)
+    valid_rule = foreground_grid(_inputs(only_object, bump), "valid", 8)
+    np.testing.assert_array_equal(valid_rule.numpy(), plane.numpy())
+    signed = xyz.copy()
+    signed[..., 2] = np.where(bump, 0.01, 0.0)
+    signed[:8, :8, 2] = -0.5  # negative Z is not foreground under z_positive
+    z_rule = foreground_grid(_inputs(signed, valid), "z_positive", 8)
+    np.testing.assert_array_equal(z_rule.numpy(), to_grid(signed[..., 2], 8).numpy() > 0)
+    flat = xyz.copy()
+    flat[..., 2] = 0.6  # no foreground at all: every patch is scored rather than none
+    assert foreground_grid(_inputs(flat, valid), "corner_plane", 8).all()
+
+
+@pytest.mark.parametrize(
+    ("rule", "fmt", "plane_removed", "expected"),
+    [
+        ("auto", "mvtec3d", False, "corner_plane"),
+        ("auto", "folder", False, "corner_plane"),
+        ("auto", "mvtec3d", True, "valid"),
+        ("auto", "eyecandies", False, "valid"),
+        ("z_positive", "mvtec3d", False, "z_positive"),
+        ("corner_plane", "eyecandies", True, "corner_plane"),
+    ],
+)
+def test_auto_rule_follows_the_format_and_profile(rule: str, fmt: str, plane_removed: bool, expected: str) -> None:
+    assert resolve_rule(rule, fmt, plane_removed) == expected
+
+
+def test_unknown_rule_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown foreground rule"):
+        resolve_rule("magic", "mvtec3d", False)
