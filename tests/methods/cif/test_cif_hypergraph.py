@@ -26,6 +26,7 @@ def _membership_reference(x: np.ndarray, fg: np.ndarray, centroids: np.ndarray, 
         cos = np.array([row @ c / (np.linalg.norm(row) * np.linalg.norm(c)) for c in centroids])
         span = cos.max() - cos.min()
         out[i] = (cos - cos.min()) / (span if span != 0 else 1e-8) >= threshold
+        out[i, int(np.argmax(cos))] = 1  # ours: a degenerate row (span 0) still joins its most similar centroid
     return out
 
 
@@ -43,6 +44,10 @@ def test_membership_matches_the_reference_and_always_holds_the_nearest_centroid(
     assert got[np.flatnonzero(fg), cosine[fg].argmax(axis=1)].all()
     assert not got[~fg].any() and (got[fg].sum(axis=1) >= 1).all()
     assert (got[fg].sum(axis=1) > 1).any()  # threshold 0.5: fuzzy, several memberships
+    # One centroid: every cosine span is 0; the official rows join nothing, ours join the only hyperedge.
+    single = incidence_from_centroids(torch.from_numpy(x), torch.from_numpy(fg), torch.from_numpy(centroids[:1]), 4)
+    np.testing.assert_array_equal(single[:, 0].numpy(), fg.astype(float))
+    assert not single[:, 1:].any()
 
 
 def test_kmeans_is_sklearns_on_the_foreground_and_survives_fewer_patches_than_clusters() -> None:

@@ -47,7 +47,8 @@ def incidence_from_centroids(
     """N×K 0/1 incidence: patch i is in hyperedge e when its min-max-normalised cosine to centroid e ≥ threshold.
 
     Background rows are empty. Columns beyond the given centroids (fewer foreground patches than K) stay empty.
-    A row whose cosines are all equal (denominator 0, replaced by 1e-8 as officially) joins no hyperedge.
+    A foreground row whose cosines are all equal (denominator 0, replaced by 1e-8 as officially) joins its first
+    most similar centroid instead of none (official).
     """
     incidence = torch.zeros(features.shape[0], n_clusters, dtype=features.dtype, device=features.device)
     if centroids.shape[0] == 0:
@@ -56,7 +57,11 @@ def incidence_from_centroids(
     low = cosine.min(dim=1, keepdim=True).values
     span = cosine.max(dim=1, keepdim=True).values - low
     span = torch.where(span == 0, torch.full_like(span, 1e-8), span)
-    member = ((cosine - low) / span >= threshold) & foreground.view(-1, 1)
+    # The most similar centroid is always a member. Officially it is (ŝ = 1) unless every centroid is equally
+    # similar (one centroid, or identical ones): then the official row joins nothing, and the patch would be left
+    # out of the memory or score 0 at test; here it joins its most similar (lowest-index) centroid.
+    nearest = F.one_hot(cosine.argmax(dim=1), centroids.shape[0]).bool()
+    member = (((cosine - low) / span >= threshold) | nearest) & foreground.view(-1, 1)
     incidence[:, : centroids.shape[0]] = member.to(features.dtype)
     return incidence
 
