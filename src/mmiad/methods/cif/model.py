@@ -72,9 +72,10 @@ class CIF(AnomalyModel):
         settings = self.settings
         image = features.image.float()
         grid = int(image.shape[-1])
-        if image.shape[-2] != grid:
-            raise DataError(None, f"CIF needs a square feature grid, got {tuple(image.shape[-2:])}")
         inputs = features.inputs
+        if image.shape[-2] != grid:
+            where = inputs.record.rgb_path if inputs.record is not None else None
+            raise DataError(where, f"CIF needs a square feature grid, got {tuple(image.shape[-2:])}")
         record_format = inputs.record.format if inputs.record is not None else "folder"
         rule = resolve_rule(settings.foreground, record_format, self.pipeline.profile.remove_plane)
         foreground = foreground_grid(
@@ -153,7 +154,9 @@ class CIF(AnomalyModel):
         for sample in features:
             patches = self._patches(sample)
             if patches.grid != self.grid_:
-                raise DataError(None, f"feature grid {patches.grid} differs from the memory's {self.grid_}")
+                record = sample.inputs.record
+                where = record.rgb_path if record is not None else None
+                raise DataError(where, f"feature grid {patches.grid} differs from the memory's {self.grid_}")
             incidence = self._incidence(patches).to(device)
             foreground = patches.foreground.to(device)
             maps, image_score = [], 1.0
