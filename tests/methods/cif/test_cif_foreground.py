@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmiad.data.preprocess import ModelInput
+from mmiad.data.preprocess import ModelInput, prepare_input
+from mmiad.data.sample import Sample
 from mmiad.methods.cif.foreground import corner_plane_mask, fill_gaps, foreground_grid, resolve_rule, to_grid
 
 
@@ -134,3 +135,18 @@ def test_auto_rule_follows_the_format_and_profile(rule: str, fmt: str, plane_rem
 def test_unknown_rule_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown foreground rule"):
         resolve_rule("magic", "mvtec3d", False)
+
+
+def test_corner_plane_reads_the_image_footprint_not_the_zero_padding() -> None:
+    """A non-square sample is zero-padded to a square canvas; the canvas corners have no depth (the official code,
+    which never pads, would get NaN there), so the surface is fitted on the image's own corners."""
+    depth, bump = _tilted_scene(80)
+    depth, bump = depth[10:70], bump[10:70]  # 60×80: padded to a 100×100 canvas
+    xyz = np.stack([np.full_like(depth, 0.1), np.full_like(depth, 0.1), depth], axis=-1).astype(np.float32)
+    sample = Sample(np.zeros((60, 80, 3), np.uint8), xyz, np.ones((60, 80), bool), None, 0, "c", "good")
+    inputs = prepare_input(sample, size=100)
+    mask = foreground_grid(inputs, "corner_plane", 10)
+    canvas = np.zeros((100, 100), dtype=bool)
+    canvas[20:80, 10:90] = bump
+    np.testing.assert_array_equal(mask.numpy(), to_grid(canvas.astype(float), 10).numpy() >= 0.5)
+    assert 0 < int(mask.sum()) < 100  # neither empty nor the all-patches fallback
