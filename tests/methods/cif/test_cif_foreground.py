@@ -60,7 +60,7 @@ def test_corner_plane_finds_only_the_bump_and_never_a_missing_point() -> None:
     assert not corner_plane_mask(holed, fills=0)[18:22, 18:22].any()
 
 
-def test_corner_plane_normalises_out_of_range_depths_and_fails_closed_on_empty_corners() -> None:
+def test_corner_plane_normalises_out_of_range_depths() -> None:
     depth, bump = _tilted_scene()
     millimetres = depth * 1000  # > 1: min-max normalised first, as the official dataset class does
     low, high = millimetres.min(), millimetres.max()
@@ -79,9 +79,30 @@ def test_corner_plane_normalises_out_of_range_depths_and_fails_closed_on_empty_c
     expected = (np.abs(surface - normalised) > 7e-3) & (normalised != 0)
     np.testing.assert_array_equal(corner_plane_mask(millimetres), expected)
     assert expected[bump].all()
-    emptied = depth.copy()
-    emptied[-6:, -6:] = 0  # a corner with nothing left after 3 fills: the official code gets NaN, an empty mask
-    assert not corner_plane_mask(emptied).any()
+
+
+def test_an_empty_corner_grows_its_window_until_it_holds_a_depth() -> None:
+    """Officially a 2×2 corner without depth after the fills gives NaN, an empty mask and a crash; here the corner
+    window grows until it holds a depth, and the surface uses that window's mean positive depth."""
+    depth, bump = _tilted_scene()
+    depth[-7:, -7:] = 0  # a dropout at the bottom-right corner, larger than 3 fills can close
+    filled = depth.copy()
+    for _ in range(3):
+        filled = _fill_reference(filled)
+    assert not (filled[-2:, -2:] > 0).any()
+    side = next(s for s in range(2, 21) if (filled[-s:, -s:] > 0).any())
+    window = filled[-side:, -side:]
+    corners = [filled[:2, :2].mean(), filled[:2, -2:].mean(), filled[-2:, :2].mean(), window[window > 0].mean()]
+    tl, tr, bl, br = corners
+    rows, cols = np.mgrid[0:40, 0:40] / 39.0
+    surface = (tl * (1 - rows) + bl * rows) * (1 - cols) + (tr * (1 - rows) + br * rows) * cols
+    expected = (np.abs(surface - filled) > 7e-3) & (filled != 0)
+    got = corner_plane_mask(depth)
+    np.testing.assert_array_equal(got, expected)
+    assert got[bump].all()
+    quadrant = depth.copy()
+    quadrant[14:, 14:] = 0  # no depth left in the bottom-right quadrant after the fills: an empty mask
+    assert not corner_plane_mask(quadrant).any()
 
 
 def _inputs(xyz: np.ndarray, valid: np.ndarray) -> ModelInput:

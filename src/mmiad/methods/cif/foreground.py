@@ -83,8 +83,10 @@ def corner_plane_mask(depth: np.ndarray, threshold: float = 7e-3, fills: int = 3
     3. The background surface is the bilinear interpolation of the mean positive depth of each 2×2 corner.
     4. Foreground: more than ``threshold`` off that surface, and a non-zero (filled) depth.
 
-    A corner with no positive depth leaves the surface undefined: the official code gets NaN and an empty mask,
-    and so does this function (the caller then falls back, see :func:`foreground_grid`).
+    A 2×2 corner with no positive depth left (a sensor dropout larger than the fills) makes the official surface
+    NaN and the mask empty, and the official run then crashes in K-means. Here that corner's window grows (3×3,
+    4×4, ... up to half the image) until it holds a depth (:func:`_corner_mean`); only a quadrant without any depth
+    gives an empty mask (the caller then falls back, see :func:`foreground_grid`).
     """
     d = np.asarray(depth, dtype=np.float64)
     if d.ndim != 2 or min(d.shape) < 2:
@@ -96,21 +98,31 @@ def corner_plane_mask(depth: np.ndarray, threshold: float = 7e-3, fills: int = 3
         d = (d - low) / (high - low)
     for _ in range(fills):
         d = fill_gaps(d)
-    corners = []
-    for rows, cols in ((slice(0, 2), slice(0, 2)), (slice(0, 2), slice(-2, None)), (slice(-2, None), slice(0, 2))):
-        corners.append(d[rows, cols])
-    corners.append(d[-2:, -2:])
-    means = []
-    for corner in corners:
-        positive = corner > 0
-        if not positive.any():
-            return np.zeros(d.shape, dtype=bool)
-        means.append(float(corner[positive].sum() / positive.sum()))
+    means = [mean for mean in (_corner_mean(d, corner) for corner in range(4)) if mean is not None]
+    if len(means) < 4:
+        return np.zeros(d.shape, dtype=bool)
     top_left, top_right, bottom_left, bottom_right = means
     u = np.linspace(0.0, 1.0, d.shape[0])[:, None]  # down the rows
     v = np.linspace(0.0, 1.0, d.shape[1])[None, :]  # across the columns
     surface = (top_left * (1 - u) + bottom_left * u) * (1 - v) + (top_right * (1 - u) + bottom_right * u) * v
     return (np.abs(surface - d) > threshold) & (d != 0)
+
+
+def _corner_mean(depth: np.ndarray, corner: int) -> float | None:
+    """Mean positive depth of the smallest square window (2×2 first, the official size) at a corner that has one.
+
+    Corners in the order top-left, top-right, bottom-left, bottom-right; None when even the half-image window has
+    no positive depth.
+    """
+    height, width = depth.shape
+    for side in range(2, max(2, min(height, width) // 2) + 1):
+        rows = slice(0, side) if corner < 2 else slice(height - side, height)
+        cols = slice(0, side) if corner % 2 == 0 else slice(width - side, width)
+        window = depth[rows, cols]
+        positive = window > 0
+        if positive.any():
+            return float(window[positive].sum() / positive.sum())
+    return None
 
 
 def to_grid(values: np.ndarray, grid: int) -> torch.Tensor:
