@@ -81,7 +81,7 @@ class RadMemory:
                 self.point_width = int(points.shape[1])
         if len(levels) != len(self.levels) or (points is None) != (self.points is None):
             raise ValueError("every image must bring the same levels and modalities")
-        self.cls_rows.append(normalised(cls.reshape(-1)).cpu())
+        self.cls_rows.append(normalised(cls.reshape(-1).float()).cpu())
         for store, tokens in zip(self.levels, levels, strict=True):
             assert isinstance(store, PatchStore)
             store.append(normalised(tokens).reshape(1, -1).cpu())

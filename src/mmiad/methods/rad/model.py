@@ -111,7 +111,7 @@ class RAD(AnomalyModel):
         k_image, radius = settings.retrieval()
         cls, levels, points, foreground = tokens
         device = self.device
-        retrieved = retrieve_images(cls, self.memory_.cls, k_image)
+        retrieved = retrieve_images(cls.float(), self.memory_.cls, k_image)
         out: dict[str, torch.Tensor] = {}
         if settings.modality != "3d":
             weights = layer_weights(len(levels), settings.layer_weights)
@@ -120,12 +120,14 @@ class RAD(AnomalyModel):
                 if weight == 0:
                     continue
                 references = self.memory_.gather_level(index, retrieved).to(device)
-                fused += weight * (1 - self._similarity(normalised(query.to(device)), references, grid, radius))
+                fused += weight * (
+                    1 - self._similarity(normalised(query.to(device, torch.float32)), references, grid, radius)
+                )
             out["2d"] = fused.cpu()
         if settings.modality != "2d":
             assert points is not None and foreground is not None
             references, valid = self.memory_.gather_points(retrieved)
-            query = normalised(points.to(device))
+            query = normalised(points.to(device, torch.float32))
             similarity = self._similarity(query, references.to(device), grid, radius, valid.to(device))
             score_3d = (1 - similarity.clamp(min=-1.0)).cpu()  # no foreground candidate: the largest distance, 2
             out["3d"] = torch.where(foreground.cpu(), score_3d, torch.zeros_like(score_3d))

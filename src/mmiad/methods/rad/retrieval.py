@@ -37,7 +37,8 @@ def retrieve_images(query_cls: torch.Tensor, bank_cls: torch.Tensor, k: int) -> 
     """
     if bank_cls.ndim != 2 or bank_cls.shape[0] == 0:
         raise ValueError(f"the memory holds no image (CLS bank of shape {tuple(bank_cls.shape)})")
-    similarity = normalised(bank_cls) @ normalised(query_cls.reshape(-1)).to(bank_cls.device)
+    bank = normalised(bank_cls)
+    similarity = bank @ normalised(query_cls.reshape(-1)).to(bank)
     return torch.topk(similarity, min(int(k), bank_cls.shape[0])).indices
 
 
