@@ -54,6 +54,8 @@ class RADConfig(MethodSettings):
             3D features matched in the same window, the maps fused) or ``3d`` (3D maps only; retrieval still by
             the RGB CLS).
         fusion: How ``2d+3d`` combines the two patch maps: ``product`` or ``sum``.
+        seed: Unused: nothing in RAD is random. Accepted so that ``--seed``, which also seeds the few-shot draw,
+            applies to every method alike.
     """
 
     k_image: int = 150
@@ -68,6 +70,7 @@ class RADConfig(MethodSettings):
     memory_budget_gb: float = 4.0
     modality: str = "2d"
     fusion: str = "product"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
