@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmiad.bench.common import machine_description, replace_section
+from mmiad.cli.common import parse_assignments
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro@0.3")
 
@@ -45,6 +46,7 @@ def _few_shot_rows(args: argparse.Namespace, data: Path, work: Path, samples: in
     draws = list(range(args.draws)) if args.selection == "random" else [0]
     for method in args.methods.split(","):
         hparams = dict(get_method(method).tiny_hparams) if args.tiny_hparams else {}
+        hparams.update(parse_assignments(args.set))
         for shots in (int(s) for s in args.shots.split(",")):
             results: dict[str, list[float]] = {m: [] for m in METRICS}
             train_seconds, test_seconds = [], []
@@ -105,21 +107,68 @@ def _command(args: argparse.Namespace) -> int:
         print(rows[-1], flush=True)
     flags = f"--preset {args.preset} --methods {args.methods} --shots {args.shots} --selection {args.selection}"
     flags += f" --draws {args.draws}" + (" --musc" if args.musc else "") + (" --unified" if args.unified else "")
+    flags += "".join(f" --set {item}" for item in args.set or []) + ("" if args.tiny_hparams else " --no-tiny-hparams")
     draws = f"mean ± sd over {args.draws} seeded draws" if args.selection == "random" else "the first K files"
     body = (
         f"Command: `python -m mmiad.bench fewshot {flags}`  \n"
         f"Machine: {machine_description()}  \n"
-        f"Synthetic `{args.preset}` data (seed {args.data_seed}, {samples} test samples); each method with its "
-        f"`tiny_hparams`; {draws} (the same files for every method); no fallback models.\n\n" + "\n".join(header + rows)
+        f"Synthetic `{args.preset}` data (seed {args.data_seed}, {samples} test samples); each method with "
+        f"{'its `tiny_hparams`' if args.tiny_hparams else 'its defaults'}; {draws} (the same files for every "
+        "method); no fallback models.\n\n" + "\n".join(header + rows)
     )
     if args.out:
-        replace_section(Path(args.out), "fewshot", body)
+        replace_section(Path(args.out), args.section, body)
+    print(body)
+    return 0
+
+
+def _rad_cost_command(args: argparse.Namespace) -> int:
+    """RAD's scoring cost at the official sizes (28×28 grid, 768-d, 4 levels) on random unit tokens."""
+    import torch
+
+    from mmiad.methods.rad import RAD
+    from mmiad.methods.rad.memory import RadMemory
+
+    grid, channels, levels = (28, 28), 768, 4
+    generator = torch.Generator().manual_seed(0)
+    model = RAD(device=args.device, k_image=args.k, pos_radius=args.radius, memory_dtype=args.dtype)
+    memory = RadMemory(grid, args.dtype)
+    for _ in range(args.images):
+        memory.add(torch.randn(channels, generator=generator), [torch.randn(784, channels, generator=generator)] * 4)
+    memory.finish()
+    model.memory_, model.grid_, model.fitted_ = memory, grid, True
+    seconds = []
+    for _ in range(args.repeats):
+        query = (torch.randn(channels, generator=generator), [torch.randn(784, channels) for _ in range(levels)])
+        started = time.perf_counter()
+        model.patch_scores((*query, None, None), grid)
+        seconds.append(time.perf_counter() - started)
+    stored = sum(t.numel() * t.element_size() for t in memory.tensors().values()) / args.images
+    body = (
+        f"Command: `python -m mmiad.bench radcost --images {args.images} --k {args.k} --radius {args.radius} "
+        f"--dtype {args.dtype} --repeats {args.repeats} --device {args.device}`  \n"
+        f"Machine: {machine_description()}\n\n"
+        "| memory dtype | bytes per image (measured from the stored tensors) | k_image | ρ | patch scoring s/image "
+        "(median; retrieval + 4 levels, no extraction) |\n|---|---|---|---|---|\n"
+        f"| {args.dtype} | {stored:,.0f} | {args.k} | {args.radius} | {statistics.median(seconds):.2f} |"
+    )
+    if args.out:
+        replace_section(Path(args.out), f"radcost-{args.dtype}", body)
     print(body)
     return 0
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``fewshot`` to ``python -m mmiad.bench``."""
+    """Add ``fewshot`` and ``radcost`` to ``python -m mmiad.bench``."""
+    cost = commands.add_parser("radcost", help="RAD's memory per image and scoring time at the official sizes")
+    cost.add_argument("--out", help="markdown file whose radcost section to replace")
+    cost.add_argument("--images", type=int, default=150, help="images in the memory")
+    cost.add_argument("--k", type=int, default=150)
+    cost.add_argument("--radius", type=int, default=1)
+    cost.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    cost.add_argument("--repeats", type=int, default=5)
+    cost.add_argument("--device", default="cpu")
+    cost.set_defaults(handler=_rad_cost_command)
     parser = commands.add_parser("fewshot", help="every method at 1/2/4 shots (MuSc at 0) on synthetic data")
     parser.add_argument("--out", help="markdown file whose fewshot section to replace (e.g. BENCHMARKS.md)")
     parser.add_argument("--preset", default="tiny", help="synthetic preset (tiny, demo)")
@@ -134,4 +183,6 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--no-tiny-hparams", dest="tiny_hparams", action="store_false", help="the methods' defaults instead"
     )
     parser.add_argument("--work", help="working folder (default: a fresh temporary one)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="a hyperparameter for every method")
+    parser.add_argument("--section", default="fewshot", help="name of the section of --out to replace")
     parser.set_defaults(handler=_command)

@@ -39,7 +39,7 @@ def random_bank(seed: int, images: int = 6, levels: int = 2, channels: int = 8) 
 
 def model_with(bank: dict[str, np.ndarray], three_d: bool = False, **hparams: object) -> RAD:
     """A RAD whose memory holds ``bank`` (what fit stores, without a dataset)."""
-    model = RAD(device="cpu", **hparams)  # type: ignore[arg-type]
+    model = RAD(device="cpu", **{"center": False, **hparams})  # type: ignore[arg-type]
     memory = RadMemory(GRID, model.settings.memory_dtype)
     for i in range(bank["cls"].shape[0]):
         levels = [torch.from_numpy(level[i]) for level in bank["levels"]]
@@ -52,16 +52,18 @@ def model_with(bank: dict[str, np.ndarray], three_d: bool = False, **hparams: ob
 
 
 def reference_2d(
-    bank: dict, cls: np.ndarray, levels: list[np.ndarray], k: int, radius: int, weights=None
+    bank: dict, cls: np.ndarray, levels: list[np.ndarray], k: int, radius: int, weights=None, center: bool = False
 ) -> np.ndarray:
-    """Official formulas in float64: CLS top-k, per level 1 − windowed max cosine, weighted mean of the levels."""
+    """Official formulas in float64: CLS top-k, per level 1 − windowed max cosine, weighted mean of the levels
+    (``center``: mmiad's option, every token minus the memory's per-channel mean first)."""
     cosine = unit_np(bank["cls"]) @ unit_np(cls)
     top = np.argsort(-cosine)[:k]
     weights = np.full(len(levels), 1 / len(levels)) if weights is None else np.asarray(weights) / np.sum(weights)
     fused = np.zeros(P)
     for index, query in enumerate(levels):
-        refs = unit_np(bank["levels"][index][top])
-        fused += weights[index] * (1 - window_reference(unit_np(query), refs, GRID, radius))
+        mean = bank["levels"][index].reshape(-1, query.shape[1]).mean(axis=0) if center else 0.0
+        refs = unit_np(bank["levels"][index][top] - mean)
+        fused += weights[index] * (1 - window_reference(unit_np(query - mean), refs, GRID, radius))
     return fused
 
 
@@ -113,17 +115,20 @@ def test_a_stored_image_matches_itself_and_single_level_weights_select_a_level()
     np.testing.assert_allclose(got, reference_2d(bank, cls, levels, 2, 1, weights=[0, 1]), atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion", ["product", "sum"])
-def test_3d_extension_scores_foreground_only_and_fuses(fusion: str) -> None:
+@pytest.mark.parametrize(("fusion", "center"), [("product", False), ("sum", False), ("product", True)])
+def test_3d_extension_scores_foreground_only_and_fuses(fusion: str, center: bool) -> None:
     bank = random_bank(6)
     cls, levels, points, foreground = query_of(7)
-    model = model_with(bank, three_d=True, k_image=3, memory_dtype="float32", modality="2d+3d", fusion=fusion)
+    hparams = {"k_image": 3, "memory_dtype": "float32", "modality": "2d+3d", "fusion": fusion, "center": center}
+    model = model_with(bank, three_d=True, **hparams)
     maps = model.patch_scores(tokens_of(cls, levels, points, foreground), GRID)
     top = np.argsort(-(unit_np(bank["cls"]) @ unit_np(cls)))[:3]
-    best = window_reference(unit_np(points), unit_np(bank["points"][top]), GRID, 1, bank["foreground"][top])
+    mean = bank["points"][bank["foreground"]].mean(axis=0) if center else 0.0  # over the foreground cells only
+    refs = unit_np(bank["points"][top] - mean)
+    best = window_reference(unit_np(points - mean), refs, GRID, 1, bank["foreground"][top])
     expected_3d = np.where(foreground, 1 - np.maximum(best, -1.0), 0.0)
     np.testing.assert_allclose(maps["3d"].numpy(), expected_3d, atol=1e-5)
-    np.testing.assert_allclose(maps["2d"].numpy(), reference_2d(bank, cls, levels, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(maps["2d"].numpy(), reference_2d(bank, cls, levels, 3, 1, center=center), atol=1e-5)
     combined = maps["2d"] * maps["3d"] if fusion == "product" else maps["2d"] + maps["3d"]
     np.testing.assert_allclose(maps["fused"].numpy(), combined.numpy(), atol=1e-7)
 
@@ -132,7 +137,8 @@ def test_memory_size_per_image_is_what_it_stores() -> None:
     bank = random_bank(8)
     for dtype, item in (("float16", 2), ("float32", 4)):
         memory = model_with(bank, three_d=True, memory_dtype=dtype).memory_
-        stored = sum(t.numel() * t.element_size() for t in memory.tensors().values())
+        tensors = memory.tensors()
+        stored = sum(t.numel() * t.element_size() for k, t in tensors.items() if not k.startswith("mean."))
         assert memory.bytes_per_image() * 6 == stored
         assert memory.bytes_per_image() == (2 * 8 + 5) * P * item + 8 * 4 + P
     # DINO ViT-B/8 at 224, 4 levels, fp16: 4 × 784 × 768 × 2 B + the fp32 CLS row = 4.82 MB (official: 9.63 MB)
@@ -172,6 +178,9 @@ def test_bad_settings_are_refused() -> None:
         with pytest.raises(ValueError):
             RADConfig(**bad)  # type: ignore[arg-type]
     assert RADConfig(dataset="visa").retrieval() == (900, 2)
+    weightfree = RAD(device="cpu")  # texture descriptors are non-negative: centred by default (see the config)
+    assert weightfree.centred(False) and weightfree.centred(True)
+    assert not RAD(device="cpu", center=False).centred(False)
     assert RADConfig().retrieval() == (150, 1)
 
 

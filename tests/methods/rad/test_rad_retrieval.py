@@ -43,8 +43,10 @@ def window_reference(query: np.ndarray, refs: np.ndarray, grid: tuple[int, int],
 def test_window_matches_the_loop_with_border_clipping(grid: tuple[int, int], radius: int) -> None:
     positions = grid[0] * grid[1]
     query, refs = unit(positions, 6, seed=1), unit(3, positions, 6, seed=2)
-    got = window_similarity(query, refs, grid, radius)
-    np.testing.assert_allclose(got.numpy(), window_reference(query.numpy(), refs.numpy(), grid, radius), atol=1e-12)
+    expected = window_reference(query.numpy(), refs.numpy(), grid, radius)
+    np.testing.assert_allclose(window_similarity(query, refs, grid, radius).numpy(), expected, atol=1e-12)
+    few_per_pass = window_similarity(query, refs, grid, radius, offsets_per_pass=2)  # several passes
+    np.testing.assert_allclose(few_per_pass.numpy(), expected, atol=1e-12)
 
 
 def test_window_is_clipped_not_padded() -> None:

@@ -54,6 +54,11 @@ class RADConfig(MethodSettings):
             3D features matched in the same window, the maps fused) or ``3d`` (3D maps only; retrieval still by
             the RGB CLS).
         fusion: How ``2d+3d`` combines the two patch maps: ``product`` or ``sum``.
+        center: Subtract the memory's per-channel mean from every token (test and memory) before the cosine.
+            None (auto): off for the ``dino_vitb8_rad`` tokens (RAD's own cosine of LayerNorm'd tokens), on for
+            other extractors and for the 3D tokens: mmiad's choice, because the weight-free descriptors (texture,
+            FPFH histograms) are non-negative, so their cosines all sit near 1 and a darker stain, a scaled copy
+            of the colour, would be invisible to an uncentred cosine.
         seed: Unused: nothing in RAD is random. Accepted so that ``--seed``, which also seeds the few-shot draw,
             applies to every method alike.
     """
@@ -70,6 +75,7 @@ class RADConfig(MethodSettings):
     memory_budget_gb: float = 4.0
     modality: str = "2d"
     fusion: str = "product"
+    center: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

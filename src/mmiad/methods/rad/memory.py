@@ -1,8 +1,8 @@
 """RAD's memory: every training image's CLS token and its patch tokens at each level, kept compactly.
 
 The official code keeps every patch of every training image at four blocks in float32 and moves all of it to the
-GPU (9.63 MB per image: 35 GB for MVTec AD). Here the tokens are L2-normalised once when stored (RAD only ever
-compares cosines, so nothing is lost) and kept in ``float16`` by default: 4 × 784 × 768 × 2 B = 4.8 MB per image
+GPU (9.63 MB per image: 35 GB for MVTec AD). Here the tokens are kept as they come (normalised after the gather, as
+the official code) in ``float16`` by default: 4 × 784 × 768 × 2 B = 4.8 MB per image
 for DINO ViT-B/8's 28×28 grid. While the memory is built, images past ``memory_budget_gb`` go to memory-mapped
 files (the :class:`~mmiad.methods.memorybank.bank.PatchStore` the PatchCore banks use), and a test image only
 reads the ``k_image`` images it retrieved. The CLS matrix (N×C, float32) stays in RAM: it is what is searched.
@@ -52,6 +52,9 @@ class RadMemory:
         self.foreground = torch.zeros(0, dtype=torch.bool)
         self.widths: list[int] = []
         self.point_width = 0
+        self._sums: list[torch.Tensor] = []  # float64 per-channel sums: levels, then the 3D foreground rows
+        self._counts: list[int] = []
+        self.means: list[torch.Tensor] = []  # per-channel means over the stored patches (levels, then 3D)
 
     @property
     def positions(self) -> int:
@@ -82,13 +85,22 @@ class RadMemory:
         if len(levels) != len(self.levels) or (points is None) != (self.points is None):
             raise ValueError("every image must bring the same levels and modalities")
         self.cls_rows.append(normalised(cls.reshape(-1).float()).cpu())
+        rows = list(levels)
         for store, tokens in zip(self.levels, levels, strict=True):
             assert isinstance(store, PatchStore)
-            store.append(normalised(tokens).reshape(1, -1).cpu())
+            store.append(tokens.reshape(1, -1).cpu())
         if points is not None and foreground is not None:
             assert isinstance(self.points, PatchStore)
-            self.points.append(normalised(points).reshape(1, -1).cpu())
-            self.foreground_rows.append(foreground.reshape(-1).bool().cpu())
+            mask = foreground.reshape(-1).bool().cpu()
+            self.points.append(points.reshape(1, -1).cpu())
+            self.foreground_rows.append(mask)
+            rows.append(points.cpu()[mask])
+        if not self._sums:
+            self._sums = [torch.zeros(int(t.shape[1]), dtype=torch.float64) for t in rows]
+            self._counts = [0] * len(rows)
+        for index, tokens in enumerate(rows):
+            self._sums[index] += tokens.double().sum(dim=0).cpu()
+            self._counts[index] += int(tokens.shape[0])
 
     def finish(self) -> None:
         """Stack the CLS rows (and the masks) once every image is in."""
@@ -98,6 +110,8 @@ class RadMemory:
         if self.foreground_rows:
             self.foreground = torch.stack(self.foreground_rows)
             self.foreground_rows = []
+        if self._sums:
+            self.means = [(s / max(1, n)).float() for s, n in zip(self._sums, self._counts, strict=True)]
 
     def _gather(self, level: Level, indices: torch.Tensor, width: int) -> torch.Tensor:
         if isinstance(level, PatchStore):
@@ -105,11 +119,11 @@ class RadMemory:
         return level.index_select(0, indices.cpu()).float()
 
     def gather_level(self, level: int, indices: torch.Tensor) -> torch.Tensor:
-        """(k, P, C) float32 unit-norm tokens of level ``level`` of the images at ``indices``."""
+        """(k, P, C) float32 tokens of level ``level`` of the images at ``indices``."""
         return self._gather(self.levels[level], indices, self.widths[level])
 
     def gather_points(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """((k, P, C3) float32 unit-norm 3D tokens, (k, P) foreground) of the images at ``indices``."""
+        """((k, P, C3) float32 3D tokens, (k, P) foreground) of the images at ``indices``."""
         if self.points is None:
             raise ValueError("this memory holds no 3D tokens (it was built with modality 2d)")
         return self._gather(self.points, indices, self.point_width), self.foreground.index_select(0, indices.cpu())
@@ -121,6 +135,10 @@ class RadMemory:
         mask = self.positions if self.points is not None else 0
         return tokens + 4 * (int(self.cls.shape[1]) if self.cls.ndim == 2 else 0) + mask
 
+    def mean(self, level: int | None) -> torch.Tensor:
+        """Per-channel mean over the stored patches of a level (None: the 3D tokens, foreground rows only)."""
+        return self.means[len(self.levels) if level is None else level]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything as flat tensors for the model file (this materialises spilled tokens once)."""
 
@@ -131,6 +149,7 @@ class RadMemory:
             return torch.cat(blocks).view(-1, self.positions, width)
 
         out = {"cls": self.cls}
+        out.update({f"mean.{i}": mean for i, mean in enumerate(self.means)})
         out.update({f"level.{i}": whole(lv, w) for i, (lv, w) in enumerate(zip(self.levels, self.widths, strict=True))})
         if self.points is not None:
             out["points"] = whole(self.points, self.point_width)
@@ -160,6 +179,10 @@ class RadMemory:
             if points.shape[:2] != (count, positions) or foreground.shape != (count, positions):
                 raise ValueError(f"3D tokens {tuple(points.shape)} / mask {tuple(foreground.shape)} do not fit")
             memory.points, memory.foreground, memory.point_width = points, foreground, int(points.shape[2])
+        memory.means = [tensors[f"mean.{i}"].float() for i in range(levels + (memory.points is not None))]
+        widths = [*memory.widths, *([memory.point_width] if memory.points is not None else [])]
+        if [int(m.numel()) for m in memory.means] != widths:
+            raise ValueError(f"channel means of widths {[int(m.numel()) for m in memory.means]} for {widths}")
         return memory
 
     def close(self) -> None:

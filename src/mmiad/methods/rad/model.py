@@ -105,6 +105,19 @@ class RAD(AnomalyModel):
         return self
 
     # ------------------------------------------------------------------ scoring
+    def centred(self, tokens_3d: bool) -> bool:
+        """Whether tokens are centred by the memory's channel mean (``center``; auto: see the config)."""
+        if self.settings.center is not None:
+            return bool(self.settings.center)
+        return tokens_3d or not getattr(self.pipeline.image_extractor, "has_cls", False)
+
+    def _unit(self, tokens: torch.Tensor, level: int | None, device: torch.device) -> torch.Tensor:
+        """Tokens (…, C) on ``device`` in float32, centred when asked for, then L2-normalised."""
+        tokens = tokens.to(device, torch.float32)
+        if self.centred(level is None):
+            tokens = tokens - self.memory_.mean(level).to(device)
+        return normalised(tokens)
+
     def patch_scores(self, tokens: Tokens, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
         """(P,) patch scores by name: ``2d`` (the levels fused), ``3d`` (extension) and ``fused``."""
         settings = self.settings
@@ -119,16 +132,15 @@ class RAD(AnomalyModel):
             for index, (query, weight) in enumerate(zip(levels, weights, strict=True)):
                 if weight == 0:
                     continue
-                references = self.memory_.gather_level(index, retrieved).to(device)
-                fused += weight * (
-                    1 - self._similarity(normalised(query.to(device, torch.float32)), references, grid, radius)
-                )
+                references = self._unit(self.memory_.gather_level(index, retrieved), index, device)
+                similarity = self._similarity(self._unit(query, index, device), references, grid, radius)
+                fused += weight * (1 - similarity)
             out["2d"] = fused.cpu()
         if settings.modality != "2d":
             assert points is not None and foreground is not None
             references, valid = self.memory_.gather_points(retrieved)
-            query = normalised(points.to(device, torch.float32))
-            similarity = self._similarity(query, references.to(device), grid, radius, valid.to(device))
+            query, references = self._unit(points, None, device), self._unit(references, None, device)
+            similarity = self._similarity(query, references, grid, radius, valid.to(device))
             score_3d = (1 - similarity.clamp(min=-1.0)).cpu()  # no foreground candidate: the largest distance, 2
             out["3d"] = torch.where(foreground.cpu(), score_3d, torch.zeros_like(score_3d))
         if "2d" in out and "3d" in out:

@@ -4,8 +4,9 @@
    image's; k larger than the memory is clamped (the official ``torch.topk`` raises there, e.g. in few-shot runs).
 2. Patch level, per block: each test patch's score is 1 − the largest cosine with the retrieved images' patches in
    a (2ρ+1)² window around the same grid cell, clipped at the border (a corner sees 2×2 cells for ρ=1), or with
-   all their patches (``positional`` off). The official code loops over the 784 positions in Python; here the
-   window is one batched product per offset (dr, dc), which gives the same maximum.
+   all their patches (``positional`` off). The official code loops over the 784 positions in Python; here each
+   cell's k retrieved tokens are multiplied once with the queries whose windows cover it, which gives the same
+   maximum.
 3. The block scores are averaged (weights renormalised to sum 1), upsampled bilinearly to ``map_size``, blurred
    with a 5×5 Gaussian (σ=1, zero padding) and the image score is the mean of the top ``max_ratio`` of the pixels.
 """
@@ -48,37 +49,56 @@ def window_similarity(
     grid: tuple[int, int],
     radius: int,
     reference_valid: torch.Tensor | None = None,
+    offsets_per_pass: int = 25,
 ) -> torch.Tensor:
     """(P,) largest cosine of each query patch over the references' patches in its clipped (2ρ+1)² window.
+
+    Each reference cell is read once per pass: one batched product per cell multiplies the k retrieved images'
+    tokens there with the queries that see that cell at each window offset (up to ``offsets_per_pass`` offsets a
+    pass), the maximum over the images is taken, and each offset's maxima are folded into the queries it belongs
+    to. Off-grid cells are never candidates (clipping, not padding).
 
     Args:
         query: (P, C) unit-norm tokens of the test image, row-major over ``grid`` (P = h·w).
         references: (k, P, C) unit-norm tokens of the retrieved images.
         grid: (h, w).
-        radius: ρ ≥ 0; the window is clipped at the border, never padded.
+        radius: ρ ≥ 0.
         reference_valid: Optional (k, P) bool: which reference cells may be matched (the 3D branch's
             foreground); a cell that may not scores :data:`EXCLUDED`.
+        offsets_per_pass: Window offsets per batched product (bounds the (P, C, offsets) query copy).
     """
     rows, cols = grid
-    count, positions, channels = references.shape
+    _, positions, channels = references.shape
     if positions != rows * cols or query.shape != (positions, channels):
         raise ValueError(f"query {tuple(query.shape)} and references {tuple(references.shape)} do not fit {grid}")
+    per_cell = references.permute(1, 0, 2).contiguous()  # (P, k, C): the k images' tokens at each cell
     q = query.reshape(rows, cols, channels)
-    r = references.reshape(count, rows, cols, channels).permute(1, 2, 0, 3)  # (h, w, k, C)
-    valid = None if reference_valid is None else reference_valid.reshape(count, rows, cols).permute(1, 2, 0)
     best = torch.full((rows, cols), EXCLUDED, dtype=q.dtype, device=q.device)
-    for dr in range(-radius, radius + 1):
-        top, bottom = max(0, -dr), min(rows, rows - dr)
-        for dc in range(-radius, radius + 1):
-            left, right = max(0, -dc), min(cols, cols - dc)
-            if top >= bottom or left >= right:
-                continue
-            shifted = r[top + dr : bottom + dr, left + dc : right + dc]  # (h', w', k, C)
-            cosine = torch.matmul(shifted, q[top:bottom, left:right].unsqueeze(-1)).squeeze(-1)  # (h', w', k)
-            if valid is not None:
-                cosine = cosine.masked_fill(~valid[top + dr : bottom + dr, left + dc : right + dc], EXCLUDED)
-            region = best[top:bottom, left:right]
-            best[top:bottom, left:right] = torch.maximum(region, cosine.amax(dim=-1))
+    offsets = [(dr, dc) for dr in range(-radius, radius + 1) for dc in range(-radius, radius + 1)]
+
+    def cells(dr: int, dc: int) -> tuple[slice, slice, slice, slice] | None:
+        """(reference rows, cols, query rows, cols) where a query at (r, c) sees the cell (r + dr, c + dc)."""
+        top, bottom, left, right = max(0, dr), min(rows, rows + dr), max(0, dc), min(cols, cols + dc)
+        if top >= bottom or left >= right:
+            return None
+        return slice(top, bottom), slice(left, right), slice(top - dr, bottom - dr), slice(left - dc, right - dc)
+
+    for start in range(0, len(offsets), max(1, offsets_per_pass)):
+        group = offsets[start : start + max(1, offsets_per_pass)]
+        seen_by = q.new_zeros(rows, cols, channels, len(group))  # per cell, the query of each offset
+        for index, (dr, dc) in enumerate(group):
+            span = cells(dr, dc)
+            if span is not None:
+                seen_by[span[0], span[1], :, index] = q[span[2], span[3]]
+        cosine = torch.bmm(per_cell, seen_by.reshape(positions, channels, len(group)))  # (P, k, offsets)
+        if reference_valid is not None:
+            cosine = cosine.masked_fill(~reference_valid.T.unsqueeze(-1), EXCLUDED)
+        top_cosine = cosine.amax(dim=1).reshape(rows, cols, len(group))
+        for index, (dr, dc) in enumerate(group):
+            span = cells(dr, dc)
+            if span is not None:
+                region = best[span[2], span[3]]
+                best[span[2], span[3]] = torch.maximum(region, top_cosine[span[0], span[1], index])
     return best.reshape(-1)
 
 
