@@ -2,10 +2,10 @@
 
 Each method trains through ``train_run`` with ``--shots K`` under the one protocol (:func:`mmiad.engine.runs.
 select_few_shot`): with ``random`` selection the table is the mean (± standard deviation) over ``--draws`` seeded
-draws 0, 1, 2..., the same files for every method; with ``first`` there is one draw. Each run gets a fresh feature
-cache, so its train time includes feature extraction, and s/sample is the test pass (also extracting) divided by
-the test samples. Methods run with their ``tiny_hparams`` on a synthetic preset: a protocol check and a cost
-comparison, not a reproduction of any paper's numbers.
+draws 0, 1, 2..., the same files for every method; with ``first`` there is one draw. All runs share one feature
+cache (preprocessed copies and features), so the median times are for cached features: the first run of a method
+extracted them. s/sample is the test pass divided by the test samples. Methods run with their ``tiny_hparams``
+(or their defaults) on a synthetic preset: a protocol check and a cost comparison, not a paper's numbers.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ def _few_shot_rows(args: argparse.Namespace, data: Path, work: Path, samples: in
                     seed=seed,
                     shot_selection=args.selection,
                     hparams=hparams,
-                    cache_dir=str(run / "cache"),
+                    cache_dir=str(work / "cache"),
                     fallback=False,
                 )
                 train_seconds.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                result, _ = evaluate_run(run, data, cache_dir=str(run / "cache"))
+                result, _ = evaluate_run(run, data, cache_dir=str(work / "cache"))
                 test_seconds.append((time.perf_counter() - started) / max(1, samples))
                 for metric in METRICS:
                     results[metric].append(float(result["mean"][metric]))
@@ -114,7 +114,8 @@ def _command(args: argparse.Namespace) -> int:
         f"Machine: {machine_description()}  \n"
         f"Synthetic `{args.preset}` data (seed {args.data_seed}, {samples} test samples); each method with "
         f"{'its `tiny_hparams`' if args.tiny_hparams else 'its defaults'}; {draws} (the same files for every "
-        "method); no fallback models.\n\n" + "\n".join(header + rows)
+        "method); no fallback models; one feature cache for all runs (median times: cached features).\n\n"
+        + "\n".join(header + rows)
     )
     if args.out:
         replace_section(Path(args.out), args.section, body)
