@@ -51,7 +51,7 @@ def _few_shot_rows(args: argparse.Namespace, data: Path, work: Path, samples: in
             results: dict[str, list[float]] = {m: [] for m in METRICS}
             train_seconds, test_seconds = [], []
             for seed in draws:
-                run = work / f"{method}-{shots}-{seed}"
+                run = work / f"{args.section}-{method}-{shots}-{seed}"
                 started = time.perf_counter()
                 train_run(
                     method,
@@ -95,7 +95,10 @@ def _command(args: argparse.Namespace) -> int:
     from mmiad.data.synthetic import generate_dataset
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mmiad-fewshot-"))
-    data = generate_dataset(work / "data", preset=args.preset, seed=args.data_seed, overwrite=True)
+    if args.data:  # an earlier table's data: its feature cache under the same --work stays valid
+        data = Path(args.data)
+    else:
+        data = generate_dataset(work / "data", preset=args.preset, seed=args.data_seed, overwrite=True)
     samples = _test_samples(data, None)
     header = [
         "| method | shots | I-AUROC | P-AUROC | AUPRO@30% | train s (median) | test s/sample (median) |",
@@ -108,6 +111,7 @@ def _command(args: argparse.Namespace) -> int:
     flags = f"--preset {args.preset} --methods {args.methods} --shots {args.shots} --selection {args.selection}"
     flags += f" --draws {args.draws}" + (" --musc" if args.musc else "") + (" --unified" if args.unified else "")
     flags += "".join(f" --set {item}" for item in args.set or []) + ("" if args.tiny_hparams else " --no-tiny-hparams")
+    flags += f" --data {args.data}" if args.data else ""
     draws = f"mean ± sd over {args.draws} seeded draws" if args.selection == "random" else "the first K files"
     body = (
         f"Command: `python -m mmiad.bench fewshot {flags}`  \n"
@@ -184,6 +188,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--no-tiny-hparams", dest="tiny_hparams", action="store_false", help="the methods' defaults instead"
     )
     parser.add_argument("--work", help="working folder (default: a fresh temporary one)")
+    parser.add_argument("--data", help="use this dataset root instead of generating --preset (e.g. WORK/data)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="a hyperparameter for every method")
     parser.add_argument("--section", default="fewshot", help="name of the section of --out to replace")
     parser.set_defaults(handler=_command)
