@@ -1,11 +1,11 @@
-"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, compare, speed, memory, musc)."""
+"""``python -m mmiad.bench COMMAND``: stages, accuracy, fallback, orq, extend, compare, speed, memory, musc, fewshot."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, gpu, memory, musc, speed, stages, unified
+from mmiad.bench import accuracy, comparison, fewshot, gpu, memory, musc, speed, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     memory.register(commands)
     gpu.register(commands)
     musc.register(commands)
+    fewshot.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

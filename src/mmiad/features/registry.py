@@ -108,6 +108,9 @@ EXTRACTOR_PRESETS: dict[str, ExtractorPreset] = {
         ExtractorPreset("dino-pointmae-t", "dino_vitb8_keep1", "pointmae_keep1", "CFM-T: both pruned to 1 block"),
         ExtractorPreset("wrn50-fpfh", "wrn50", "fpfh", "Wide-ResNet-50-2 layers 2+3 + FPFH (BTF paper)"),
         ExtractorPreset("wrn50-pointmae", "wrn50", "pointmae", "Wide-ResNet-50-2 layers 2+3 + Point-MAE"),
+        ExtractorPreset(
+            "dino-rad", "dino_vitb8_rad", "pointmae", "DINO ViT-B/8 blocks 3/6/9/11 + CLS (RAD, substituted)"
+        ),
     )
 }
 
