@@ -105,6 +105,7 @@ EXTRACTOR_PRESETS: dict[str, ExtractorPreset] = {
         ExtractorPreset("dino-pointmae-t", "dino_vitb8_keep1", "pointmae_keep1", "CFM-T: both pruned to 1 block"),
         ExtractorPreset("wrn50-fpfh", "wrn50", "fpfh", "Wide-ResNet-50-2 layers 2+3 + FPFH (BTF paper)"),
         ExtractorPreset("wrn50-pointmae", "wrn50", "pointmae", "Wide-ResNet-50-2 layers 2+3 + Point-MAE"),
+        ExtractorPreset("glfm", "none", "pointmae_glfm", "GLFM: no 2D, Point-MAE blocks 0+1 (768-d)"),
     )
 }
 
