@@ -66,3 +66,16 @@ def test_a_training_cloud_scores_zero_against_an_uncut_single_memory() -> None:
     points = PointFeatures(local, torch.arange(20), torch.zeros(20, 1, dtype=torch.long), torch.ones(20, 1), 5)
     scores, _ = model.score_cloud(points)
     assert float(scores.abs().max()) < 1e-3
+
+
+def test_growing_keeps_old_memories_and_routes_new_clouds() -> None:
+    """``extend``'s memory step: old rows stay first and unchanged, new clouds join their nearest prototype."""
+    old = [torch.zeros(3, 2), torch.full((2, 2), 5.0)]
+    model = _fitted(torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 9.0]]), old)
+    near_third = torch.tensor([[0.0, 9.0], [0.1, 9.1]])
+    near_first = torch.tensor([[0.2, 0.0]])
+    model.config.coreset_fraction = 1.0
+    grown = model._grown_banks(old, [near_third, near_first], [near_third.mean(0), near_first.mean(0)], 1)
+    torch.testing.assert_close(grown[0], torch.cat([old[0], near_first]))
+    torch.testing.assert_close(grown[1], old[1])
+    torch.testing.assert_close(grown[2], near_third)
