@@ -126,9 +126,9 @@ def forgetting(history: Sequence[Mapping[str, float | None]]) -> float | None:
     final = history[-1]
     drops = []
     for name, last in final.items():
-        earlier = [step[name] for step in history[:-1] if step.get(name) is not None]
+        earlier = [float(v) for step in history[:-1] if (v := step.get(name)) is not None]
         if earlier and last is not None:
-            drops.append(max(earlier) - last)  # type: ignore[type-var]
+            drops.append(max(earlier) - last)
     return sum(drops) / len(drops) if drops else None
 
 
@@ -218,8 +218,8 @@ def markdown(state: Mapping[str, Any], setting: str, steps: Sequence[Sequence[st
     lines += ["", "| method | final I-AUROC | final AUPRO | forgetting I-AUROC | forgetting AUPRO | "
               "from scratch I-AUROC | from scratch AUPRO |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, record in state["methods"].items():
-        final, forget, upper = (record.get(k, {}) for k in ("final", "forgetting", "upper_bound"))
-        cells = [_cell(d.get(m)) for d in (final, forget, upper) for m in METRICS]
+        parts = [record.get(k, {}) for k in ("final", "forgetting", "upper_bound")]
+        cells = [_cell(d.get(m)) for d in parts for m in METRICS]
         lines.append(f"| {method} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
