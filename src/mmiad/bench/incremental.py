@@ -219,8 +219,8 @@ def markdown(state: Mapping[str, Any], setting: str, steps: Sequence[Sequence[st
               "from scratch I-AUROC | from scratch AUPRO |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, record in state["methods"].items():
         parts = [record.get(k, {}) for k in ("final", "forgetting", "upper_bound")]
-        cells = [_cell(d.get(m)) for d in parts for m in METRICS]
-        lines.append(f"| {method} | {' | '.join(cells)} |")
+        row = [_cell(d.get(m)) for d in parts for m in METRICS]
+        lines.append(f"| {method} | {' | '.join(row)} |")
     return "\n".join(lines) + "\n"
 
 
