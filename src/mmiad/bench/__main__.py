@@ -1,12 +1,12 @@
-"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, incremental, compare, speed, memory,
-musc)."""
+"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, incremental, glfm, compare, speed,
+memory, musc)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, gpu, incremental, memory, musc, speed, stages, unified
+from mmiad.bench import accuracy, comparison, glfm, gpu, incremental, memory, musc, speed, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     accuracy.register(commands)
     unified.register(commands)
     incremental.register(commands)
+    glfm.register(commands)
     comparison.register(commands)
     speed.register(commands)
     memory.register(commands)

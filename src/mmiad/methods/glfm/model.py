@@ -10,6 +10,7 @@ default extractors (``glfm``) run no 2D backbone.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -202,6 +203,7 @@ class GLFM(AnomalyModel):
         if not records:
             raise ValueError("GLFM.fit needs at least one nominal training sample")
         c = self.settings
+        started = time.perf_counter()
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
         self.adapted_: dict[str, torch.Tensor] | None = None
         self.adapt_history_: list[float] = []
@@ -223,6 +225,7 @@ class GLFM(AnomalyModel):
             self.adapted_ = stage_one.inference_state(extractor, result.state)
             stage_one.install(extractor, self.adapted_)
             self.adapt_history_ = result.loss_history
+        adapted = time.perf_counter()
         locals_, globals_ = self._local_features(prepared, progress, errors)
         if not locals_:
             raise ValueError("no usable training sample (all were reported as bad)")
@@ -233,6 +236,10 @@ class GLFM(AnomalyModel):
         self.banks_ = self._grown_banks([], locals_, globals_, seed_offset=0)
         self.n_train_samples_ = len(locals_)
         self.extensions_: list[dict[str, Any]] = []
+        self.stage_seconds_ = {
+            "preprocess_and_stage_one": adapted - started,
+            "features_and_memories": time.perf_counter() - adapted,
+        }
         self.fitted_ = True
         return self
 
