@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -51,7 +52,9 @@ class GLFMConfig(MethodSettings):
         coreset_eps: Johnson-Lindenstrauss distortion of the coreset's random projection (0.9).
         seed: Seed of the coreset projections and of Stage I (the official code seeds nothing).
         adaptation: ``train`` (Stage I from the Point-MAE pre-training weights, as ``train.py``), ``released``
-            (the released ``pointmae_adapted.pth`` from the weights folder) or ``none`` (plain Point-MAE).
+            (the released ``pointmae_adapted.pth``: ``adapted_checkpoint``, else the weights folder's) or ``none``
+            (plain Point-MAE). The adapted weights are stored in the model file.
+        adapted_checkpoint: Path of the released adapted checkpoint (``mmiad import --method glfm --from``).
             Weight-free point extractors (FPFH) have nothing to adapt: Stage I is skipped for them.
         adapt_epochs: Stage I epochs (100 planned; the released script crashes at 40, see the README).
         adapt_steps: Clouds (= optimiser steps) per Stage I epoch (100).
@@ -74,6 +77,7 @@ class GLFMConfig(MethodSettings):
     coreset_eps: float = 0.9
     seed: int = 0
     adaptation: str = "train"
+    adapted_checkpoint: str | None = None
     adapt_epochs: int = 100
     adapt_steps: int = 100
     adapt_lr: float = 1e-4
@@ -101,16 +105,24 @@ class GLFMConfig(MethodSettings):
             raise ValueError("need sigma >= 0 and extend_prototypes >= 0")
 
 
-def _released_extractor(preset: str, weights_dir: str | None, options: dict[str, Any]) -> PointMaeExtractor:
-    """A Point-MAE extractor holding the released ``pointmae_adapted.pth`` (every weight, loaded strictly)."""
-    from mmiad.features.weights import _weights_id, build_point_extractor, resolve_weights
+def _adapted_extractor(
+    preset: str, options: dict[str, Any], state: dict[str, torch.Tensor] | None, released: str | Path | None
+) -> PointMaeExtractor:
+    """A Point-MAE extractor holding adapted weights: a stored state, or the released file (loaded strictly).
 
-    path = resolve_weights("glfm_adapted", weights_dir)  # fails first, naming the file, when it is absent
-    with warnings.catch_warnings():  # the random start is overwritten in full by the strict load below
+    It starts from random weights that the strict load then replaces in full, so neither the pre-training file
+    nor (for a stored state) the released file is needed.
+    """
+    from mmiad.features.weights import build_point_extractor
+
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights")
         extractor = build_point_extractor(preset, random_init=True, **options)
-    load_pointmae_weights(extractor.model, path)
-    extractor.weights_id = _weights_id(path)
+    if state is None:
+        assert released is not None
+        load_pointmae_weights(extractor.model, released)
+        state = extractor.model.state_dict()
+    stage_one.install(extractor, state)
     return extractor
 
 
@@ -135,12 +147,14 @@ class GLFM(AnomalyModel):
     }
     config: GLFMConfig
     _trained_pipeline: dict[str, Any] | None = None
+    _stored_adapted: dict[str, torch.Tensor] | None = None  # set by load_state before the pipeline is built
     _searchers: list[NearestNeighbors | None] | None = None
 
     # ------------------------------------------------------------------ pipeline
     @property
     def pipeline(self) -> FeaturePipeline:
-        """The shared pipeline, with GLFM's Point-MAE options and (``released``) the released adapted weights."""
+        """The shared pipeline with GLFM's Point-MAE options and, when there are any, the adapted weights (a loaded
+        model's, or the released file's under ``adaptation="released"``)."""
         if getattr(self, "_pipeline", None) is None:
             from mmiad.features.registry import build_pipeline, parse_extractors
 
@@ -149,20 +163,33 @@ class GLFM(AnomalyModel):
             image, point = parse_extractors(c.extractors)
             if point in POINTMAE_PRESETS:
                 options = {"batchnorm": "running", "regroup": True, **options}
-            released = c.adaptation == "released" and point in POINTMAE_PRESETS
+            stored = self._stored_adapted
+            released = c.adaptation == "released" and point in POINTMAE_PRESETS and stored is None
+            path = None
+            if released:  # fails first, naming the file, when it is absent
+                from mmiad.features.weights import resolve_weights
+
+                path = (
+                    Path(c.adapted_checkpoint)
+                    if c.adapted_checkpoint
+                    else resolve_weights("glfm_adapted", c.weights_dir)
+                )
+                if not path.is_file():
+                    raise DataError(path, "GLFM's adapted checkpoint (pointmae_adapted.pth) not found")
+            custom = (released or stored is not None) and point in POINTMAE_PRESETS
             pipeline = build_pipeline(
-                f"{image}+fpfh" if released else c.extractors,  # released: the point extractor is built below
+                f"{image}+fpfh" if custom else c.extractors,  # adapted weights: the point extractor is built below
                 profile=self.preprocess_profile(),
                 image_size=c.image_size,
                 weights_dir=c.weights_dir,
                 random_init=c.random_init,
                 cache_dir=getattr(self, "cache_dir", None),
-                point_options=None if released else options,
+                point_options=None if custom else options,
                 device=c.device,
                 precision=c.precision,
             )
-            if released:
-                pipeline.point_extractor = _released_extractor(point, c.weights_dir, options)
+            if custom:
+                pipeline.point_extractor = _adapted_extractor(point, options, stored, path)
             self._pipeline = pipeline
         assert self._pipeline is not None
         return self._pipeline
@@ -207,6 +234,9 @@ class GLFM(AnomalyModel):
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
         self.adapted_: dict[str, torch.Tensor] | None = None
         self.adapt_history_: list[float] = []
+        point = self.pipeline.point_extractor
+        if c.adaptation == "released" and isinstance(point, PointMaeExtractor):  # carried by the model file
+            self.adapted_ = {k: v.detach().cpu().clone() for k, v in point.model.state_dict().items()}
         extractor = self._adaptable
         if extractor is not None and c.adapt_epochs > 0 and prepared:
             result = stage_one.adapt(
@@ -379,12 +409,11 @@ class GLFM(AnomalyModel):
         """Install the adapted weights (if any), check the pipeline, and restore prototypes and memories."""
         self.adapted_ = split_prefixed(tensors, "adapted") if config.get("adapted") else None
         if self.adapted_ is not None:
-            extractor = self.pipeline.point_extractor
-            if not isinstance(extractor, PointMaeExtractor):
+            self._stored_adapted, self._pipeline = self.adapted_, None  # the pipeline is built around them
+            if not isinstance(self.pipeline.point_extractor, PointMaeExtractor):
                 raise ModelFileError(
                     "the model file holds adapted Point-MAE weights but the extractor is not Point-MAE"
                 )
-            stage_one.install(extractor, self.adapted_)
         super().check_pipeline(json.loads(json.dumps(self._trained_pipeline)) if self._trained_pipeline else None)
         rows = [int(r) for r in config["bank_rows"]]
         self.prototypes_ = tensors["prototypes"].float()
