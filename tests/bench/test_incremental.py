@@ -49,13 +49,23 @@ def test_forgetting_by_hand() -> None:
 
 
 @pytest.mark.slow
-def test_tiny_run_resumes_and_reports(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_tiny_run_resumes_and_reports(tiny_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mmiad.methods.glfm import GLFM
+
+    replayed: list[int] = []
+    original = GLFM.extend
+
+    def spy(self: GLFM, new: list, replay: list, **kwargs: object) -> GLFM:
+        replayed.append(len(replay))
+        return original(self, new, replay, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(GLFM, "extend", spy)
 
     hparams = {"glfm": {**GLFM.tiny_hparams, "adaptation": "none", "prototypes": 1}}
     out = tmp_path / "inc"
     state = run_protocol(tiny_dataset, ["glfm"], "1-1", out, hparams=hparams, cache_dir=str(tmp_path / "cache"))
     record = state["methods"]["glfm"]
+    assert replayed == [0]  # a step trains on its new classes only
     assert [s["seen"] for s in record["steps"]] == [["block"], ["block", "puck"]]
     first, last = (s["image_auroc"] for s in record["steps"])
     assert record["forgetting"]["image_auroc"] == pytest.approx(first["block"] - last["block"])
