@@ -53,7 +53,8 @@ def _command(args: argparse.Namespace) -> int:
     hparams: dict[str, Any] = {
         "random_init": True,
         "image_size": args.image_size,
-        "point_options": {"num_group": args.groups, "group_size": args.group_size},
+        "num_group": args.groups,
+        "group_size": args.group_size,
         "adapt_epochs": args.adapt_epochs,
         "adapt_steps": args.adapt_steps,
         "device": "cpu",

@@ -23,7 +23,7 @@ def test_import_builds_memories_and_carries_the_adapted_weights(tiny_dataset: Pa
     run, cache = tmp_path / "run", str(tmp_path / "cache")
     args = ["import", "--method", "glfm", "--from", str(source), "--data", str(tiny_dataset), "--out", str(run),
             "--categories", "puck", "--cache-dir", cache, "--no-fallback", "--set", "image_size=64",
-            "--set", 'point_options={"num_group": 16, "group_size": 16}', "--set", "prototypes=1"]  # fmt: skip
+            "--set", "num_group=16", "--set", "group_size=16", "--set", "prototypes=1"]  # fmt: skip
     assert main(args) == 0
     assert json.loads((run / "run.json").read_text())["models"] == {"unified": "unified.safetensors"}
     source.unlink()  # the run carries the adapted weights itself

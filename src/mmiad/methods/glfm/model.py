@@ -47,6 +47,8 @@ class GLFMConfig(MethodSettings):
             side is ignored. Point-MAE extractors run in eval mode with the two-step smoothing (``point_options``
             ``batchnorm="running"``, ``regroup=True`` unless set otherwise).
         profile: Offline preprocessing: the official code expects background-removed clouds (M3DM's).
+        num_group: FPS centres per cloud for Point-MAE extractors (None: the preset's, 1024 as the official code).
+        group_size: Points per group for Point-MAE extractors (None: the preset's, 128).
         prototypes: K, the size of the global memory (10 for MVTec 3D-AD multi-class; 1 gives one PatchCore bank).
         coreset_fraction: Share of each local memory kept by the greedy coreset (0.1).
         coreset_eps: Johnson-Lindenstrauss distortion of the coreset's random projection (0.9).
@@ -72,6 +74,8 @@ class GLFMConfig(MethodSettings):
 
     extractors: str = "glfm"
     profile: str = "m3dm"
+    num_group: int | None = None
+    group_size: int | None = None
     prototypes: int = 10
     coreset_fraction: float = 0.1
     coreset_eps: float = 0.9
@@ -101,6 +105,8 @@ class GLFMConfig(MethodSettings):
             raise ValueError("need prototypes >= 1, coreset_fraction in (0, 1] and coreset_eps in (0, 1)")
         if self.adapt_epochs < 0 or self.adapt_steps < 1 or self.adapt_lr <= 0 or self.unit_m <= 0:
             raise ValueError("need adapt_epochs >= 0, adapt_steps >= 1, adapt_lr > 0 and unit_m > 0")
+        if any(v is not None and v < 1 for v in (self.num_group, self.group_size)):
+            raise ValueError("need num_group >= 1 and group_size >= 1")
         if self.sigma < 0 or (self.extend_prototypes is not None and self.extend_prototypes < 0):
             raise ValueError("need sigma >= 0 and extend_prototypes >= 0")
 
@@ -140,7 +146,8 @@ class GLFM(AnomalyModel):
     tiny_hparams: ClassVar[dict[str, Any]] = {
         "image_size": 64,
         "random_init": True,
-        "point_options": {"num_group": 16, "group_size": 16},
+        "num_group": 16,
+        "group_size": 16,
         "prototypes": 2,
         "adapt_epochs": 1,
         "adapt_steps": 1,
@@ -162,7 +169,9 @@ class GLFM(AnomalyModel):
             options = dict(c.point_options or {})
             image, point = parse_extractors(c.extractors)
             if point in POINTMAE_PRESETS:
-                options = {"batchnorm": "running", "regroup": True, **options}
+                sizes = {"num_group": c.num_group, "group_size": c.group_size}
+                sizes = {k: v for k, v in sizes.items() if v is not None}
+                options = {"batchnorm": "running", "regroup": True, **sizes, **options}
             stored = self._stored_adapted
             released = c.adaptation == "released" and point in POINTMAE_PRESETS and stored is None
             path = None
