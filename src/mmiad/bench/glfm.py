@@ -51,6 +51,7 @@ def _command(args: argparse.Namespace) -> int:
     train = {c: dataset.records(c, "train") for c in categories}
     test = {c: dataset.records(c, "test") for c in categories}
     hparams: dict[str, Any] = {
+        "extractors": args.extractors,
         "random_init": True,
         "image_size": args.image_size,
         "num_group": args.groups,
@@ -125,8 +126,13 @@ def _markdown(rows: dict[str, dict[str, Any]], categories: Sequence[str], args: 
         "### GLFM on the synthetic demo data: multi-class vs single-class, per defect type\n\n"
         f"Command: `python -m mmiad.bench glfm --image-size {args.image_size} --groups {args.groups} "
         f"--group-size {args.group_size} --adapt-epochs {args.adapt_epochs} --adapt-steps {args.adapt_steps} "
-        f"--prototypes {args.prototypes}` (demo preset, seed {args.seed}; random Point-MAE weights, so the "
-        "metrics show the machinery, not GLFM's accuracy).  \n"
+        f"--prototypes {args.prototypes} --extractors {args.extractors}` (demo preset, seed {args.seed}; "
+        + (
+            "random Point-MAE weights, so the metrics show the machinery, not GLFM's accuracy"
+            if args.extractors == "glfm"
+            else "weight-free point features, so Stage I is skipped"
+        )
+        + ").  \n"
         f"Machine: {machine_description()}\n\n" + "\n".join(lines)
     )
 
@@ -143,4 +149,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--adapt-epochs", type=int, default=2, help="Stage I epochs (official 100)")
     parser.add_argument("--adapt-steps", type=int, default=20, help="Stage I clouds per epoch (official 100)")
     parser.add_argument("--prototypes", type=int, default=10)
+    parser.add_argument("--extractors", default="glfm", help="glfm (random Point-MAE here) or none+fpfh (no Stage I)")
     parser.set_defaults(handler=_command)
