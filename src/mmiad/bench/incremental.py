@@ -15,6 +15,7 @@ The protocol (``shared/reference/methods/incremental-protocol.md``):
   protocol's training set also counts them, mmiad keeps them for calibration). Never test images: IB-IUMAD's
   released Eyecandies split files list each new class's test images as training data; mmiad does not.
   ``--replay`` lets a method see the earlier classes' training samples again (Uni-RCM's own extend does).
+* A method that cannot add categories (no ``extend``: CFM) is listed as such and the others run.
 * Metrics are mmiad's own on the test split: no checkpoint selection on the test set, no flipping of AUROCs
   below 0.5 (IB-IUMAD's evaluator flips them; ``--compat-flip`` does so, named as such).
 * Forgetting, per metric: for every class learned before the last step, its best score at an earlier step minus
@@ -218,6 +219,9 @@ def markdown(state: Mapping[str, Any], setting: str, steps: Sequence[Sequence[st
     lines += ["", "| method | final I-AUROC | final AUPRO | forgetting I-AUROC | forgetting AUPRO | "
               "from scratch I-AUROC | from scratch AUPRO |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for method, record in state["methods"].items():
+        if "refused" in record:
+            lines.append(f"| {method} | {record['refused']} |" + " |" * 5)
+            continue
         parts = [record.get(k, {}) for k in ("final", "forgetting", "upper_bound")]
         row = [_cell(d.get(m)) for d in parts for m in METRICS]
         lines.append(f"| {method} | {' | '.join(row)} |")
@@ -254,6 +258,12 @@ def run_protocol(
 
     cache = cache_dir or str(out / "cache")
     for method in methods:
+        from mmiad.methods.registry import get_method
+
+        if not hasattr(get_method(method), "extend"):  # recorded, so the other methods still run
+            state["methods"][method] = {"refused": "cannot add categories to a trained model (no extend)"}
+            save()
+            continue
         run_method(
             method,
             data,
