@@ -1,11 +1,12 @@
-"""``python -m mmiad.bench COMMAND``: stages, accuracy, fallback, orq, extend, compare, speed, memory, musc, fewshot."""
+"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, incremental, glfm, compare, speed,
+memory, musc, fewshot)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, fewshot, gpu, memory, musc, speed, stages, unified
+from mmiad.bench import accuracy, comparison, fewshot, glfm, gpu, incremental, memory, musc, speed, stages, unified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     stages.register(commands)
     accuracy.register(commands)
     unified.register(commands)
+    incremental.register(commands)
+    glfm.register(commands)
     comparison.register(commands)
     speed.register(commands)
     memory.register(commands)

@@ -11,6 +11,8 @@ without one the run has no thresholds (``predict`` then reports scores and maps 
   data as in the official code, so a dataset is required.
 * G2SF: the release is, per class, the LSPN + ``score_mean.npy`` + ``global_scale.npy``; the banks are built from
   the training data, so a dataset is required.
+* GLFM: the release is the adapted Point-MAE only (``pointmae_adapted.pth``); the prototypes and local memories
+  are built from the training data of every category (one unified model), so a dataset is required.
 
 The run folder is built next to ``out`` and renamed into place at the end, so a failed import leaves nothing.
 """
@@ -33,9 +35,10 @@ from mmiad.methods.base import AnomalyModel
 from mmiad.methods.official import OfficialImport
 from mmiad.methods.registry import get_method
 
-IMPORTABLE = ("cfm", "unircm", "m3dm", "g2sf")
-#: The released models were all trained on DINO ViT-B/8 + Point-MAE features.
+IMPORTABLE = ("cfm", "unircm", "m3dm", "g2sf", "glfm")
+#: The released models were all trained on DINO ViT-B/8 + Point-MAE features (GLFM: Point-MAE blocks 0-1 only).
 DEFAULT_EXTRACTORS = "dino-pointmae"
+METHOD_EXTRACTORS = {"glfm": "glfm"}
 
 
 @dataclass
@@ -95,7 +98,7 @@ def import_run(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; import into a new run folder")
-    hparams = {"extractors": DEFAULT_EXTRACTORS, **(hparams or {})}
+    hparams = {"extractors": METHOD_EXTRACTORS.get(method, DEFAULT_EXTRACTORS), **(hparams or {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
     dataset = open_dataset(data_root, format) if data_root is not None else None
@@ -105,6 +108,8 @@ def import_run(
             files, errors = _import_m3dm(Path(source), temp, job)
         elif method == "g2sf":
             files, errors = _import_g2sf(Path(source), temp, job)
+        elif method == "glfm":
+            files, errors = _import_glfm(Path(source), temp, job)
         else:
             files, errors = _import_networks(method, Path(source), orq, temp, job)
         if out.exists():
@@ -160,6 +165,33 @@ def _import_g2sf(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], 
         categories=job.categories,
         max_fpr=job.max_fpr,
         hparams={**job.hparams, "official_fusion": str(source.resolve())},
+        cache_dir=job.cache_dir,
+        fallback=job.fallback,
+        format=job.dataset.name if job.dataset is not None else None,
+        progress=job.progress,
+        log=job.log,
+    )
+
+
+def _import_glfm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
+    """One unified model: the released adapted extractor, the memories built from every category's data."""
+    if job.data_root is None:
+        raise ValueError(
+            "--method glfm needs --data ROOT: a released GLFM is only its adapted Point-MAE; the prototypes and "
+            "local memories are built from the training samples"
+        )
+    if not source.is_file():
+        raise DataError(source, "give the adapted checkpoint file itself (pointmae_adapted.pth)")
+    job.log(f"importing GLFM's adapted Point-MAE from {source}; building the memories from {job.data_root}")
+    hparams = {**job.hparams, "adaptation": "released", "adapted_checkpoint": str(source.resolve())}
+    return train_run(
+        "glfm",
+        job.data_root,
+        temp,
+        categories=job.categories,
+        unified=True,
+        max_fpr=job.max_fpr,
+        hparams=hparams,
         cache_dir=job.cache_dir,
         fallback=job.fallback,
         format=job.dataset.name if job.dataset is not None else None,

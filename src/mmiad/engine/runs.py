@@ -248,12 +248,14 @@ def extend_run(
     format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
+    replay: bool = True,
 ) -> tuple[Path, list[DataError]]:
     """Add categories to a trained unified model in place (``mmiad train --resume RUN --add-categories ...``).
 
     The method extends what it learned (Uni-RCM: new ORQ codes, fine-tuning with replay of the earlier
     categories' training samples, whose features come from the feature cache) and the thresholds are
-    recalibrated on the held-out nominal samples of all categories.
+    recalibrated on the held-out nominal samples of all categories. ``replay=False`` hands the method no earlier
+    training sample (the incremental protocol's rule: a step trains on the new classes only).
     """
     dataset, run = open_dataset(data_root, format), Path(run)
     models = run_models(run)
@@ -270,9 +272,10 @@ def extend_run(
     errors: list[DataError] = []
     splits = _category_splits(dataset, [*known, *added], None, 0, errors)
     new = [r for c in added for r in splits[c][0]]
-    replay = [r for c in known for r in splits[c][0]]
-    log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replay)} replayed samples")
-    extend(new, replay, epochs=epochs, progress=progress, errors=errors)
+    earlier = [r for c in known for r in splits[c][0]]
+    replayed = earlier if replay else []
+    log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replayed)} replayed samples")
+    extend(new, replayed, epochs=epochs, progress=progress, errors=errors)
     calibration = [r for c in [*known, *added] for r in splits[c][1]]
     held_out = list(finite_only(trained.model.predict(calibration, progress=progress, errors=errors), errors))
     thresholds = calibrate(
@@ -282,7 +285,7 @@ def extend_run(
     trained.info = {**trained.info, "categories": [*known, *added]}
     if trained.fallback is not None:
         fit_fallback(
-            trained, [*replay, *new], calibration, max_fpr=max_fpr, source="validation (after extend)", errors=errors
+            trained, [*earlier, *new], calibration, max_fpr=max_fpr, source="validation (after extend)", errors=errors
         )
     path = save_trained(models[UNIFIED], trained)
     index = read_run_index(run)

@@ -35,7 +35,7 @@ from torch import nn
 
 from mmiad.features.base import NONZERO_RULES, PointFeatures, feature_points
 from mmiad.features.checkpoints import CheckpointError, load_strict, read_checkpoint, strip_prefixes
-from mmiad.features.grouping import GroupingFn, knn_group_indices, three_nn_weights
+from mmiad.features.grouping import GroupingFn, knn_group_indices, regroup_mean, three_nn_weights
 from mmiad.features.layers import Attention, Mlp
 
 _GROUP_CHUNK = 128  # groups per Mini-PointNet pass: bounds activations to ~32 MB for 128-point groups
@@ -74,6 +74,8 @@ POINTMAE_PRESETS: dict[str, PointMaePreset] = {
     "pointmae_keep1": replace(_FULL, name="pointmae_keep1", keep_blocks=1, layers=(0,)),
     # G2SF's grouping: 512 FPS centres of 128 points (its config_parse.py), the full 12-block encoder.
     "pointmae_g512": replace(_FULL, name="pointmae_g512", num_group=512),
+    # GLFM (hustCYQ/GLFM-Multi-class-3DAD, fetch_idx=[0, 1]): the first two blocks, 768-d; blocks 2-11 never run.
+    "pointmae_glfm": replace(_FULL, name="pointmae_glfm", keep_blocks=2, layers=(0, 1)),
 }
 
 TRANS_DIM = 384
@@ -353,7 +355,9 @@ class PointMaeEncoder(nn.Module):
         return torch.cat(picked, dim=-1)[0]
 
 
-_UNUSED_PREFIXES = ("MAE_decoder.", "decoder_pos_embed.", "increase_dim.", "mask_token")
+#: Keys of other checkpoints' heads: the pre-training decoder, and GLFM's Stage-I segmentation head (``classify.*``,
+#: saved with its adapted ``pointmae_adapted.pth``), which no extractor uses.
+_UNUSED_PREFIXES = ("MAE_decoder.", "decoder_pos_embed.", "increase_dim.", "mask_token", "classify.")
 
 
 def load_pointmae_weights(model: PointMaeEncoder, path: str | Path) -> None:
@@ -423,6 +427,9 @@ class PointMaeExtractor:
         drop_path_seed: Seed of the sampled DropPath (recorded in :meth:`config`).
         nonzero: Which points feed the features (:data:`~mmiad.features.base.NONZERO_RULES`); ``all`` is the
             official rule.
+        regroup: GLFM's two-step smoothing: each group's feature becomes the mean, over the group's members, of
+            the features propagated to the points by the 3-NN weights (:func:`~mmiad.features.grouping.regroup_mean`)
+            instead of the raw token. Off by default (CFM, M3DM, Uni-RCM use the tokens).
 
     Attributes:
         out_channels: 384 × number of output layers (1152 for the papers' preset).
@@ -438,6 +445,7 @@ class PointMaeExtractor:
         drop_path: str = "expected",
         drop_path_seed: int = 0,
         nonzero: str = "all",
+        regroup: bool = False,
     ) -> None:
         if tuple(preset.layers) != model.layers or preset.keep_blocks != len(model.blocks.blocks):
             raise ValueError(f"preset {preset.name} does not match the model's layers/blocks")
@@ -452,6 +460,7 @@ class PointMaeExtractor:
         self.drop_path = drop_path
         self.drop_path_seed = int(drop_path_seed)
         self.nonzero = nonzero
+        self.regroup = bool(regroup)
         self.out_channels = model.dim * len(preset.layers)
 
     def config(self) -> dict[str, Any]:
@@ -460,6 +469,8 @@ class PointMaeExtractor:
         modes: dict[str, Any] = {"batchnorm": self.model.batchnorm, "drop_path": self.drop_path}
         if self.drop_path == "sampled":
             modes["drop_path_seed"] = self.drop_path_seed
+        if self.regroup:  # only when on, so the other presets' configs (and cache keys) stay as they were
+            modes["regroup"] = True
         return {"kind": "pointmae", **settings, "weights": self.weights_id, **modes, "nonzero": self.nonzero}
 
     @property
@@ -539,6 +550,8 @@ class PointMaeExtractor:
                     neighborhoods = on_device[member_idx] - centres[:, None, :]
                     neighbors, weights = three_nn_weights(on_device, centres)
                 features = self.model(neighborhoods, centres, self._generator(points))
+                if self.regroup:
+                    features = regroup_mean(features, neighbors, weights, member_idx)
         # Clone out of inference mode: inference tensors cannot be used by later autograd (CFM training).
         point_features = PointFeatures(
             features=features.clone(),

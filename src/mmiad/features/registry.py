@@ -111,6 +111,7 @@ EXTRACTOR_PRESETS: dict[str, ExtractorPreset] = {
         ExtractorPreset(
             "dino-rad", "dino_vitb8_rad", "pointmae", "DINO ViT-B/8 blocks 3/6/9/11 + CLS (RAD, substituted)"
         ),
+        ExtractorPreset("glfm", "none", "pointmae_glfm", "GLFM: no 2D, Point-MAE blocks 0+1 (768-d)"),
     )
 }
 
