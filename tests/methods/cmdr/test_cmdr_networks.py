@@ -141,6 +141,7 @@ def test_mapping_mlp_against_a_functional_reference() -> None:
     torch.testing.assert_close(mlp(x), mlp.output(h))
 
 
+@torch.no_grad()
 def test_decoders_keep_the_shape_and_decoder3d_mixes_positions() -> None:
     torch.manual_seed(4)
     dec2d, dec3d = Decoder2D(16, grid=8).eval(), Decoder3D(12, grid=8).eval()
