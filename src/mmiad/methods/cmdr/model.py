@@ -261,7 +261,8 @@ class CMDR(AnomalyModel):
         channels = config["channels"]
         if not isinstance(channels, list) or len(channels) != 2:
             raise ModelFileError("the cmdr model file has no [2D, 3D] 'channels'")
-        self._new_networks((int(channels[0]), int(channels[1])), int(config["grid_size"]))
+        # Imported official files give the grid as the ``grid_size`` hyperparameter; trained models store it.
+        self._new_networks((int(channels[0]), int(channels[1])), int(config.get("grid_size") or self.resolved_grid()))
         for name, network in self.networks_.items():
             network.load_state_dict(split_prefixed(tensors, name))
         self.loss_history_ = dict(config.get("loss_history", {}))
