@@ -31,6 +31,7 @@ from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.settings import MethodSettings
 from mmiad.utils.compute import autocast
+from mmiad.utils.threads import single_thread_on_cpu
 
 MODALITIES = tuple(NETWORKS_OF)
 #: The official ``train.py`` defaults (used on an accelerator, or on the CPU when set explicitly).
@@ -133,7 +134,9 @@ class CMDR(AnomalyModel):
 
         Features come from the feature cache (the official code re-extracts them every epoch, with a random FPS
         start and DropPath; see the README). The samples' tokens stay on the device within what the planned step
-        leaves of the budget, else they are re-read from the cache at every step.
+        leaves of the budget, else they are re-read from the cache at every step. On the CPU a step runs on one
+        thread (:mod:`mmiad.utils.threads`): at the CPU default grid its operations are small, and on the shared
+        2-core machine a step took 1.1 s on one thread against 7-15 s on two (BENCHMARKS.md).
         """
         if not records:
             raise ValueError("CMDR.fit needs at least one nominal training sample")
@@ -172,7 +175,8 @@ class CMDR(AnomalyModel):
                 tokens_2d, tokens_3d, foreground = (
                     stored[index] if stored else self._tokens(pipeline.extract(kept[index]))
                 )
-                losses = train_step(self.networks_, optimizers, tokens_2d, tokens_3d, foreground, c.precision)
+                with single_thread_on_cpu(self.device):
+                    losses = train_step(self.networks_, optimizers, tokens_2d, tokens_3d, foreground, c.precision)
                 self.skipped_steps_ += len(self.networks_) - len(losses)
                 for name, value in losses.items():
                     epoch[name].append(value)

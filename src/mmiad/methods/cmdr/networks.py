@@ -221,7 +221,7 @@ class Decoder3D(nn.Module):
             layers.append(nn.ConvTranspose1d(inner, outer, kernel_size=4, stride=2, padding=1))
             layers.extend([nn.BatchNorm1d(outer), nn.GELU()] if index < len(widths) - 2 else [nn.Tanh()])
         self.decoder = nn.Sequential(*layers)
-        squeeze = dim // 8
+        squeeze = max(1, dim // 8)  # official dim // 8; at least one channel for features narrower than 8
         self.attention = nn.Sequential(
             nn.AdaptiveAvgPool1d(1),
             nn.Conv1d(dim, squeeze, kernel_size=1),
