@@ -219,17 +219,13 @@ class CMDR(AnomalyModel):
         return upsampled, mask
 
     def score(self, features: Sequence[SampleFeatures]) -> list[Scored]:
-        """Anomaly map and image score per sample (see :mod:`mmiad.methods.cmdr.scoring`)."""
+        """Anomaly map and image score per sample (see :mod:`mmiad.methods.cmdr.scoring`); one thread on the CPU,
+        as training (measured on the shared 2-core machine: 1.8 s per sample against 9 s on two threads)."""
         results = []
         for sample in features:
-            maps, foreground = self.discrepancies(sample)
-            if self.config.modality == "xyz":
-                scored = scoring.xyz_only(maps["Dec3D"])
-            elif self.config.modality == "rgb":
-                scored = scoring.finalize(scoring.rgb_only_map(maps["Dec2D"], foreground))
-            else:
-                psi = scoring.fused_map(maps["map3Dto2D"], maps["map2Dto3D"], maps["Dec2D"], maps["Dec3D"], foreground)
-                scored = scoring.finalize(psi)
+            with single_thread_on_cpu(self.device):
+                maps, foreground = self.discrepancies(sample)
+                scored = self._scored(maps, foreground)
             named = {"map3Dto2D": "map_2d", "map2Dto3D": "map_3d", "Dec2D": "2d", "Dec3D": "3d"}
             results.append(
                 Scored(
@@ -240,6 +236,15 @@ class CMDR(AnomalyModel):
                 )
             )
         return results
+
+    def _scored(self, maps: dict[str, torch.Tensor], foreground: torch.Tensor) -> scoring.ScoredMap:
+        """The modality's map and score from the distance maps at ``image_size``."""
+        if self.config.modality == "xyz":
+            return scoring.xyz_only(maps["Dec3D"])
+        if self.config.modality == "rgb":
+            return scoring.finalize(scoring.rgb_only_map(maps["Dec2D"], foreground))
+        psi = scoring.fused_map(maps["map3Dto2D"], maps["map2Dto3D"], maps["Dec2D"], maps["Dec3D"], foreground)
+        return scoring.finalize(psi)
 
     # ------------------------------------------------------------------ persistence
     def learned_facts(self) -> dict[str, Any]:
