@@ -36,8 +36,8 @@ from mmiad.utils.threads import single_thread_on_cpu
 MODALITIES = tuple(NETWORKS_OF)
 #: The official ``train.py`` defaults (used on an accelerator, or on the CPU when set explicitly).
 OFFICIAL_EPOCHS = 50
-#: The CPU defaults when ``epochs``/``grid_size`` are left unset: a ``mmiad train`` on the synthetic ``demo`` data
-#: within 30 minutes on 2 cores (measured in BENCHMARKS.md, with their accuracy cost).
+#: The CPU defaults when ``epochs``/``grid_size`` are left unset, sized for ``mmiad train`` on the synthetic ``demo``
+#: data on 2 cores: ~1.1 s per one-threaded step at grid 56, ~4 min of training per category (BENCHMARKS.md).
 CPU_EPOCHS = 10
 CPU_GRID = 56
 
