@@ -105,7 +105,8 @@ class CMDR(AnomalyModel):
         """The grid in effect: the set one, else ``image_size`` on an accelerator and 56 on the CPU."""
         if self.config.grid_size is not None:
             return self.config.grid_size
-        return min(CPU_GRID, self.config.image_size) if self._on_cpu else self.config.image_size
+        largest = self.config.image_size // 8 * 8  # Decoder3D needs a side divisible by 8
+        return min(CPU_GRID, largest) if self._on_cpu else largest
 
     def resolved_epochs(self) -> int:
         """The epochs in effect: the set number, else 50 on an accelerator and 10 on the CPU."""
