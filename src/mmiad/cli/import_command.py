@@ -55,7 +55,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "import", help="turn the authors' released trained models into a run (test/predict/report/export it)"
     )
-    parser.add_argument("--method", required=True, choices=["cfm", "unircm", "m3dm", "g2sf", "glfm"])
+    parser.add_argument("--method", required=True, choices=["cfm", "cmdr", "unircm", "m3dm", "g2sf", "glfm"])
     parser.add_argument(
         "--from",
         dest="source",

@@ -39,6 +39,7 @@ _HPARAM_OPTIONS = {
     "aggregation": "aggregation",
     "mapping": "mapping",
     "smoothing": "smoothing",
+    "modality": "modality",
     "random_init": "random_init",
     "compat": "compat",
     "memory_budget_gb": "memory_budget_gb",
@@ -333,6 +334,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregation", choices=["product", "sum", "max", "2d", "3d"], help="map aggregation")
     parser.add_argument("--mapping", choices=["crossmodal", "intramodal"], help="crossmodal (CFM) or ablation")
     parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
+    parser.add_argument("--modality", choices=["both", "rgb", "xyz"], help="cmdr: 2D+3D (default), 2D only or 3D only")
     parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
     add_device_option(parser, precision=True)

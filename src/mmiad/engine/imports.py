@@ -6,6 +6,7 @@ An imported run is a normal run (``run.json`` + one model file per model, as ``m
 without one the run has no thresholds (``predict`` then reports scores and maps without labels).
 
 * CFM: one model per category, from the per-class ``CFM_2Dto3D_*`` / ``CFM_3Dto2D_*`` pairs.
+* CMDR-IAD: one model per category, from the four per-class ``{map2Dto3D,map3Dto2D,Dec2D,Dec3D}_*`` files.
 * Uni-RCM: one unified model (+ its ORQ codebooks).
 * M3DM: the release is the UFF checkpoint only; memory banks and decision fusion are built from the training
   data as in the official code, so a dataset is required.
@@ -35,7 +36,7 @@ from mmiad.methods.base import AnomalyModel
 from mmiad.methods.official import OfficialImport
 from mmiad.methods.registry import get_method
 
-IMPORTABLE = ("cfm", "unircm", "m3dm", "g2sf", "glfm")
+IMPORTABLE = ("cfm", "cmdr", "unircm", "m3dm", "g2sf", "glfm")
 #: The released models were all trained on DINO ViT-B/8 + Point-MAE features (GLFM: Point-MAE blocks 0-1 only).
 DEFAULT_EXTRACTORS = "dino-pointmae"
 METHOD_EXTRACTORS = {"glfm": "glfm"}
@@ -203,17 +204,22 @@ def _import_glfm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], 
 def _import_networks(
     method: str, source: Path, orq: str | Path | None, temp: Path, job: _Job
 ) -> tuple[dict[str, Path], list[DataError]]:
-    """CFM (one model per released class) or Uni-RCM (one unified model): weights from files, thresholds from data."""
-    if method == "cfm":
+    """CFM or CMDR-IAD (one model per released class) or Uni-RCM (one unified model): weights from files,
+    thresholds from data."""
+    if method in ("cfm", "cmdr"):
         from mmiad.methods.cfm.official import find_cfm_checkpoints, import_cfm_pair
+        from mmiad.methods.cmdr.official import find_cmdr_checkpoints, import_cmdr_set
 
-        pairs = find_cfm_checkpoints(source)
+        finder, importer = (
+            (find_cfm_checkpoints, import_cfm_pair) if method == "cfm" else (find_cmdr_checkpoints, import_cmdr_set)
+        )
+        pairs = finder(source)
         if job.categories:
             unknown = [c for c in job.categories if c not in pairs]
             if unknown:
-                raise ValueError(f"no released CFM files for {', '.join(unknown)}; found: {', '.join(pairs)}")
+                raise ValueError(f"no released {method} files for {', '.join(unknown)}; found: {', '.join(pairs)}")
             pairs = {c: pairs[c] for c in job.categories}
-        imports = {name: import_cfm_pair(paths) for name, paths in pairs.items()}
+        imports = {name: importer(paths) for name, paths in pairs.items()}
         members = {name: [name] for name in imports}
     else:
         from mmiad.methods.unircm.official import import_unircm
@@ -255,7 +261,7 @@ def _import_networks(
             job.log(f"[{key}] imported; image threshold {trained.thresholds.image:.4g} from {source_names}")
         trained.info = info
         files[key] = save_trained(temp / f"{key}.safetensors", trained)
-    index_categories = list(members) if method == "cfm" else members[UNIFIED]
+    index_categories = members[UNIFIED] if method == "unircm" else list(members)
     write_run_index(temp, method, method == "unircm", index_categories, files)
     return files, errors
 

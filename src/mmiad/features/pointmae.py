@@ -89,6 +89,9 @@ BATCHNORM_MODES = ("cloud", "running")
 #: ``expected``: DropPath at its expected value, the identity; ``sampled``: random DropPath as the official scripts
 #: run it, drawn from a generator seeded per cloud.
 DROP_PATH_MODES = ("expected", "sampled")
+#: ``first``: FPS starts at the cloud's first point (the CUDA kernel CFM and M3DM use); ``random``: at a random point,
+#: as the pure-PyTorch FPS of CMDR-IAD's code, drawn from a generator seeded per cloud.
+FPS_STARTS = ("first", "random")
 
 
 def drop_path_rates(blocks: int) -> list[float]:
@@ -430,6 +433,11 @@ class PointMaeExtractor:
         regroup: GLFM's two-step smoothing: each group's feature becomes the mean, over the group's members, of
             the features propagated to the points by the 3-NN weights (:func:`~mmiad.features.grouping.regroup_mean`)
             instead of the raw token. Off by default (CFM, M3DM, Uni-RCM use the tokens).
+        fps_start: ``first`` (default: index 0, deterministic, as CFM's CUDA FPS) or ``random`` (CMDR-IAD's
+            pure-PyTorch FPS). The random start is drawn from a generator seeded by ``fps_seed`` and the cloud's
+            coordinates, so a cloud always gets the same start (the feature cache stays valid); the official code
+            draws it from the global torch generator, so it differs per run and per epoch there.
+        fps_seed: Seed of the random start (recorded in :meth:`config` with it).
 
     Attributes:
         out_channels: 384 × number of output layers (1152 for the papers' preset).
@@ -446,6 +454,8 @@ class PointMaeExtractor:
         drop_path_seed: int = 0,
         nonzero: str = "all",
         regroup: bool = False,
+        fps_start: str = "first",
+        fps_seed: int = 0,
     ) -> None:
         if tuple(preset.layers) != model.layers or preset.keep_blocks != len(model.blocks.blocks):
             raise ValueError(f"preset {preset.name} does not match the model's layers/blocks")
@@ -453,6 +463,10 @@ class PointMaeExtractor:
             raise ValueError(f"drop_path must be one of {DROP_PATH_MODES}, got {drop_path!r}")
         if nonzero not in NONZERO_RULES:
             raise ValueError(f"nonzero must be one of {NONZERO_RULES}, got {nonzero!r}")
+        if fps_start not in FPS_STARTS:
+            raise ValueError(f"fps_start must be one of {FPS_STARTS}, got {fps_start!r}")
+        self.fps_start = fps_start
+        self.fps_seed = int(fps_seed)
         self.model = model.eval().requires_grad_(False)
         self.preset = preset
         self.weights_id = weights_id
@@ -471,6 +485,8 @@ class PointMaeExtractor:
             modes["drop_path_seed"] = self.drop_path_seed
         if self.regroup:  # only when on, so the other presets' configs (and cache keys) stay as they were
             modes["regroup"] = True
+        if self.fps_start != "first":  # absent at the default, so existing caches and model files stay valid
+            modes.update(fps_start=self.fps_start, fps_seed=self.fps_seed)
         return {"kind": "pointmae", **settings, "weights": self.weights_id, **modes, "nonzero": self.nonzero}
 
     @property
@@ -495,15 +511,30 @@ class PointMaeExtractor:
         if grouping is not None:
             centre_idx, member_idx = grouping(points, self.preset.num_group, self.preset.group_size)
             return centre_idx.to(on_device.device), member_idx.to(on_device.device)
-        return knn_group_indices(on_device, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend)
+        if self.fps_start == "first":
+            return knn_group_indices(
+                on_device, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
+            )
+        # A random start: FPS from index 0 of the cloud rotated to begin at the drawn point, indices rotated back.
+        start = int(torch.randint(points.shape[0], (1,), generator=self._seeded(self.fps_seed, points)))
+        order = (torch.arange(points.shape[0], device=on_device.device) + start) % points.shape[0]
+        centre_idx, member_idx = knn_group_indices(
+            on_device[order], self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
+        )
+        return order[centre_idx], order[member_idx]
+
+    @staticmethod
+    def _seeded(seed: int, points: torch.Tensor) -> torch.Generator:
+        """A generator seeded by ``seed`` and the cloud's coordinates (the same cloud, the same draws)."""
+        digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True))
+        digest.update(points.numpy().tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
 
     def _generator(self, points: torch.Tensor) -> torch.Generator | None:
         """The sampled DropPath's generator for one cloud: seeded by the recorded seed and the coordinates."""
         if self.drop_path == "expected":
             return None
-        digest = hashlib.sha256(self.drop_path_seed.to_bytes(8, "little", signed=True))
-        digest.update(points.numpy().tobytes())
-        return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
+        return self._seeded(self.drop_path_seed, points)
 
     def extract(self, xyz: np.ndarray, valid: np.ndarray) -> PointFeatures:
         """Features for one S×S organized cloud; pixels outside ``valid`` are ignored.
