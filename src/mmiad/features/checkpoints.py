@@ -68,14 +68,18 @@ _PICKLE_MAGIC = b"\x80"
 
 def _not_a_checkpoint(head: bytes) -> str:
     """What a file that is no ``torch.save`` output looks like, for the error message."""
+    if not head:
+        return "an empty file, not a PyTorch checkpoint"
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text[:512]:
         return "an HTML page, not a PyTorch checkpoint (a download that returned a web page?)"
     if text.startswith((b"version https://git-lfs", b"oid sha256:")):
         return "a Git LFS pointer, not a PyTorch checkpoint (fetch the real file with git lfs pull)"
     try:
-        head.decode("utf-8")
+        decoded = head.decode("utf-8")
     except UnicodeDecodeError:
+        decoded = "\x00"
+    if any(ord(c) < 32 and c not in "\t\r\n" for c in decoded):
         return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
     return "a text file, not a PyTorch checkpoint"
 
