@@ -69,6 +69,8 @@ def _save(path: Path, state: dict) -> Path:
         ("text", ("a text file",)),
         ("lfs", ("Git LFS pointer",)),
         ("empty", ("an empty file",)),
+        ("int_key", ("key 7 is not a name",)),
+        ("list", ("expected a dict of tensors",)),
     ],
 )
 def test_a_hostile_cfm_file_is_one_line_exit_1_and_nothing_written(tmp_path: Path, capsys, damage, needles) -> None:
@@ -89,6 +91,10 @@ def test_a_hostile_cfm_file_is_one_line_exit_1_and_nothing_written(tmp_path: Pat
         state["output.weight"] = torch.ones(C3, hidden, 1)
     elif damage == "shape":
         state["projection.weight"] = torch.ones(hidden, hidden + 1)
+    elif damage == "int_key":
+        state[7] = torch.ones(2)  # type: ignore[index]
+    elif damage == "list":
+        state = list(state.values())  # type: ignore[assignment]
     if damage in ("html", "text", "lfs", "empty"):
         bad.write_bytes({"html": HTML, "text": TEXT, "lfs": LFS, "empty": b""}[damage])
     elif damage == "legacy":

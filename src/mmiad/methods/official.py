@@ -79,8 +79,21 @@ def read_official(path: Path) -> dict[str, Any]:
     """
     with torch.serialization.safe_globals([argparse.Namespace]):
         loaded = read_checkpoint(path, allow_legacy=False)
+    _check_names(path, loaded)
     check_dense_storage(path, loaded)
     return loaded
+
+
+def _check_names(path: Path, obj: Any, where: str = "") -> None:
+    """Refuse a mapping keyed by anything but strings (``{0: tensor}`` loads, then breaks every name lookup)."""
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise CheckpointError(path, f"key {key!r}{f' under {where!r}' if where else ''} is not a name")
+            _check_names(path, value, f"{where}.{key}" if where else key)
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            _check_names(path, value, f"{where}.{index}" if where else str(index))
 
 
 def source_entry(path: Path) -> dict[str, str]:
