@@ -52,10 +52,6 @@ def training_fingerprint(settings: Any, kept: list[int], widths: tuple[int, int]
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-#: Adam's per-parameter slots (``amsgrad`` is never used by the training).
-ADAM_SLOTS = frozenset({"step", "exp_avg", "exp_avg_sq"})
-
-
 def state_checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any]) -> str:
     """SHA-256 of every tensor (name, dtype, shape, bytes) and the header fields a resume trusts."""
     digest = hashlib.sha256()
@@ -69,7 +65,9 @@ def state_checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, Any
 
 
 def _expected_slots(optimizer: torch.optim.Optimizer) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-    """Every ``opt.<i>.<slot>`` tensor a saved Adam holds after a step: name -> (shape, dtype; None: any float)."""
+    """Every ``opt.<i>.<slot>`` tensor a saved Adam holds after a step: name -> (shape, dtype; None: any float).
+
+    ``amsgrad`` (a fourth slot) is never used by the training, so its slot would be a forged one."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     expected: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
     for index, parameter in enumerate(parameters):
