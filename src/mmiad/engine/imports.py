@@ -100,10 +100,10 @@ def import_run(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; import into a new run folder")
     hparams = {"extractors": METHOD_EXTRACTORS.get(method, DEFAULT_EXTRACTORS), **(hparams or {})}
+    dataset = open_dataset(data_root, format) if data_root is not None else None  # before anything is written
+    job = _Job(data_root, dataset, categories, max_fpr, hparams, cache_dir, fallback, progress, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    dataset = open_dataset(data_root, format) if data_root is not None else None
-    job = _Job(data_root, dataset, categories, max_fpr, hparams, cache_dir, fallback, progress, log)
     try:
         if method == "m3dm":
             files, errors = _import_m3dm(Path(source), temp, job)
@@ -113,6 +113,8 @@ def import_run(
             files, errors = _import_glfm(Path(source), temp, job)
         else:
             files, errors = _import_networks(method, Path(source), orq, temp, job)
+        # mkdtemp makes the folder 0700; a run folder follows the umask like the ones `mmiad train` creates.
+        os.chmod(temp, 0o777 & ~_umask())
         if out.exists():
             out.rmdir()
         os.replace(temp, out)
@@ -120,6 +122,13 @@ def import_run(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return {key: out / path.name for key, path in files.items()}, errors
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _import_m3dm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:

@@ -23,7 +23,14 @@ from mmiad.features.pipeline import FeaturePipeline
 from mmiad.methods.base import Prediction
 from mmiad.methods.musc.cae import cae_scores, patch_members
 from mmiad.methods.musc.config import MuScConfig
-from mmiad.methods.musc.msm import MixedSizeError, check_batch, checked_subsets, mutual_scores, stack_tokens
+from mmiad.methods.musc.msm import (
+    BatchTooSmallError,
+    MixedSizeError,
+    check_batch,
+    checked_subsets,
+    mutual_scores,
+    stack_tokens,
+)
 from mmiad.methods.musc.rscon import rescore
 from mmiad.methods.musc.tokens import SampleTokens, extract_tokens
 from mmiad.postprocess.smoothing import smooth_maps
@@ -74,6 +81,7 @@ class MuSc:
             MixedSizeError: samples whose token grids differ.
         """
         check_batch(len(records), self.config.interval)
+        reported = len(errors) if errors is not None else 0
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
         tokens = []
         for record in tqdm(prepared, desc="musc tokens", disable=not progress, leave=False):
@@ -83,6 +91,14 @@ class MuSc:
                 if errors is None:
                     raise
                 errors.append(error)
+        needed = self.config.minimum_batch
+        if errors is not None and len(tokens) < needed <= len(records):  # bad files shrank a batch that was enough
+            dropped = ", ".join(str(error.path or error) for error in errors[reported:])
+            raise BatchTooSmallError(
+                None,
+                f"only {len(tokens)} of {len(records)} samples could be read, fewer than the {needed} mutual scoring "
+                f"needs; unreadable: {dropped}",
+            )
         return self.score_tokens(tokens, progress=progress)
 
     def score_tokens(self, tokens: Sequence[SampleTokens], *, progress: bool = False) -> list[Prediction]:
