@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
 from mmiad.features.checkpoints import CheckpointError
-from mmiad.methods.cmdr.networks import build_networks
+from mmiad.methods.cmdr.networks import Decoder2D, Decoder3D, MappingMLP
 from mmiad.methods.modelfile import prefixed
 from mmiad.methods.official import (
     OfficialImport,
-    check_against,
+    build_checked,
     find_files,
     plain_name,
     read_official,
@@ -71,11 +74,17 @@ def import_cmdr_set(paths: dict[str, Path]) -> OfficialImport:
         raise CheckpointError(
             paths["Dec3D"], f"its {tokens}-token axis is not a square grid with a side divisible by 8"
         )
-    networks = build_networks(channels_2d, channels_3d, grid)
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "map2Dto3D": lambda: MappingMLP(channels_2d, channels_3d),
+        "map3Dto2D": lambda: MappingMLP(channels_3d, channels_2d),
+        "Dec2D": lambda: Decoder2D(channels_2d, grid),
+        "Dec3D": lambda: Decoder3D(channels_3d, grid),
+    }
     tensors = {}
     for name in NAMES:
-        check_against(paths[name], networks[name], states[name])  # every key and shape, one error per file
-        tensors.update(prefixed(networks[name].state_dict(), name))
+        # every key and shape checked on the meta device first (one error per file), then finite, then built
+        network = build_checked(paths[name], builders[name], states[name])
+        tensors.update(prefixed(network.state_dict(), name))
     match = FILE_PATTERN.match(paths["Dec3D"].name)
     assert match is not None
     return OfficialImport(

@@ -16,7 +16,7 @@ import torch
 
 from mmiad.features.checkpoints import CheckpointError, unwrap_state_dict
 from mmiad.methods.g2sf.lspn import LSPN
-from mmiad.methods.official import check_against, plain_name, read_official, require_keys
+from mmiad.methods.official import build_checked, plain_name, read_official, require_keys
 
 NETWORK = "MMScoringTrainerV2.pth"
 MU = "score_mean.npy"
@@ -54,8 +54,7 @@ def load_official_fusion(
     path = folder / NETWORK
     state = unwrap_state_dict(read_official(path), ("state_dict", "model"))
     require_keys(path, state, _SHAPE_KEYS, "G2SF LSPN (MultiModalGateNet)")
-    network = LSPN(in_dim, hidden, emb_dim, dropout)
-    check_against(path, network, state)
+    network = build_checked(path, lambda: LSPN(in_dim, hidden, emb_dim, dropout), state)
     mu = read_array(folder / MU, (2,))
     if (mu <= 0).any():
         raise CheckpointError(folder / MU, "μ must be positive")
