@@ -1,12 +1,25 @@
-"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, compare, speed, memory, musc,
-scoring)."""
+"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, incremental, glfm, compare, speed,
+memory, musc, fewshot, scoring)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from mmiad.bench import accuracy, comparison, gpu, memory, musc, scoring, speed, stages, unified
+from mmiad.bench import (
+    accuracy,
+    comparison,
+    fewshot,
+    glfm,
+    gpu,
+    incremental,
+    memory,
+    musc,
+    scoring,
+    speed,
+    stages,
+    unified,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     stages.register(commands)
     accuracy.register(commands)
     unified.register(commands)
+    incremental.register(commands)
+    glfm.register(commands)
     comparison.register(commands)
     speed.register(commands)
     memory.register(commands)
     gpu.register(commands)
     musc.register(commands)
+    fewshot.register(commands)
     scoring.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args))

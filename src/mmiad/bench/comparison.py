@@ -23,6 +23,8 @@ METHODS: dict[str, tuple[dict, dict]] = {
     "unircm": ({**UNIRCM}, {**UNIRCM, "extractors": "dino-pointmae", "random_init": True}),
     "btf": ({}, {"extractors": "wrn50-fpfh", "random_init": True}),
     "m3dm": ({}, {"extractors": "dino-pointmae", "random_init": True}),
+    # GLFM is point-only: weight-free is FPFH with no 2D backbone (no Stage I: nothing to adapt).
+    "glfm": ({"extractors": "none+fpfh"}, {"extractors": "glfm", "random_init": True, "adapt_epochs": 1}),
 }
 
 

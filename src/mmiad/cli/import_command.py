@@ -10,7 +10,7 @@ from mmiad.cli.common import add_device_option, add_format_option, log, parse_as
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
-    hparams: dict[str, Any] = {"extractors": args.extractors}
+    hparams: dict[str, Any] = {"extractors": args.extractors} if args.extractors else {}
     if args.weights_dir:
         hparams["weights_dir"] = args.weights_dir
     if args.random_init:
@@ -55,25 +55,24 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "import", help="turn the authors' released trained models into a run (test/predict/report/export it)"
     )
-    parser.add_argument("--method", required=True, choices=["cfm", "unircm", "m3dm"])
+    parser.add_argument("--method", required=True, choices=["cfm", "cmdr", "unircm", "m3dm", "g2sf", "glfm"])
     parser.add_argument(
         "--from",
         dest="source",
         required=True,
         help="released file or folder: CFM per-class CFM_2Dto3D_/CFM_3Dto2D_ files; Uni-RCM UniRCM_*.pth "
-        "(+ UniRCM_ORQ_*.pth); M3DM the UFF checkpoint of fusion_pretrain.py",
+        "(+ UniRCM_ORQ_*.pth); M3DM the UFF checkpoint of fusion_pretrain.py; G2SF the folder holding "
+        "<class>/fusion/{MMScoringTrainerV2.pth,score_mean.npy,global_scale.npy}; GLFM pointmae_adapted.pth",
     )
     parser.add_argument("--orq", help="Uni-RCM: the ORQ file, when it is not inside --from")
     parser.add_argument("--out", required=True, help="run folder to create")
-    parser.add_argument("--data", help="dataset root: calibrate thresholds as train does (required for m3dm)")
+    parser.add_argument("--data", help="dataset root: calibrate thresholds as train does (required for m3dm and g2sf)")
     add_format_option(parser)
     parser.add_argument("--categories", help="comma-separated subset of categories")
     parser.add_argument("--max-fpr", type=float, default=0.01, help="false-alarm rate the thresholds allow")
     parser.add_argument("--cache-dir", help="cache folder (default $MMIAD_CACHE or ~/.cache/mmiad)")
     parser.add_argument("--no-fallback", action="store_true", help="skip the single-modality fallback models")
-    parser.add_argument(
-        "--extractors", default="dino-pointmae", help="extractor preset the model was trained on (dino-pointmae)"
-    )
+    parser.add_argument("--extractors", help="extractor preset the model was trained on (dino-pointmae; glfm for GLFM)")
     parser.add_argument("--weights-dir", help="folder with the backbone checkpoints (default $MMIAD_WEIGHTS_DIR)")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
     parser.add_argument("--compat", action="store_true", help="the official code's scoring instead of the paper's")

@@ -2,8 +2,8 @@
 
 Every command ends in one of the statuses of :mod:`mmiad.cli.common` (``EXIT_*``). A failure is one line on stderr
 that names the file or option and the problem: a bad input (:class:`DataError`, :class:`ModelFileError`, a bad
-option value, an unreadable or unwritable file) exits 1; anything else is a bug in mmiad and exits 4. Tracebacks
-are shown only with ``--debug`` or ``MMIAD_DEBUG=1``.
+option value, an unreadable or unwritable file, a training that diverges) exits 1; anything else is a bug in mmiad
+and exits 4. Tracebacks are shown only with ``--debug`` or ``MMIAD_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from mmiad.data.errors import DataError
 from mmiad.methods.modelfile import ModelFileError, one_line
 
 DEBUG_ENV = "MMIAD_DEBUG"
-# Errors that describe the user's input (files, options, disk): exit 1 with their message.
-_INPUT_ERRORS = (DataError, ModelFileError, ValueError, OSError, MemoryError)
+# Errors that describe the user's input (files, options, disk): exit 1 with their message. A diverging training
+# (FloatingPointError: a non-finite loss) comes from the settings or the data, and its message says what to try.
+_INPUT_ERRORS = (DataError, ModelFileError, ValueError, OSError, MemoryError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:

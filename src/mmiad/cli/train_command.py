@@ -30,6 +30,7 @@ _HPARAM_OPTIONS = {
     "aggregation": "aggregation",
     "mapping": "mapping",
     "smoothing": "smoothing",
+    "modality": "modality",
     "random_init": "random_init",
     "compat": "compat",
     "memory_budget_gb": "memory_budget_gb",
@@ -77,6 +78,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if not args.out:
         raise ValueError("--out RUN is required (or --resume RUN --add-categories ...)")
+    if args.shot_selection and not args.shots:
+        raise ValueError("--shot-selection applies to few-shot training: give --shots K too")
     files, errors = train_run(
         args.method,
         args.data,
@@ -84,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
         categories=split_list(args.categories),
         unified=args.unified,
         shots=args.shots,
+        shot_selection=args.shot_selection or "random",
         seed=args.seed if args.seed is not None else 0,
         max_fpr=args.max_fpr,
         hparams=_hparams(args),
@@ -115,6 +119,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aggregation", choices=["product", "sum", "max", "2d", "3d"], help="map aggregation")
     parser.add_argument("--mapping", choices=["crossmodal", "intramodal"], help="crossmodal (CFM) or ablation")
     parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
+    parser.add_argument("--modality", choices=["both", "rgb", "xyz"], help="cmdr: 2D+3D (default), 2D only or 3D only")
     parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
     add_device_option(parser, precision=True)
@@ -139,7 +144,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--add-categories", help="comma-separated new categories to add to --resume RUN")
     train.add_argument("--categories", help="comma-separated subset of categories")
     train.add_argument("--unified", action="store_true", help="one model for all categories (no category labels)")
-    train.add_argument("--shots", type=int, help="few-shot: k nominal samples per category, drawn with --seed")
+    train.add_argument(
+        "--shots", type=int, help="few-shot: K nominal samples per category (the same files for every method)"
+    )
+    train.add_argument(
+        "--shot-selection",
+        choices=["random", "first"],
+        help="few-shot: random (seeded by --seed, default) or first (the first K files in sorted order, CIF's)",
+    )
     train.add_argument("--seed", type=int, help="seed of the few-shot draw and of training")
     train.add_argument("--max-fpr", type=finite_float, default=0.01, help="false-alarm rate the thresholds allow")
     train.add_argument("--cache-dir", help="cache folder (default $MMIAD_CACHE or ~/.cache/mmiad)")

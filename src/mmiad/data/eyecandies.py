@@ -286,6 +286,22 @@ def read_eyecandies_xyz(record: SampleRecord) -> np.ndarray:
     return world.astype(np.float32)
 
 
+def eyecandies_files(record: SampleRecord) -> dict[str, Path]:
+    """Every file :func:`read_eyecandies_xyz` and the RGB/mask readers open for ``record``, by role.
+
+    The side files come from ``record.extra`` as the reader takes them; a record that lacks one declares the
+    depth PNG in its place, so the reader's own error (naming what is missing) is what the user sees.
+    """
+    extra = record.extra_dict()
+    depth = Path(extra.get("depth_path", record.xyz_path))
+    files = {"rgb": Path(record.rgb_path), "xyz": depth}
+    for role, key in (("info_depth", "info_depth_path"), ("pose", "pose_path")):
+        files[role] = Path(extra.get(key, depth))
+    if record.gt_path is not None:
+        files["gt"] = Path(record.gt_path)
+    return files
+
+
 def _data_dir(root: Path, category: str, split_folder: str) -> Path:
     return root / category / split_folder / "data"
 
@@ -434,6 +450,12 @@ class Eyecandies(DatasetFormat):
     def records(self, category: str, split: str, *, errors: list[DataError] | None = None) -> list[SampleRecord]:
         """See :func:`list_eyecandies_records`."""
         return list_eyecandies_records(self.root, category, split, errors=errors)
+
+    @classmethod
+    def sample_files(cls, record: SampleRecord) -> dict[str, Path]:
+        """RGB, depth PNG, ``info_depth.yaml``, ``pose.txt`` and (for a defective test sample) the mask: the cloud
+        is computed from three files, and a stale pose would give stale features (see :func:`eyecandies_files`)."""
+        return eyecandies_files(record)
 
     @classmethod
     def read_xyz(cls, record: SampleRecord) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Dataset formats behind one interface, found by name or detected from the root, and loading one sample.
 
-A format knows one layout on disk: it lists the categories, lists the records of a category's split, and reads a
-record's RGB, point cloud and mask. Everything that walks a dataset (training, testing, reports, stored-map
-evaluation, the benchmarks) goes through :func:`open_dataset`, so a new layout is one module in ``mmiad/data``
-that registers a :class:`DatasetFormat` subclass, plus one import line in ``mmiad/data/__init__.py``. This module
-imports no format.
+A format knows one layout on disk: it lists the categories, lists the records of a category's split, reads a
+record's RGB, point cloud and mask, and declares every file those reads open (:meth:`DatasetFormat.sample_files`):
+the feature cache keys on the declared files, so an edited side file (an Eyecandies pose) is never served stale
+features. A format that overrides a reader must declare its files too, or it is refused when it registers.
+Everything that walks a dataset (training, testing, reports, stored-map evaluation, the benchmarks) goes through
+:func:`open_dataset`, so a new layout is one module in ``mmiad/data`` that registers a :class:`DatasetFormat`
+subclass, plus one import line in ``mmiad/data/__init__.py``. This module imports no format.
 
 Splits have mmiad's names everywhere: ``train`` (nominal), ``validation`` (nominal, held out for thresholds),
 ``test`` (labelled) and ``predict`` (unlabelled); a format maps them to its own folders (Eyecandies: ``val``,
@@ -73,6 +75,19 @@ class DatasetFormat(ABC):
         """
 
     @classmethod
+    def sample_files(cls, record: SampleRecord) -> dict[str, Path]:
+        """Every file the readers open for ``record``, by role (``rgb``, ``xyz``, ``gt``, side files).
+
+        What the features depend on is every file but the ground truth (:func:`feature_files`); a format whose
+        readers open more than ``rgb_path``, ``xyz_path`` and ``gt_path`` must override this (enforced by
+        :func:`register_format`), so that nothing a sample is computed from escapes the feature cache's key.
+        """
+        files = {"rgb": Path(record.rgb_path), "xyz": Path(record.xyz_path)}
+        if record.gt_path is not None:
+            files["gt"] = Path(record.gt_path)
+        return files
+
+    @classmethod
     def read_rgb(cls, record: SampleRecord) -> np.ndarray:
         """H×W×3 uint8 image."""
         return read_rgb(record.rgb_path)
@@ -89,6 +104,9 @@ class DatasetFormat(ABC):
 
 
 FormatT = TypeVar("FormatT", bound=type[DatasetFormat])
+_READERS = ("read_rgb", "read_xyz", "read_mask")
+#: The role whose file does not change a sample's features (the ground truth is read again at every use).
+GROUND_TRUTH = "gt"
 _FORMATS: dict[str, type[DatasetFormat]] = {}
 
 
@@ -98,11 +116,22 @@ def register_format(name: str) -> Callable[[FormatT], FormatT]:
     def decorate(cls: FormatT) -> FormatT:
         if name in _FORMATS and _FORMATS[name] is not cls:
             raise ValueError(f"dataset format {name!r} is already registered")
+        own_readers = [reader for reader in _READERS if _overrides(cls, reader)]
+        if own_readers and not _overrides(cls, "sample_files"):
+            raise TypeError(
+                f"dataset format {name!r} overrides {', '.join(own_readers)} but not sample_files: declare every "
+                "file its readers open, or the feature cache would serve stale features when one of them changes"
+            )
         cls.name = name
         _FORMATS[name] = cls
         return cls
 
     return decorate
+
+
+def _overrides(cls: type[DatasetFormat], method: str) -> bool:
+    """True when ``cls`` (or a parent below :class:`DatasetFormat`) redefines the classmethod ``method``."""
+    return getattr(cls, method).__func__ is not getattr(DatasetFormat, method).__func__
 
 
 def available_formats() -> list[str]:
@@ -142,6 +171,15 @@ def open_dataset(root: str | Path, format: str | None = None) -> DatasetFormat:
     """The dataset at ``root`` in the named format, or the detected one when ``format`` is None or ``auto``."""
     cls = detect_format(root) if format in (None, AUTO) else get_format(str(format))
     return cls(root)
+
+
+def feature_files(record: SampleRecord) -> list[Path]:
+    """The files a record's features are computed from, in the format's order: its declared files but the mask.
+
+    For MVTec 3D-AD and plain folders this is ``[rgb, xyz]``, the feature cache's key since the first release
+    (existing caches stay valid); Eyecandies adds ``info_depth.yaml`` and ``pose.txt``.
+    """
+    return [path for role, path in get_format(record.format).sample_files(record).items() if role != GROUND_TRUTH]
 
 
 def load_sample(record: SampleRecord) -> Sample:

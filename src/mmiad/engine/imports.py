@@ -6,9 +6,14 @@ An imported run is a normal run (``run.json`` + one model file per model, as ``m
 without one the run has no thresholds (``predict`` then reports scores and maps without labels).
 
 * CFM: one model per category, from the per-class ``CFM_2Dto3D_*`` / ``CFM_3Dto2D_*`` pairs.
+* CMDR-IAD: one model per category, from the four per-class ``{map2Dto3D,map3Dto2D,Dec2D,Dec3D}_*`` files.
 * Uni-RCM: one unified model (+ its ORQ codebooks).
 * M3DM: the release is the UFF checkpoint only; memory banks and decision fusion are built from the training
   data as in the official code, so a dataset is required.
+* G2SF: the release is, per class, the LSPN + ``score_mean.npy`` + ``global_scale.npy``; the banks are built from
+  the training data, so a dataset is required.
+* GLFM: the release is the adapted Point-MAE only (``pointmae_adapted.pth``); the prototypes and local memories
+  are built from the training data of every category (one unified model), so a dataset is required.
 
 The run folder is built next to ``out`` and renamed into place at the end, so a failed import leaves nothing.
 """
@@ -31,9 +36,10 @@ from mmiad.methods.base import AnomalyModel
 from mmiad.methods.official import OfficialImport
 from mmiad.methods.registry import get_method
 
-IMPORTABLE = ("cfm", "unircm", "m3dm")
-#: The released models were all trained on DINO ViT-B/8 + Point-MAE features.
+IMPORTABLE = ("cfm", "cmdr", "unircm", "m3dm", "g2sf", "glfm")
+#: The released models were all trained on DINO ViT-B/8 + Point-MAE features (GLFM: Point-MAE blocks 0-1 only).
 DEFAULT_EXTRACTORS = "dino-pointmae"
+METHOD_EXTRACTORS = {"glfm": "glfm"}
 
 
 @dataclass
@@ -93,16 +99,22 @@ def import_run(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; import into a new run folder")
-    hparams = {"extractors": DEFAULT_EXTRACTORS, **(hparams or {})}
+    hparams = {"extractors": METHOD_EXTRACTORS.get(method, DEFAULT_EXTRACTORS), **(hparams or {})}
+    dataset = open_dataset(data_root, format) if data_root is not None else None  # before anything is written
+    job = _Job(data_root, dataset, categories, max_fpr, hparams, cache_dir, fallback, progress, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    dataset = open_dataset(data_root, format) if data_root is not None else None
-    job = _Job(data_root, dataset, categories, max_fpr, hparams, cache_dir, fallback, progress, log)
     try:
         if method == "m3dm":
             files, errors = _import_m3dm(Path(source), temp, job)
+        elif method == "g2sf":
+            files, errors = _import_g2sf(Path(source), temp, job)
+        elif method == "glfm":
+            files, errors = _import_glfm(Path(source), temp, job)
         else:
             files, errors = _import_networks(method, Path(source), orq, temp, job)
+        # mkdtemp makes the folder 0700; a run folder follows the umask like the ones `mmiad train` creates.
+        os.chmod(temp, 0o777 & ~_umask())
         if out.exists():
             out.rmdir()
         os.replace(temp, out)
@@ -110,6 +122,13 @@ def import_run(
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return {key: out / path.name for key, path in files.items()}, errors
+
+
+def _umask() -> int:
+    """The process umask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _import_m3dm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
@@ -142,20 +161,74 @@ def _import_m3dm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], 
     )
 
 
+def _import_g2sf(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
+    """Per category: LSPN, μ and θ from the release folder, banks from the data (official ``--load_fuser``)."""
+    if job.data_root is None:
+        raise ValueError("--method g2sf needs --data ROOT: the memory banks are built from the training samples")
+    if not source.is_dir():
+        raise DataError(source, "give the release folder holding <class>/fusion/MMScoringTrainerV2.pth")
+    job.log(f"importing G2SF's fusion networks from {source}; building memory banks from {job.data_root}")
+    return train_run(
+        "g2sf",
+        job.data_root,
+        temp,
+        categories=job.categories,
+        max_fpr=job.max_fpr,
+        hparams={**job.hparams, "official_fusion": str(source.resolve())},
+        cache_dir=job.cache_dir,
+        fallback=job.fallback,
+        format=job.dataset.name if job.dataset is not None else None,
+        progress=job.progress,
+        log=job.log,
+    )
+
+
+def _import_glfm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
+    """One unified model: the released adapted extractor, the memories built from every category's data."""
+    if job.data_root is None:
+        raise ValueError(
+            "--method glfm needs --data ROOT: a released GLFM is only its adapted Point-MAE; the prototypes and "
+            "local memories are built from the training samples"
+        )
+    if not source.is_file():
+        raise DataError(source, "give the adapted checkpoint file itself (pointmae_adapted.pth)")
+    job.log(f"importing GLFM's adapted Point-MAE from {source}; building the memories from {job.data_root}")
+    hparams = {**job.hparams, "adaptation": "released", "adapted_checkpoint": str(source.resolve())}
+    return train_run(
+        "glfm",
+        job.data_root,
+        temp,
+        categories=job.categories,
+        unified=True,
+        max_fpr=job.max_fpr,
+        hparams=hparams,
+        cache_dir=job.cache_dir,
+        fallback=job.fallback,
+        format=job.dataset.name if job.dataset is not None else None,
+        progress=job.progress,
+        log=job.log,
+    )
+
+
 def _import_networks(
     method: str, source: Path, orq: str | Path | None, temp: Path, job: _Job
 ) -> tuple[dict[str, Path], list[DataError]]:
-    """CFM (one model per released class) or Uni-RCM (one unified model): weights from files, thresholds from data."""
-    if method == "cfm":
+    """CFM or CMDR-IAD (one model per released class) or Uni-RCM (one unified model): weights from files,
+    thresholds from data."""
+    if method in ("cfm", "cmdr"):
         from mmiad.methods.cfm.official import find_cfm_checkpoints, import_cfm_pair
+        from mmiad.methods.cmdr.official import find_cmdr_checkpoints, import_cmdr_set
 
-        pairs = find_cfm_checkpoints(source)
+        finder, importer = (
+            (find_cfm_checkpoints, import_cfm_pair) if method == "cfm" else (find_cmdr_checkpoints, import_cmdr_set)
+        )
+        pairs = finder(source)
         if job.categories:
             unknown = [c for c in job.categories if c not in pairs]
             if unknown:
-                raise ValueError(f"no released CFM files for {', '.join(unknown)}; found: {', '.join(pairs)}")
+                raise ValueError(f"no released {method} files for {', '.join(unknown)}; found: {', '.join(pairs)}")
             pairs = {c: pairs[c] for c in job.categories}
-        imports = {name: import_cfm_pair(paths) for name, paths in pairs.items()}
+        imports = {name: importer(paths) for name, paths in pairs.items()}
         members = {name: [name] for name in imports}
     else:
         from mmiad.methods.unircm.official import import_unircm
@@ -197,7 +270,7 @@ def _import_networks(
             job.log(f"[{key}] imported; image threshold {trained.thresholds.image:.4g} from {source_names}")
         trained.info = info
         files[key] = save_trained(temp / f"{key}.safetensors", trained)
-    index_categories = list(members) if method == "cfm" else members[UNIFIED]
+    index_categories = members[UNIFIED] if method == "unircm" else list(members)
     write_run_index(temp, method, method == "unircm", index_categories, files)
     return files, errors
 

@@ -32,14 +32,56 @@ def quiet(_: str) -> None:
     return None
 
 
-def select_few_shot(records: Sequence[SampleRecord], shots: int, seed: int) -> tuple[list[SampleRecord], list[int]]:
-    """k nominal samples drawn without replacement by a seeded generator; the indices are recorded in the model."""
+#: ``--shot-selection``: ``random`` draws with ``--seed`` (the default), ``first`` takes the first K files in sorted
+#: order (CIF's protocol). The draw depends only on the category's training files, K, the rule and the seed, never
+#: on the method, so every method of a few-shot comparison sees the same samples.
+SHOT_SELECTIONS = ("random", "first")
+
+
+def select_few_shot(
+    records: Sequence[SampleRecord], shots: int, seed: int, selection: str = "random"
+) -> tuple[list[SampleRecord], list[int]]:
+    """K nominal samples and their indices in ``records`` (ascending); the run records both.
+
+    ``random``: drawn without replacement by ``numpy.random.default_rng(seed)``. ``first``: the first K by RGB
+    path (sorted), whatever order the dataset listed them in. K beyond the records keeps them all.
+    """
     if shots <= 0:
         raise ValueError(f"--shots must be positive, got {shots}")
+    if selection not in SHOT_SELECTIONS:
+        raise ValueError(f"unknown shot selection {selection!r}; expected one of {', '.join(SHOT_SELECTIONS)}")
     if shots >= len(records):
         return list(records), list(range(len(records)))
-    indices = sorted(np.random.default_rng(seed).choice(len(records), size=shots, replace=False).tolist())
+    if selection == "first":
+        by_path = sorted(range(len(records)), key=lambda i: (str(records[i].rgb_path), str(records[i].xyz_path)))
+        indices = sorted(by_path[:shots])
+    else:
+        indices = sorted(np.random.default_rng(seed).choice(len(records), size=shots, replace=False).tolist())
     return [records[i] for i in indices], indices
+
+
+def few_shot_record(
+    train: Sequence[SampleRecord], indices: Sequence[int], shots: int, seed: int, selection: str, root: Path
+) -> dict[str, Any]:
+    """What a run records of a draw: K, the rule, the seed, the indices and the files (relative to the root)."""
+
+    def relative(path: Any) -> str | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    return {
+        "shots": shots,
+        "selection": selection,
+        "seed": seed if selection == "random" else None,
+        "indices": list(indices),
+        "stems": [r.stem for r in train],
+        "files": [relative(r.rgb_path) for r in train],
+        "xyz_files": [relative(r.xyz_path) for r in train],
+    }
 
 
 def calibration_split(
@@ -56,7 +98,12 @@ def calibration_split(
 
 
 def _category_splits(
-    dataset: DatasetFormat, names: Sequence[str], shots: int | None, seed: int, errors: list[DataError]
+    dataset: DatasetFormat,
+    names: Sequence[str],
+    shots: int | None,
+    seed: int,
+    errors: list[DataError],
+    selection: str = "random",
 ) -> dict[str, tuple[list[SampleRecord], list[SampleRecord], str, dict[str, Any]]]:
     """Per category: (training records, calibration records, calibration source, facts for the model file)."""
     splits = {}
@@ -67,8 +114,8 @@ def _category_splits(
         train, calibration, source = calibration_split(dataset, category, train, errors)
         info: dict[str, Any] = {}
         if shots:
-            train, indices = select_few_shot(train, shots, seed)
-            info["few_shot"] = {"shots": shots, "seed": seed, "indices": indices, "stems": [r.stem for r in train]}
+            train, indices = select_few_shot(train, shots, seed, selection)
+            info["few_shot"] = few_shot_record(train, indices, shots, seed, selection, dataset.root)
         splits[category] = (train, calibration, source, info)
     return splits
 
@@ -89,8 +136,12 @@ def train_run(
     format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
+    shot_selection: str = "random",
 ) -> tuple[dict[str, Path], list[DataError]]:
     """Train one model per category (or one ``unified`` model on all of them) and write the run folder.
+
+    With ``shots`` K, each category trains on K nominal samples chosen by ``shot_selection`` (see
+    :func:`select_few_shot`; the same for every method); the model files and ``run.json`` record which files.
 
     A unified model sees the union of the categories' nominal samples with no category label, as Uni-RCM's
     multi-class setting; its thresholds are calibrated on the union of the held-out nominal samples.
@@ -111,7 +162,9 @@ def train_run(
         raise ValueError(f"method {method!r} needs no training; score a dataset with `mmiad test --method {method}`")
     compute = compute_record(prototype)  # an absent --device fails here, before any work
     distributed = ddp.init_from_env()
-    splits = _category_splits(dataset, names, shots, seed, errors)
+    if shot_selection not in SHOT_SELECTIONS:
+        raise ValueError(f"unknown shot selection {shot_selection!r}; expected one of {', '.join(SHOT_SELECTIONS)}")
+    splits = _category_splits(dataset, names, shots, seed, errors, shot_selection)
     groups = {UNIFIED: names} if unified else {category: [category] for category in names}
     # What per-category models share is trained once on all categories (M3DM's UFF); most methods share nothing.
     shared = None
@@ -150,7 +203,8 @@ def train_run(
             threshold = trained.thresholds.image if trained.thresholds else float("nan")
             log(f"[{key}] saved {files[key]} (image threshold {threshold:.4g} from {', '.join(sources)})")
     if ddp.is_main_process():
-        write_run_index(out, method, unified, names, files, compute=compute)
+        draws = {c: splits[c][3]["few_shot"] for c in names} if shots else None
+        write_run_index(out, method, unified, names, files, compute=compute, few_shot=draws)
     if distributed:
         ddp.barrier()
     return files, errors
@@ -168,8 +222,10 @@ def write_run_index(
     categories: Sequence[str],
     files: dict[str, Path],
     compute: dict[str, str] | None = None,
+    few_shot: dict[str, Any] | None = None,
 ) -> None:
-    """``run.json``: which model file serves which category (and where it was trained: informative only)."""
+    """``run.json``: which model file serves which category (and where it was trained: informative only), and
+    for a few-shot run the files each category was trained on."""
     index = {
         "method": method,
         "unified": unified,
@@ -177,6 +233,8 @@ def write_run_index(
         "models": {k: v.name for k, v in files.items()},
         **(compute or {}),
     }
+    if few_shot:
+        index["few_shot"] = few_shot
     write_json(out / RUN_INDEX, index)
 
 
@@ -191,12 +249,14 @@ def extend_run(
     format: str | None = None,
     progress: bool = False,
     log: Log = quiet,
+    replay: bool = True,
 ) -> tuple[Path, list[DataError]]:
     """Add categories to a trained unified model in place (``mmiad train --resume RUN --add-categories ...``).
 
     The method extends what it learned (Uni-RCM: new ORQ codes, fine-tuning with replay of the earlier
     categories' training samples, whose features come from the feature cache) and the thresholds are
-    recalibrated on the held-out nominal samples of all categories.
+    recalibrated on the held-out nominal samples of all categories. ``replay=False`` hands the method no earlier
+    training sample (the incremental protocol's rule: a step trains on the new classes only).
     """
     dataset, run = open_dataset(data_root, format), Path(run)
     models = run_models(run)
@@ -213,9 +273,10 @@ def extend_run(
     errors: list[DataError] = []
     splits = _category_splits(dataset, [*known, *added], None, 0, errors)
     new = [r for c in added for r in splits[c][0]]
-    replay = [r for c in known for r in splits[c][0]]
-    log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replay)} replayed samples")
-    extend(new, replay, epochs=epochs, progress=progress, errors=errors)
+    earlier = [r for c in known for r in splits[c][0]]
+    replayed = earlier if replay else []
+    log(f"[unified] adding {', '.join(added)} ({len(new)} samples) with {len(replayed)} replayed samples")
+    extend(new, replayed, epochs=epochs, progress=progress, errors=errors)
     calibration = [r for c in [*known, *added] for r in splits[c][1]]
     held_out = list(score_records(trained.model, calibration, progress=progress, errors=errors))
     thresholds = calibrate(
@@ -225,7 +286,7 @@ def extend_run(
     trained.info = {**trained.info, "categories": [*known, *added]}
     if trained.fallback is not None:
         fit_fallback(
-            trained, [*replay, *new], calibration, max_fpr=max_fpr, source="validation (after extend)", errors=errors
+            trained, [*earlier, *new], calibration, max_fpr=max_fpr, source="validation (after extend)", errors=errors
         )
     path = save_trained(models[UNIFIED], trained)
     index = read_run_index(run)

@@ -180,10 +180,12 @@ class _Loop:
         self.scorer, self.pipeline = scorer, scorer.pipeline
         self.thresholds, self.fallback, self.fallback_thresholds = thresholds, fallback, fallback_thresholds
         self.key, self.strict, self.label, self.errors, self.observe = key, strict, label, errors, observe
+        self.dropped: list[DataError] = []  # this pass's bad samples, named when a whole batch falls short
 
     def report(self, error: DataError) -> None:
         if self.errors is None:
             raise error
+        self.dropped.append(error)
         self.errors.append(error)
 
     def features(self, loaded: Sequence[LoadedRecord | DataError]) -> list[_Item]:
@@ -285,6 +287,9 @@ class _Loop:
                 found: list[Scored | Exception] = list(scorer.score(batch))  # type: ignore[arg-type]
             except SAMPLE_FAILURES as error:
                 if scorer.whole_batch:  # mutual scores need every sample: the batch fails as one
+                    if isinstance(error, DataError) and self.dropped:  # say which files shrank the batch
+                        names = ", ".join(str(dropped.path or dropped) for dropped in self.dropped)
+                        raise type(error)(error.path, f"{error.problem}; left out as unreadable: {names}") from error
                     raise
                 if len(batch) == 1:
                     found = [error]

@@ -4,4 +4,4 @@ Importing this package registers the built-in extractors (see :mod:`mmiad.featur
 its own module plus one line here.
 """
 
-from mmiad.features import fpfh, texture, weights, wideresnet  # noqa: F401  (each registers its extractors)
+from mmiad.features import fpfh, noimage, texture, vit_tokens, weights, wideresnet  # noqa: F401  (each registers its extractors)

@@ -325,3 +325,32 @@ def three_nn_weights(points: torch.Tensor, centres: torch.Tensor, k: int = 3) ->
     neighbors, dist = knn_indices(centres, points, k)
     inverse = 1.0 / (dist + 1e-8)
     return neighbors, inverse / inverse.sum(dim=1, keepdim=True)
+
+
+def regroup_mean(
+    features: torch.Tensor, neighbors: torch.Tensor, weights: torch.Tensor, member_idx: torch.Tensor
+) -> torch.Tensor:
+    """GLFM's two-step smoothing of group features (``GLFM.get_point_features``).
+
+    The G group features are first propagated to every point by its 3-NN weights (:func:`three_nn_weights`), then
+    each group's new feature is the mean of the propagated features of its K members. The official code re-runs
+    FPS and kNN for the second step; both are deterministic, so its groups are the first step's, ``member_idx``.
+
+    Args:
+        features: (G,C) group features.
+        neighbors: (N,k) group rows each point blends.
+        weights: (N,k) blending weights.
+        member_idx: (G,K) point rows of each group.
+
+    Returns:
+        (G,C) smoothed features, in ``features``' dtype.
+    """
+    propagated = torch.zeros(neighbors.shape[0], features.shape[1], dtype=features.dtype, device=features.device)
+    for column in range(neighbors.shape[1]):  # one column at a time: N×C, never N×k×C
+        rows = features.index_select(0, neighbors[:, column])
+        propagated.addcmul_(rows, weights[:, column : column + 1].to(rows.dtype))
+    out = torch.empty_like(features)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, member_idx.shape[1] * features.shape[1]))
+    for start in range(0, member_idx.shape[0], chunk):  # bounds the gathered (g,K,C) block to ~16 MB
+        out[start : start + chunk] = propagated[member_idx[start : start + chunk]].mean(dim=1)
+    return out

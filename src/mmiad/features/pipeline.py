@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmiad.data.errors import DataError
-from mmiad.data.formats import load_sample
+from mmiad.data.formats import feature_files, load_sample
 from mmiad.data.preprocess import ModelInput, PreprocessProfile, prepare_input, preprocess_dataset
 from mmiad.data.sample import SampleRecord
 from mmiad.features.base import (
@@ -180,7 +180,12 @@ class FeaturePipeline:
         """The record's cache key (None without a cache) and its cached features (None on a miss)."""
         if self.cache is None:
             return None, None
-        key = FeatureCache.key([record.rgb_path, record.xyz_path], self.config())
+        files = feature_files(record)  # every file the features come from: an edited pose.txt is a new key
+        try:
+            key = FeatureCache.key(files, self.config())
+        except OSError as error:
+            culprit = next((path for path in files if not path.is_file()), files[0])
+            raise DataError(culprit, f"unreadable ({error.strerror or error})") from error
         stored = self.cache.get(key, validate=self.entry_problem)
         if stored is None:
             return key, None

@@ -35,7 +35,7 @@ from torch import nn
 
 from mmiad.features.base import NONZERO_RULES, PointFeatures, feature_points
 from mmiad.features.checkpoints import CheckpointError, load_strict, read_checkpoint, strip_prefixes
-from mmiad.features.grouping import GroupingFn, knn_group_indices, three_nn_weights
+from mmiad.features.grouping import GroupingFn, knn_group_indices, regroup_mean, three_nn_weights
 from mmiad.features.layers import Attention, Mlp
 
 _GROUP_CHUNK = 128  # groups per Mini-PointNet pass: bounds activations to ~32 MB for 128-point groups
@@ -72,6 +72,10 @@ POINTMAE_PRESETS: dict[str, PointMaePreset] = {
     "pointmae_keep8": replace(_FULL, name="pointmae_keep8", keep_blocks=8, layers=(1, 4, 7)),
     "pointmae_keep4": replace(_FULL, name="pointmae_keep4", keep_blocks=4, layers=(1, 2, 3)),
     "pointmae_keep1": replace(_FULL, name="pointmae_keep1", keep_blocks=1, layers=(0,)),
+    # G2SF's grouping: 512 FPS centres of 128 points (its config_parse.py), the full 12-block encoder.
+    "pointmae_g512": replace(_FULL, name="pointmae_g512", num_group=512),
+    # GLFM (hustCYQ/GLFM-Multi-class-3DAD, fetch_idx=[0, 1]): the first two blocks, 768-d; blocks 2-11 never run.
+    "pointmae_glfm": replace(_FULL, name="pointmae_glfm", keep_blocks=2, layers=(0, 1)),
 }
 
 TRANS_DIM = 384
@@ -85,6 +89,9 @@ BATCHNORM_MODES = ("cloud", "running")
 #: ``expected``: DropPath at its expected value, the identity; ``sampled``: random DropPath as the official scripts
 #: run it, drawn from a generator seeded per cloud.
 DROP_PATH_MODES = ("expected", "sampled")
+#: ``first``: FPS starts at the cloud's first point (the CUDA kernel CFM and M3DM use); ``random``: at a random point,
+#: as the pure-PyTorch FPS of CMDR-IAD's code, drawn from a generator seeded per cloud.
+FPS_STARTS = ("first", "random")
 
 
 def drop_path_rates(blocks: int) -> list[float]:
@@ -351,7 +358,9 @@ class PointMaeEncoder(nn.Module):
         return torch.cat(picked, dim=-1)[0]
 
 
-_UNUSED_PREFIXES = ("MAE_decoder.", "decoder_pos_embed.", "increase_dim.", "mask_token")
+#: Keys of other checkpoints' heads: the pre-training decoder, and GLFM's Stage-I segmentation head (``classify.*``,
+#: saved with its adapted ``pointmae_adapted.pth``), which no extractor uses.
+_UNUSED_PREFIXES = ("MAE_decoder.", "decoder_pos_embed.", "increase_dim.", "mask_token", "classify.")
 
 
 def load_pointmae_weights(model: PointMaeEncoder, path: str | Path) -> None:
@@ -421,6 +430,14 @@ class PointMaeExtractor:
         drop_path_seed: Seed of the sampled DropPath (recorded in :meth:`config`).
         nonzero: Which points feed the features (:data:`~mmiad.features.base.NONZERO_RULES`); ``all`` is the
             official rule.
+        regroup: GLFM's two-step smoothing: each group's feature becomes the mean, over the group's members, of
+            the features propagated to the points by the 3-NN weights (:func:`~mmiad.features.grouping.regroup_mean`)
+            instead of the raw token. Off by default (CFM, M3DM, Uni-RCM use the tokens).
+        fps_start: ``first`` (default: index 0, deterministic, as CFM's CUDA FPS) or ``random`` (CMDR-IAD's
+            pure-PyTorch FPS). The random start is drawn from a generator seeded by ``fps_seed`` and the cloud's
+            coordinates, so a cloud always gets the same start (the feature cache stays valid); the official code
+            draws it from the global torch generator, so it differs per run and per epoch there.
+        fps_seed: Seed of the random start (recorded in :meth:`config` with it).
 
     Attributes:
         out_channels: 384 × number of output layers (1152 for the papers' preset).
@@ -436,6 +453,9 @@ class PointMaeExtractor:
         drop_path: str = "expected",
         drop_path_seed: int = 0,
         nonzero: str = "all",
+        regroup: bool = False,
+        fps_start: str = "first",
+        fps_seed: int = 0,
     ) -> None:
         if tuple(preset.layers) != model.layers or preset.keep_blocks != len(model.blocks.blocks):
             raise ValueError(f"preset {preset.name} does not match the model's layers/blocks")
@@ -443,6 +463,10 @@ class PointMaeExtractor:
             raise ValueError(f"drop_path must be one of {DROP_PATH_MODES}, got {drop_path!r}")
         if nonzero not in NONZERO_RULES:
             raise ValueError(f"nonzero must be one of {NONZERO_RULES}, got {nonzero!r}")
+        if fps_start not in FPS_STARTS:
+            raise ValueError(f"fps_start must be one of {FPS_STARTS}, got {fps_start!r}")
+        self.fps_start = fps_start
+        self.fps_seed = int(fps_seed)
         self.model = model.eval().requires_grad_(False)
         self.preset = preset
         self.weights_id = weights_id
@@ -450,6 +474,7 @@ class PointMaeExtractor:
         self.drop_path = drop_path
         self.drop_path_seed = int(drop_path_seed)
         self.nonzero = nonzero
+        self.regroup = bool(regroup)
         self.out_channels = model.dim * len(preset.layers)
 
     def config(self) -> dict[str, Any]:
@@ -458,6 +483,10 @@ class PointMaeExtractor:
         modes: dict[str, Any] = {"batchnorm": self.model.batchnorm, "drop_path": self.drop_path}
         if self.drop_path == "sampled":
             modes["drop_path_seed"] = self.drop_path_seed
+        if self.regroup:  # only when on, so the other presets' configs (and cache keys) stay as they were
+            modes["regroup"] = True
+        if self.fps_start != "first":  # absent at the default, so existing caches and model files stay valid
+            modes.update(fps_start=self.fps_start, fps_seed=self.fps_seed)
         return {"kind": "pointmae", **settings, "weights": self.weights_id, **modes, "nonzero": self.nonzero}
 
     @property
@@ -482,15 +511,30 @@ class PointMaeExtractor:
         if grouping is not None:
             centre_idx, member_idx = grouping(points, self.preset.num_group, self.preset.group_size)
             return centre_idx.to(on_device.device), member_idx.to(on_device.device)
-        return knn_group_indices(on_device, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend)
+        if self.fps_start == "first":
+            return knn_group_indices(
+                on_device, self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
+            )
+        # A random start: FPS from index 0 of the cloud rotated to begin at the drawn point, indices rotated back.
+        start = int(torch.randint(points.shape[0], (1,), generator=self._seeded(self.fps_seed, points)))
+        order = (torch.arange(points.shape[0], device=on_device.device) + start) % points.shape[0]
+        centre_idx, member_idx = knn_group_indices(
+            on_device[order], self.preset.num_group, self.preset.group_size, fps_backend=self.fps_backend
+        )
+        return order[centre_idx], order[member_idx]
+
+    @staticmethod
+    def _seeded(seed: int, points: torch.Tensor) -> torch.Generator:
+        """A generator seeded by ``seed`` and the cloud's coordinates (the same cloud, the same draws)."""
+        digest = hashlib.sha256(seed.to_bytes(8, "little", signed=True))
+        digest.update(points.numpy().tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
 
     def _generator(self, points: torch.Tensor) -> torch.Generator | None:
         """The sampled DropPath's generator for one cloud: seeded by the recorded seed and the coordinates."""
         if self.drop_path == "expected":
             return None
-        digest = hashlib.sha256(self.drop_path_seed.to_bytes(8, "little", signed=True))
-        digest.update(points.numpy().tobytes())
-        return torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little") >> 1)
+        return self._seeded(self.drop_path_seed, points)
 
     def extract(self, xyz: np.ndarray, valid: np.ndarray) -> PointFeatures:
         """Features for one S×S organized cloud; pixels outside ``valid`` are ignored.
@@ -537,6 +581,8 @@ class PointMaeExtractor:
                     neighborhoods = on_device[member_idx] - centres[:, None, :]
                     neighbors, weights = three_nn_weights(on_device, centres)
                 features = self.model(neighborhoods, centres, self._generator(points))
+                if self.regroup:
+                    features = regroup_mean(features, neighbors, weights, member_idx)
         # Clone out of inference mode: inference tensors cannot be used by later autograd (CFM training).
         point_features = PointFeatures(
             features=features.clone(),

@@ -100,11 +100,18 @@ EXTRACTOR_PRESETS: dict[str, ExtractorPreset] = {
     for p in (
         ExtractorPreset("weightfree", "texture", "fpfh", "colour + filter-bank 2D, FPFH 3D; no weights needed"),
         ExtractorPreset("dino-pointmae", "dino_vitb8", "pointmae", "DINO ViT-B/8 + Point-MAE, 12 blocks (paper)"),
+        ExtractorPreset(
+            "dino-pointmae512", "dino_vitb8", "pointmae_g512", "DINO ViT-B/8 + Point-MAE 512 groups (G2SF)"
+        ),
         ExtractorPreset("dino-pointmae-m", "dino_vitb8_keep8", "pointmae_keep8", "CFM-M: both pruned to 8 blocks"),
         ExtractorPreset("dino-pointmae-s", "dino_vitb8_keep4", "pointmae_keep4", "CFM-S: both pruned to 4 blocks"),
         ExtractorPreset("dino-pointmae-t", "dino_vitb8_keep1", "pointmae_keep1", "CFM-T: both pruned to 1 block"),
         ExtractorPreset("wrn50-fpfh", "wrn50", "fpfh", "Wide-ResNet-50-2 layers 2+3 + FPFH (BTF paper)"),
         ExtractorPreset("wrn50-pointmae", "wrn50", "pointmae", "Wide-ResNet-50-2 layers 2+3 + Point-MAE"),
+        ExtractorPreset(
+            "dino-rad", "dino_vitb8_rad", "pointmae", "DINO ViT-B/8 blocks 3/6/9/11 + CLS (RAD, substituted)"
+        ),
+        ExtractorPreset("glfm", "none", "pointmae_glfm", "GLFM: no 2D, Point-MAE blocks 0+1 (768-d)"),
     )
 }
 

@@ -150,6 +150,16 @@ class VisionTransformer(nn.Module):
         This is DINO's ``get_intermediate_layers`` (every returned block passes the shared final LayerNorm), which
         MuSc-V2 scores layer by layer (blocks 3, 7, 11).
         """
+        return self.forward_tokens(rgb, layers)[0]
+
+    def forward_tokens(
+        self, rgb: torch.Tensor, layers: tuple[int, ...]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(maps, CLS tokens) of the given 0-based blocks: (B,C,H/p,W/p) patch maps and (B,C) CLS tokens, both
+        through the final norm (DINO's ``get_intermediate_layers(..., return_class_token=True, norm=True)``).
+
+        RAD retrieves training images by the last block's normed CLS and matches patches at blocks 3/6/9/11.
+        """
         if not layers or any(not 0 <= layer < len(self.blocks) for layer in layers):
             raise ValueError(f"layers {layers} must be within the {len(self.blocks)} kept blocks")
         tokens = self.patch_embed(rgb)
@@ -160,8 +170,9 @@ class VisionTransformer(nn.Module):
         for index, block in enumerate(self.blocks[: max(layers) + 1]):
             x = block(x)
             if index in layers:
-                picked[index] = self.norm(x)[:, 1:].transpose(1, 2).reshape(batch, dim, rows, cols).contiguous()
-        return [picked[layer] for layer in layers]
+                picked[index] = self.norm(x)
+        maps = [picked[i][:, 1:].transpose(1, 2).reshape(batch, dim, rows, cols).contiguous() for i in layers]
+        return maps, [picked[i][:, 0].contiguous() for i in layers]
 
 
 def _vit_state_dict(path: str | Path) -> dict[str, Any]:

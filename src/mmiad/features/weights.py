@@ -126,6 +126,12 @@ KNOWN_WEIGHTS: dict[str, WeightsEntry] = {
             ),
             "https://github.com/Pang-Yatian/Point-MAE/releases/download/main/pretrain.pth",
         ),
+        # GLFM's Stage-I output (a plain state_dict with its classify.* head), for --set adaptation=released.
+        WeightsEntry(
+            "glfm_adapted",
+            (KnownFile("pointmae_adapted.pth"),),
+            "the Baidu link in the README of https://github.com/hustCYQ/GLFM-Multi-class-3DAD",
+        ),
     )
 }
 
@@ -249,6 +255,7 @@ def build_point_extractor(
     drop_path: str = "expected",
     drop_path_seed: int = 0,
     nonzero: str = "all",
+    regroup: bool = False,
 ) -> PointMaeExtractor:
     """A frozen Point-MAE extractor for a named preset, loaded from the weights folder.
 
@@ -265,6 +272,7 @@ def build_point_extractor(
         drop_path: ``"expected"`` (default: identity) or ``"sampled"`` (the official random DropPath, seeded).
         drop_path_seed: Seed of the sampled DropPath.
         nonzero: ``"all"`` (default, official: a point needs three non-zero coordinates) or ``"any"``.
+        regroup: GLFM's two-step smoothing of the group features (see :class:`PointMaeExtractor`).
     """
     if preset not in POINTMAE_PRESETS:
         raise ValueError(f"unknown point extractor preset {preset!r}; known: {sorted(POINTMAE_PRESETS)}")
@@ -272,7 +280,12 @@ def build_point_extractor(
     if keep_blocks is not None:
         spec = replace(spec, keep_blocks=keep_blocks, layers=official_layers(keep_blocks))
     spec = replace(spec, num_group=num_group or spec.num_group, group_size=group_size or spec.group_size)
-    options: dict[str, Any] = {"drop_path": drop_path, "drop_path_seed": drop_path_seed, "nonzero": nonzero}
+    options: dict[str, Any] = {
+        "drop_path": drop_path,
+        "drop_path_seed": drop_path_seed,
+        "nonzero": nonzero,
+        "regroup": regroup,
+    }
     if random_init:
         _random_init_warning(preset, seed)
         with torch.random.fork_rng(devices=[]):

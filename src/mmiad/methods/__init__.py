@@ -3,4 +3,4 @@
 Importing this package registers the built-in methods; a new method is its own package plus one line here.
 """
 
-from mmiad.methods import btf, cfm, m3dm, musc, unircm  # noqa: F401  (each registers itself)
+from mmiad.methods import btf, cfm, cif, cmdr, g2sf, glfm, m3dm, musc, rad, unircm  # noqa: F401  (each registers itself)

@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from mmiad.features.checkpoints import CheckpointError, load_strict, read_checkpoint
+from mmiad.features.checkpoints import (
+    CheckpointError,
+    check_dense_storage,
+    check_finite,
+    load_strict,
+    read_checkpoint,
+    state_problems,
+)
 from mmiad.utils.hashing import file_sha256
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass
@@ -65,9 +73,27 @@ def read_official(path: Path) -> dict[str, Any]:
 
     Training scripts built on MAE's ``misc.save_model`` (M3DM's ``fusion_pretrain.py``) store their parsed
     command line under ``args``; a Namespace only holds plain attributes, so allowing it keeps the load safe.
+    Every tensor must be dense (:func:`~mmiad.features.checkpoints.check_dense_storage`), so nothing read from
+    the file can declare more elements than the file holds bytes; the releases are all torch >= 1.6 zip files,
+    so the legacy pickle format is refused.
     """
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return read_checkpoint(path)
+        loaded = read_checkpoint(path, allow_legacy=False)
+    _check_names(path, loaded)
+    check_dense_storage(path, loaded)
+    return loaded
+
+
+def _check_names(path: Path, obj: Any, where: str = "") -> None:
+    """Refuse a mapping keyed by anything but strings (``{0: tensor}`` loads, then breaks every name lookup)."""
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise CheckpointError(path, f"key {key!r}{f' under {where!r}' if where else ''} is not a name")
+            _check_names(path, value, f"{where}.{key}" if where else key)
+    elif isinstance(obj, list | tuple):
+        for index, value in enumerate(obj):
+            _check_names(path, value, f"{where}.{index}" if where else str(index))
 
 
 def source_entry(path: Path) -> dict[str, str]:
@@ -82,9 +108,46 @@ def require_keys(path: Path, state: Mapping[str, Any], keys: Iterable[str], kind
         raise CheckpointError(path, f"not a {kind} file", missing=missing)
 
 
-def check_against(path: Path, module: nn.Module, state: Mapping[str, Any]) -> None:
-    """One error naming ``path`` with every missing, unexpected and mis-shaped key (the module is filled too)."""
+def tensor_shape(path: Path, state: Mapping[str, Any], key: str, ndim: int) -> tuple[int, ...]:
+    """The shape of ``state[key]``, refused unless it has ``ndim`` dimensions (sizes are read from it)."""
+    tensor = state.get(key)
+    if not isinstance(tensor, torch.Tensor):
+        raise CheckpointError(path, f"{key!r} is missing or not a tensor")
+    if tensor.dim() != ndim or tensor.numel() == 0:
+        raise CheckpointError(path, f"{key!r} has shape {tuple(tensor.shape)}; expected {ndim} non-empty dimensions")
+    return tuple(int(size) for size in tensor.shape)
+
+
+def build_checked(path: Path, build: Callable[[], ModuleT], state: Mapping[str, Any]) -> ModuleT:
+    """The module ``build`` makes, filled from ``state`` after every check that needs no allocation.
+
+    Order matters for hostile files: the module is first built on the meta device (no memory) and the file's
+    names and shapes are compared with it, so sizes read from a tensor never allocate anything the file does
+    not itself hold (its tensors are dense: :func:`read_official`); then the used tensors must be finite; only
+    then is the real module built and loaded.
+
+    Raises:
+        CheckpointError: naming ``path``: sizes that make no module, every missing, unexpected or mis-shaped key,
+            or the first tensor with a NaN or infinite value.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (ValueError, AssertionError, RuntimeError, TypeError, ZeroDivisionError) as error:
+        raise CheckpointError(path, f"the sizes its tensors declare make no valid model ({error})") from error
+    missing, unexpected, mismatched = state_problems(skeleton, state)
+    if missing or unexpected or mismatched:
+        raise CheckpointError(
+            path,
+            f"checkpoint does not fit {type(skeleton).__name__}",
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+        )
+    check_finite(path, {k: v for k, v in state.items() if k in skeleton.state_dict()})
+    module = build()
     load_strict(module, state, path=path)
+    return module
 
 
 def count_indexed(state: Mapping[str, Any], prefix: str) -> int:

@@ -44,14 +44,23 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     return x[:, 0]
 
 
-def box_cascade_smooth(maps: torch.Tensor) -> torch.Tensor:
-    """The official CFM smoothing: 5 passes of a 5×5 box then 3 passes of a 7×7 box, zero padding."""
+def box_passes(maps: torch.Tensor, passes: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Repeated size×size box filters of (B,H,W) maps, zero padding (the divisor is always size²).
+
+    ``passes`` lists ``(size, repeats)`` in order: the official CFM cascade is ``((5, 5), (7, 3))``; CMDR-IAD also
+    pre-smooths a map with ``((5, 3), (7, 2))`` and its 3D-only script with ``((5, 1),)``.
+    """
     x = maps.unsqueeze(1)
-    for size, passes in ((5, 5), (7, 3)):
-        kernel = torch.full((1, 1, size, size), 1.0 / (size * size), dtype=maps.dtype)
-        for _ in range(passes):
+    for size, repeats in passes:
+        kernel = torch.full((1, 1, size, size), 1.0 / (size * size), dtype=maps.dtype, device=maps.device)
+        for _ in range(repeats):
             x = F.conv2d(x, kernel, padding=size // 2)
     return x[:, 0]
+
+
+def box_cascade_smooth(maps: torch.Tensor) -> torch.Tensor:
+    """The official CFM smoothing: 5 passes of a 5×5 box then 3 passes of a 7×7 box, zero padding."""
+    return box_passes(maps, ((5, 5), (7, 3)))
 
 
 def pil_uint8_smooth(maps: torch.Tensor, radius: float = 4.0) -> torch.Tensor:

@@ -68,16 +68,25 @@ def _file_stat(path: Path) -> dict[str, object]:
 
 
 def _sources(record: SampleRecord) -> dict[str, object] | None:
-    """What the cached entry depends on; None when a source file is missing (it will then fail to load)."""
+    """What the cached entry depends on; None when a source file is missing (it will then fail to load).
+
+    Besides the RGB and the cloud, any side file the format declares (:meth:`DatasetFormat.sample_files`) is
+    stat'ed too; MVTec 3D-AD has none, so its sidecars stay as they were.
+    """
+    declared = get_format(record.format).sample_files(record)
     try:
-        return {
+        sources: dict[str, object] = {
             "xyz": _file_stat(Path(record.xyz_path)),
             "rgb": _file_stat(Path(record.rgb_path)),
             "extra": [list(item) for item in record.extra],
             "format": record.format,
         }
+        side = {role: _file_stat(path) for role, path in declared.items() if role not in ("rgb", "xyz", "gt")}
     except OSError:
         return None
+    if side:
+        sources["side_files"] = side
+    return sources
 
 
 def _write_json(path: Path, payload: dict[str, object]) -> None:

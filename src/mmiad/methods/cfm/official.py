@@ -16,12 +16,13 @@ from mmiad.methods.cfm.mapping import FeatureProjectionMLP
 from mmiad.methods.modelfile import prefixed
 from mmiad.methods.official import (
     OfficialImport,
-    check_against,
+    build_checked,
     find_files,
     plain_name,
     read_official,
     require_keys,
     source_entry,
+    tensor_shape,
 )
 
 FILE_PATTERN = re.compile(r"^CFM_(2Dto3D|3Dto2D)_(.+)_(\d+)ep_(\d+)bs\.pth$")
@@ -54,10 +55,9 @@ def find_cfm_checkpoints(source: str | Path) -> dict[str, dict[str, Path]]:
 def _load_mlp(path: Path) -> FeatureProjectionMLP:
     state = read_official(path)
     require_keys(path, state, _SHAPE_KEYS, "CFM FeatureProjectionMLP")
-    in_features, out_features = state["input.weight"].shape[1], state["output.weight"].shape[0]
-    mlp = FeatureProjectionMLP(int(in_features), int(out_features))
-    check_against(path, mlp, state)
-    return mlp
+    in_features = tensor_shape(path, state, "input.weight", 2)[1]
+    out_features = tensor_shape(path, state, "output.weight", 2)[0]
+    return build_checked(path, lambda: FeatureProjectionMLP(in_features, out_features), state)
 
 
 def import_cfm_pair(paths: dict[str, Path]) -> OfficialImport:

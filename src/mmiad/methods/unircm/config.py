@@ -142,3 +142,6 @@ class UniRCMConfig(MethodSettings):
             raise ValueError("need memory_budget_gb >= 0 and micro_batch >= 1")
         if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1 or self.orq_layers < 1:
             raise ValueError("need grid_size <= image_size, epochs >= 0, batch_size >= 1 and orq_layers >= 1")
+        if self.checkpoint_dir is not None and not str(self.checkpoint_dir).strip():
+            # "" is Path("."): the training state would land in whatever folder the command runs from.
+            raise ValueError("checkpoint_dir='' names no folder; give a folder, or leave it unset to save nothing")

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmiad.features.checkpoints import CheckpointError
+from mmiad.features.checkpoints import CheckpointError, check_finite
 from mmiad.methods.modelfile import prefixed
 from mmiad.methods.official import (
     OfficialImport,
-    check_against,
+    build_checked,
     count_indexed,
     find_files,
     read_official,
@@ -103,12 +103,15 @@ def load_official_model(path: Path) -> tuple[RefGuidedMapping, RefGuidedMapping]
     shape = _network_shape(path, state, "net_2d3d")
     _network_shape(path, state, "net_3d2d")  # both halves present; other sizes show up as mismatches below
     hidden, grid, blocks = shape["hidden"], shape["grid"], shape["num_blocks"]
-    networks = [
-        RefGuidedMapping(shape["in"], shape["out"], hidden=hidden, grid=grid, num_blocks=blocks),
-        RefGuidedMapping(shape["out"], shape["in"], hidden=hidden, grid=grid, num_blocks=blocks),
-    ]
-    check_against(path, _OfficialModel(*networks), state)
-    return networks[0].eval(), networks[1].eval()
+
+    def build() -> _OfficialModel:
+        return _OfficialModel(
+            RefGuidedMapping(shape["in"], shape["out"], hidden=hidden, grid=grid, num_blocks=blocks),
+            RefGuidedMapping(shape["out"], shape["in"], hidden=hidden, grid=grid, num_blocks=blocks),
+        )
+
+    model = build_checked(path, build, state)
+    return model.net_2d3d.eval(), model.net_3d2d.eval()
 
 
 def _codebooks(path: Path, state: Any, name: str, dim: int, meta_layers: Any) -> list[torch.Tensor]:
@@ -136,7 +139,12 @@ def _codebooks(path: Path, state: Any, name: str, dim: int, meta_layers: Any) ->
         )
     if isinstance(meta_layers, int) and meta_layers != len(prefixes):
         raise CheckpointError(path, f"vq_layers says {meta_layers} but {name} holds {len(prefixes)} layers")
-    return [tensors[p + "embed"].float().clone() for p in prefixes]
+    books = {f"{name}.{p}embed": tensors[p + "embed"] for p in prefixes}
+    check_finite(path, books)
+    for key, book in books.items():  # no code, or only zero codes: every row would quantize to nothing
+        if book.shape[0] == 0 or not bool(book.any()):
+            raise CheckpointError(path, f"{key} is an empty codebook ({book.shape[0]} codes, all zero or none)")
+    return [book.float().clone() for book in books.values()]
 
 
 def load_official_orq(path: Path, dim_2d: int, dim_3d: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -228,7 +228,7 @@ def train_mappings(
     history: list[float] = []
     start = 0
     if resume is not None:
-        restored = resume.restore(networks, optimizer, generator)
+        restored = resume.restore(networks, optimizer, generator, epochs=epochs)
         if restored is not None:
             start, history = min(restored[0], epochs), restored[1][:epochs]
     bar = tqdm(
