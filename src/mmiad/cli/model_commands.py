@@ -22,38 +22,21 @@ from mmiad.cli.common import (
     split_list,
     write_json,
 )
+from mmiad.cli.options import add_hparam_options, describe_settings, hparams_from_args, run_overrides
 from mmiad.data.errors import DataError
 from mmiad.features.registry import extractors_help
+from mmiad.methods.hparams import HparamError
 from mmiad.methods.registry import methods_help
 from mmiad.utils.atomic import write_text
 
-# CLI option → method hyperparameter; only options the user actually gave are passed on.
-_HPARAM_OPTIONS = {
-    "extractors": "extractors",
-    "weights_dir": "weights_dir",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "lr": "learning_rate",
-    "image_size": "image_size",
-    "grid_size": "grid_size",
-    "aggregation": "aggregation",
-    "mapping": "mapping",
-    "smoothing": "smoothing",
-    "random_init": "random_init",
-    "compat": "compat",
-    "memory_budget_gb": "memory_budget_gb",
-    "device": "device",
-    "precision": "precision",
-}
+# The command's own options that are also hyperparameters (every other one is generated from the method's config).
+_OWN_HPARAM_OPTIONS = ("extractors", "weights_dir", "random_init", "compat", "device", "precision", "seed")
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
-    hparams = {key: getattr(args, option) for option, key in _HPARAM_OPTIONS.items()}
-    hparams = {k: v for k, v in hparams.items() if v not in (None, False)}
-    if args.seed is not None:
-        hparams["seed"] = args.seed
-    hparams.update(parse_assignments(args.set))
-    return hparams
+    """The method's hyperparameters from the command line, typed and checked against its config."""
+    own = {k: getattr(args, k) for k in _OWN_HPARAM_OPTIONS if getattr(args, k, None) not in (None, False)}
+    return hparams_from_args(args, args.method, own)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -74,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
             args.resume,
             args.data,
             split_list(args.add_categories) or [],
-            epochs=args.epochs or 20,
+            epochs=_extend_epochs(args),
             max_fpr=args.max_fpr,
             cache_dir=args.cache_dir,
             format=args.format,
@@ -107,6 +90,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extend_epochs(args: argparse.Namespace) -> int:
+    """``--epochs`` of ``--resume RUN --add-categories``, the one hyperparameter extending a run takes."""
+    from mmiad.engine.runs import read_run_index
+
+    given = hparams_from_args(args, str(read_run_index(args.resume).get("method")), {})
+    if set(given) - {"epochs"}:
+        raise HparamError(
+            f"--resume RUN --add-categories keeps the run's hyperparameters; only --epochs applies, not "
+            f"{', '.join(sorted(set(given) - {'epochs'}))}"
+        )
+    return int(given.get("epochs", 20))
+
+
+def _recorded(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set``/``--weights-dir`` settings of ``--run`` that apply at inference (others are refused)."""
+    settings = run_overrides(args)
+    if settings:
+        log(f"applied to the trained models at inference: {describe_settings(settings)}")
+    return settings
+
+
 def _test(args: argparse.Namespace) -> int:
     from mmiad.engine import evaluate_run
 
@@ -115,6 +119,7 @@ def _test(args: argparse.Namespace) -> int:
     if args.run is None:
         raise ValueError("--run RUN is required (or --method musc to score each test split zero-shot)")
     _refuse_precision(args)
+    settings = _recorded(args)
     result, errors = evaluate_run(
         args.run,
         args.data,
@@ -124,10 +129,12 @@ def _test(args: argparse.Namespace) -> int:
         num_thresholds=args.num_thresholds,
         cache_dir=args.cache_dir,
         format=args.format,
-        overrides={**device_overrides(args), **({"compat": True} if args.compat else {})} or None,
+        overrides={**device_overrides(args), **({"compat": True} if args.compat else {}), **settings} or None,
         progress=True,
         log=log,
     )
+    if settings:
+        result = {**result, "inference_settings": settings}
     return _show_metrics(result, errors, args.json)
 
 
@@ -165,7 +172,13 @@ def _predict(args: argparse.Namespace) -> int:
         )
     errors: list[DataError] = []
     predictions: Iterable[Any]
+    settings: dict[str, Any] = {}
     if args.onnx is not None:
+        if args.set or args.extractors or args.weights_dir or args.random_init:
+            raise HparamError(
+                "--set, --extractors, --weights-dir and --random-init do not apply to --onnx: the "
+                "exported graphs are fixed (export again from a run)"
+            )
         from mmiad.export.runtime import OnnxPredictor
 
         predictor = OnnxPredictor.from_export(args.onnx, args.category, cache_dir=args.cache_dir)
@@ -178,13 +191,15 @@ def _predict(args: argparse.Namespace) -> int:
             apply_thresholds(p, thresholds) for p in predictor.predict(records, progress=True, errors=errors)
         )
     else:
-        models = RunModels(
-            args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=device_overrides(args)
-        )
+        settings = _recorded(args)
+        overrides = {**device_overrides(args), **settings}
+        models = RunModels(args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=overrides)
         category = args.category or models.key_for(None)
         records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
         predictions = models.predict(records, category, progress=True, errors=errors)
     rows = _write_predictions(predictions, Path(args.out), errors)
+    if settings:
+        write_json(Path(args.out) / "inference_settings.json", settings)
     report_errors(errors)
     if not rows:
         return EXIT_ERROR
@@ -265,10 +280,23 @@ def _predict_zero_shot(args: argparse.Namespace) -> int:
 
 def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", help="musc: zero-shot MuSc-V2, no run needed (the batch scores itself)")
-    parser.add_argument("--extractors", help="zero-shot: extractor preset (weightfree, dino-pointmae)")
-    parser.add_argument("--weights-dir", help="zero-shot: folder with checkpoint files")
-    parser.add_argument("--random-init", action="store_true", help="zero-shot: random extractor weights (smoke only)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: a MuSc option, e.g. r_list=[1]")
+    parser.add_argument(
+        "--extractors", help="zero-shot --method only: extractor preset (a --run keeps its own; refused there)"
+    )
+    parser.add_argument(
+        "--weights-dir", help="folder with checkpoint files (zero-shot, or where a --run's weights are on this machine)"
+    )
+    parser.add_argument(
+        "--random-init", action="store_true", help="zero-shot --method only: random extractor weights (smoke only)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --method: a zero-shot hyperparameter (e.g. r_list=[1]); with --run: a setting that applies to "
+        "a trained model at inference (e.g. aggregation=sum for CFM; `mmiad train --method M --help` lists M's "
+        "hyperparameters), applied and recorded in the output; any other key is refused",
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -313,36 +341,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
+def _add_training_options(parser: argparse.ArgumentParser, method: str | None) -> None:
+    """The pipeline options every method shares, then the method's own hyperparameters (from its config)."""
     parser.add_argument("--extractors", help=f"default weightfree; {extractors_help()}")
     parser.add_argument("--weights-dir", help="folder with checkpoint files (default $MMIAD_WEIGHTS_DIR)")
-    parser.add_argument("--epochs", type=int, help="training epochs (paper: 250)")
-    parser.add_argument("--batch-size", type=int, help="images per optimisation step (official: 4)")
-    parser.add_argument(
-        "--memory-budget-gb",
-        type=float,
-        help="memory training may use (default: 80%% of the available RAM, or GPU memory on CUDA); a batch that "
-        "does not fit is split into micro-batches with accumulated gradients",
-    )
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--image-size", type=int, help="model input side (default 224)")
-    parser.add_argument("--grid-size", type=int, help="side of the grid the mapping runs on (default 224)")
-    parser.add_argument("--aggregation", choices=["product", "sum", "max", "2d", "3d"], help="map aggregation")
-    parser.add_argument("--mapping", choices=["crossmodal", "intramodal"], help="crossmodal (CFM) or ablation")
-    parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
     parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
     add_device_option(parser, precision=True)
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any other hyperparameter of the method, e.g. --set hidden=128 --set use_orq=false (JSON values)",
-    )
+    add_hparam_options(parser, method, what="training")
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add the model sub-commands to the top-level parser."""
+def register(commands: argparse._SubParsersAction, *, method: str | None = None) -> None:
+    """Add the model sub-commands to the top-level parser; ``train --help`` describes ``method``'s options."""
     train = commands.add_parser("train", help="train one model per category on nominal samples")
     train.add_argument(
         "--method", default="cfm", help=f"default cfm; {methods_help()} (musc is zero-shot: no training)"
@@ -361,7 +371,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--no-fallback", action="store_true", help="skip the single-modality models used when a sensor drops out"
     )
-    _add_training_options(train)
+    _add_training_options(train, method or "cfm")
     train.set_defaults(handler=_train)
 
     test = commands.add_parser("test", help="metrics per category of a trained run on the test split")

@@ -24,6 +24,7 @@ import numpy as np
 from mmiad.data.errors import DataError
 from mmiad.data.io import read_mask, read_rgb, read_xyz, valid_points
 from mmiad.data.sample import LABEL_UNKNOWN, Sample, SampleRecord
+from mmiad.utils.registry import Registry
 
 SPLITS = ("train", "validation", "test", "predict")
 AUTO = "auto"
@@ -89,17 +90,17 @@ class DatasetFormat(ABC):
 
 
 FormatT = TypeVar("FormatT", bound=type[DatasetFormat])
-_FORMATS: dict[str, type[DatasetFormat]] = {}
+_FORMATS: Registry[type[DatasetFormat]] = Registry(
+    "dataset format", order=lambda name, cls: (-cls.detect_priority, name)
+)
 
 
 def register_format(name: str) -> Callable[[FormatT], FormatT]:
     """Class decorator making a :class:`DatasetFormat` available as ``--format name`` and to detection."""
 
     def decorate(cls: FormatT) -> FormatT:
-        if name in _FORMATS and _FORMATS[name] is not cls:
-            raise ValueError(f"dataset format {name!r} is already registered")
+        _FORMATS.register(name, cls)
         cls.name = name
-        _FORMATS[name] = cls
         return cls
 
     return decorate
@@ -107,14 +108,12 @@ def register_format(name: str) -> Callable[[FormatT], FormatT]:
 
 def available_formats() -> list[str]:
     """Registered format names, in detection order."""
-    return [f.name for f in sorted(_FORMATS.values(), key=lambda f: (-f.detect_priority, f.name))]
+    return _FORMATS.names()
 
 
 def get_format(name: str) -> type[DatasetFormat]:
     """The format class called ``name``, with an error listing the known ones."""
-    if name not in _FORMATS:
-        raise ValueError(f"unknown dataset format {name!r}; available: {', '.join(available_formats())}")
-    return _FORMATS[name]
+    return _FORMATS.get(name)
 
 
 def formats_help() -> str:

@@ -27,6 +27,7 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction
+from mmiad.methods.hparams import require
 from mmiad.methods.m3dm.fusion import FeatureFusionBlock, contrastive_backward, cosine_lr, official_training_rgb
 from mmiad.methods.memorybank import MemoryBank
 from mmiad.methods.memorybank.maps import patch_map
@@ -123,6 +124,8 @@ class M3DMConfig(BankSettings):
     sigma: float = 4.0
     uff_checkpoint: str | None = None
 
+    inference_keys = BankSettings.inference_keys | {"smoothing", "sigma"}
+
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs a uint8 copy of the maps through PIL."""
         return {"smoothing": "pil_uint8"}
@@ -135,8 +138,11 @@ class M3DMConfig(BankSettings):
         if len(self.lambdas) != 3:
             raise ValueError(f"lambdas needs three weights (point, rgb, fused), got {self.lambdas}")
         self.check_bank_settings()
-        if self.epochs < 0 or self.batch_size < 1 or self.accum_iter < 1:
-            raise ValueError("need epochs >= 0, batch_size >= 1 and accum_iter >= 1")
+        for key, minimum in (("epochs", 0), ("batch_size", 1), ("accum_iter", 1), ("rgb_grid", 1), ("point_grid", 1)):
+            require(getattr(self, key) >= minimum, key, getattr(self, key), f"must be at least {minimum}")
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
+        require(0 < self.ocsvm_nu <= 1, "ocsvm_nu", self.ocsvm_nu, "must be in (0, 1]")
+        require(self.sigma >= 0, "sigma", self.sigma, "must be at least 0")
         for name, value, allowed in (
             ("variant", self.variant, tuple(VARIANTS)),
             ("point_coreset", self.point_coreset, POINT_CORESETS),
@@ -145,8 +151,8 @@ class M3DMConfig(BankSettings):
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError("max_train_samples must be positive (or None for all)")
+        limit = self.max_train_samples
+        require(limit is None or limit >= 1, "max_train_samples", limit, "must be at least 1 (or null for all)")
 
     @property
     def banks(self) -> tuple[str, ...]:
@@ -213,6 +219,7 @@ class M3DM(AnomalyModel):
 
     config_class = M3DMConfig
     config: M3DMConfig
+    importable = True
     uff_: FeatureFusionBlock | None
     tiny_hparams: ClassVar[dict[str, Any]] = {
         "image_size": 64,
