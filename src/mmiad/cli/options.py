@@ -23,6 +23,7 @@ from typing import Any
 from mmiad.methods.hparams import (
     Hparam,
     HparamError,
+    build_settings,
     check_hparams,
     check_overrides,
     describe,
@@ -154,7 +155,8 @@ def typed_assignments(config_class: type, texts: Mapping[str, str], *, owner: st
 
 def hparams_from_args(args: argparse.Namespace, method: str, fixed: Mapping[str, Any]) -> dict[str, Any]:
     """The hyperparameters a command line gives for ``method``: the generated options, then ``fixed`` (the
-    command's own options, already typed), then ``--set``; each checked against the method's config.
+    command's own options, already typed), then ``--set``; each checked against the method's config (type and
+    range), so a wrong value fails before any data is read.
 
     Raises:
         HparamError: one line naming the key, the value and what is allowed.
@@ -166,7 +168,9 @@ def hparams_from_args(args: argparse.Namespace, method: str, fixed: Mapping[str,
     values = typed_assignments(config_class, texts, owner=method)
     values.update(fixed)
     values.update(typed_assignments(config_class, split_assignments(getattr(args, "set", None)), owner=method))
-    return check_hparams(config_class, values, owner=method)
+    checked = check_hparams(config_class, values, owner=method)
+    build_settings(config_class, checked, owner=method)  # the ranges too, before any data is read
+    return checked
 
 
 def run_overrides(args: argparse.Namespace) -> dict[str, Any]:

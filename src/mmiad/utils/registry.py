@@ -96,6 +96,6 @@ class Registry(Mapping[str, EntryT], Generic[EntryT]):
 
 
 def _describe(entry: object) -> str:
-    """A short name for an entry in messages: its qualified name when it has one."""
+    """A short name for an entry in messages: its name (a factory's for extractors), else its type's."""
     owner = getattr(entry, "factory", entry)
-    return str(getattr(owner, "__qualname__", None) or type(owner).__qualname__)
+    return str(getattr(owner, "__name__", None) or type(owner).__name__)
