@@ -40,9 +40,11 @@ class MethodSettings:
         inference_keys: The fields that still apply to a trained model: ``mmiad test``/``predict --run R --set``
             accept these (and record them) and refuse every other field, which only training can change. A
             subclass adds its scoring-time fields (``inference_keys = MethodSettings.inference_keys | {...}``).
+        paper_extractors: The extractor preset of the method's published numbers (the benchmarks' "deep" preset).
     """
 
     inference_keys: ClassVar[frozenset[str]] = frozenset({"device", "compat", "weights_dir"})
+    paper_extractors: ClassVar[str] = "dino-pointmae"
 
     extractors: str = "weightfree"
     image_size: int = 224

@@ -50,6 +50,7 @@ class BTFConfig(BankSettings):
     sigma: float = 4.0
 
     inference_keys = BankSettings.inference_keys | {"smoothing", "sigma", "reweight_k"}
+    paper_extractors = "wrn50-fpfh"
 
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs a uint8 copy of the map with PIL."""
