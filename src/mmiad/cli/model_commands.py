@@ -225,10 +225,14 @@ def _write_predictions(predictions: Iterable[Any], out: Path, errors: list[DataE
 
 def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
     """Options of a zero-shot method: the extractor options plus ``--set KEY=VALUE``."""
+    from mmiad.methods.registry import available_methods
+
     hparams: dict[str, Any] = {}
     for option in ("extractors", "weights_dir", "random_init", "device", "precision"):
         if getattr(args, option, None) not in (None, False):
             hparams[option] = getattr(args, option)
+    if args.method in available_methods():  # typed and checked against its config, as for training
+        return hparams_from_args(args, args.method, hparams)
     hparams.update(parse_assignments(args.set))
     return hparams
 
