@@ -162,6 +162,10 @@ def test_predict_with_run_scores_with_the_setting_as_the_library_does(trained: d
     for name, score in library.items():
         assert cli_sum[name] == pytest.approx(score, rel=1e-6)
         assert cli_default[name] != pytest.approx(score, rel=1e-3)
+    # The run's thresholds were calibrated on the default scores: they label nothing after a rescoring.
+    rows = list(csv.DictReader((out_sum / "predictions.csv").open()))
+    assert all(row["label"] == "" and "no calibrated threshold" in row["note"] for row in rows)
+    assert all(row["label"] in ("0", "1") for row in csv.DictReader((out_default / "predictions.csv").open()))
 
 
 @pytest.mark.parametrize(

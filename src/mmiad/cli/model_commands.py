@@ -22,7 +22,7 @@ from mmiad.cli.common import (
     split_list,
     write_json,
 )
-from mmiad.cli.options import add_hparam_options, describe_settings, hparams_from_args, run_overrides
+from mmiad.cli.options import add_hparam_options, describe_settings, hparams_from_args, rescoring, run_overrides
 from mmiad.data.errors import DataError
 from mmiad.features.registry import extractors_help
 from mmiad.methods.hparams import HparamError
@@ -111,6 +111,17 @@ def _recorded(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def _uncalibrated(models: Any, category: str, threshold: float | None) -> None:
+    """Settings that change the scores void the run's calibrated thresholds: labels only from ``--threshold``."""
+    from mmiad.engine import override_image_threshold
+
+    trained = models.trained(models.key_for(category))
+    trained.thresholds = None if threshold is None else override_image_threshold(None, threshold)
+    trained.fallback_thresholds = {}
+    labels = "no labels (give --threshold for them)" if threshold is None else f"labels from --threshold {threshold}"
+    log(f"the run's thresholds were calibrated without these settings: scores and maps only, {labels}")
+
+
 def _test(args: argparse.Namespace) -> int:
     from mmiad.engine import evaluate_run
 
@@ -195,6 +206,8 @@ def _predict(args: argparse.Namespace) -> int:
         overrides = {**device_overrides(args), **settings}
         models = RunModels(args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=overrides)
         category = args.category or models.key_for(None)
+        if rescoring(settings):
+            _uncalibrated(models, category, args.threshold)
         records = input_records(args.input, xyz=args.xyz, category=category, format=args.format, errors=errors)
         predictions = models.predict(records, category, progress=True, errors=errors)
     rows = _write_predictions(predictions, Path(args.out), errors)

@@ -32,6 +32,9 @@ from mmiad.methods.hparams import (
     show,
 )
 
+#: Inference-time settings that leave the scores as the run's thresholds were calibrated for: where the model
+#: computes and where its checkpoint files are on this machine.
+SCORE_NEUTRAL_KEYS = frozenset({"device", "weights_dir"})
 #: Extra spellings kept for options users already type.
 ALIASES = {"learning_rate": ("--lr",)}
 _GENERATED = "_hparam_options"
@@ -202,3 +205,9 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def describe_settings(settings: Mapping[str, Any]) -> str:
     """``aggregation=sum, sigma=2`` for the console line that records the applied settings."""
     return ", ".join(f"{k}={show(v)}" for k, v in sorted(settings.items()))
+
+
+def rescoring(settings: Mapping[str, Any]) -> bool:
+    """Whether inference settings change the scores (any key but ``device`` and ``weights_dir``): the run's
+    thresholds were calibrated without them, so they no longer label anything."""
+    return bool(set(settings) - SCORE_NEUTRAL_KEYS)

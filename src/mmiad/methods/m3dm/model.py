@@ -124,7 +124,8 @@ class M3DMConfig(BankSettings):
     sigma: float = 4.0
     uff_checkpoint: str | None = None
 
-    inference_keys = BankSettings.inference_keys | {"smoothing", "sigma"}
+    # No scoring-time key of its own: the decision-layer fusion SVMs are fitted on the smoothed, λ-weighted maps
+    # and scores, so smoothing, σ and λ are part of the trained model (``inference_keys`` stays the base's).
 
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs a uint8 copy of the maps through PIL."""
