@@ -188,6 +188,21 @@ def test_with_run_a_setting_that_cannot_change_the_model_is_refused(
     assert _error_line(capsys).startswith(f"mmiad {command}: error: {message}")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "sigma=2"], "--resume RUN --add-categories keeps the run's hyperparameters; only --epochs applies"),
+        (["--epochs", "2.5"], "epochs=2.5 is not valid for cfm: expected an integer"),
+    ],
+)
+def test_extending_a_run_takes_only_epochs(
+    trained: dict[str, Path], capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    extend = ["train", "--resume", str(trained["run"]), "--add-categories", "x", "--data", str(trained["data"])]
+    assert main([*extend, *args]) == 2
+    assert _error_line(capsys).startswith(f"mmiad train: error: {message}")
+
+
 def test_onnx_refuses_settings_and_the_library_checks_its_overrides(
     trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
