@@ -95,6 +95,7 @@ def test_containers_and_descriptions() -> None:
     assert describe(dict[str, typing.Any] | None) == "null or a JSON object"
     # Text fields keep the text as typed (a folder called 2024 stays "2024"); null is None where allowed.
     assert parse_text("2024", str | None) == "2024" and parse_text("null", str | None) is None
+    assert parse_text('"cpu"', str) == "cpu" and parse_text('"a', str) == '"a'  # a JSON string literal, or text
     assert parse_text("[1, 3]", tuple[int, ...]) == [1, 3] and parse_text("abc", float) == "abc"
 
 

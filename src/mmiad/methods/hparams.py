@@ -160,7 +160,8 @@ def _plural(hint: Any) -> str:
 
 
 def parse_text(text: str, hint: Any) -> Any:
-    """A command-line value for a field of type ``hint``: text fields take it as it is, others as JSON.
+    """A command-line value for a field of type ``hint``: text fields take it as it is (or a JSON string, quotes
+    and all: ``"cpu"``), others as JSON.
 
     ``null`` is None where the field allows None; a value that is not JSON stays text, for the type check to
     refuse (or, for ``True``/``False``, to read as a boolean).
@@ -169,11 +170,24 @@ def parse_text(text: str, hint: Any) -> Any:
     if text.strip() == "null" and type(None) in union:
         return None
     if str in union:
-        return text
+        return _json_string(text)
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def _json_string(text: str) -> str:
+    """``"cpu"`` (a JSON string literal, as scripts that JSON-encode every value write it) → ``cpu``; other text as
+    it is."""
+    if text.strip().startswith('"'):
+        try:
+            decoded = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(decoded, str):
+            return decoded
+    return text
 
 
 # ---------------------------------------------------------------------------------------------------- fields
