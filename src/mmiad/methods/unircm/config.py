@@ -141,6 +141,9 @@ class UniRCMConfig(MethodSettings):
             self.grid_size,
             f"must be in [1, image_size={self.image_size}]",
         )
+        for key in ("beta_2d", "beta_3d"):  # an edited model file or a direct call may carry null
+            value = getattr(self, key)
+            require(isinstance(value, int | float) and not isinstance(value, bool), key, value, "must be a number")
         for key in ("epochs", "orq_iterations", "mse_weight", "beta_2d", "beta_3d", "sigma"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "must be at least 0")
         require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
