@@ -108,8 +108,9 @@ def test_bad_files_are_reported_and_the_rest_carry_on(tmp_path: Path, capsys) ->
 def test_set_passes_typed_hyperparameters(tmp_path: Path, capsys) -> None:
     from mmiad.cli.train_command import _hparams
 
+    sets = ["--set", "use_orq=false", "--set", "branches=rfi"]
     args = build_parser().parse_args(
-        ["train", "--data", "d", "--out", "o", "--epochs", "3", "--set", "use_orq=false", "--set", "branches=rfi"]
+        ["train", "--method", "unircm", "--data", "d", "--out", "o", "--epochs", "3", *sets]
     )
     assert _hparams(args) == {"epochs": 3, "use_orq": False, "branches": "rfi"}
     bad = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--set", "novalue"])

@@ -13,19 +13,37 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from mmiad.bench.accuracy import UNIRCM
 from mmiad.bench.common import machine_description, replace_section
 
-# method → (weight-free hyperparameters, deep hyperparameters); deep presets use random weights here.
-METHODS: dict[str, tuple[dict, dict]] = {
-    "cfm": ({"epochs": 30}, {"epochs": 30, "extractors": "dino-pointmae", "random_init": True}),
-    "unircm": ({**UNIRCM}, {**UNIRCM, "extractors": "dino-pointmae", "random_init": True}),
-    "btf": ({}, {"extractors": "wrn50-fpfh", "random_init": True}),
-    "m3dm": ({}, {"extractors": "dino-pointmae", "random_init": True}),
-    # GLFM is point-only: weight-free is FPFH with no 2D backbone (no Stage I: nothing to adapt).
-    "glfm": ({"extractors": "none+fpfh"}, {"extractors": "glfm", "random_init": True, "adapt_epochs": 1}),
+#: Shorter training than the defaults for the methods that train for many epochs (the rest keep their defaults).
+BENCH_HPARAMS: dict[str, dict[str, Any]] = {
+    "cfm": {"epochs": 30},
+    "unircm": {**UNIRCM},
+    # GLFM is point-only: weight-free is FPFH with no 2D backbone (no Stage I then); one Stage I epoch when deep.
+    "glfm": {"extractors": "none+fpfh", "adapt_epochs": 1},
 }
+
+
+def bench_methods() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Every registered method that trains → (weight-free hyperparameters, deep hyperparameters).
+
+    The deep preset is the method's paper backbone (``paper_extractors`` on its config) with random weights; a new
+    method is benchmarked with its defaults without being listed here.
+    """
+    from mmiad.methods.registry import available_methods, get_method
+
+    methods: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for name in available_methods():
+        method = get_method(name)
+        if not method.needs_training:
+            continue
+        weightfree = dict(BENCH_HPARAMS.get(name, {}))
+        paper = getattr(method.config_class, "paper_extractors", "dino-pointmae")
+        methods[name] = (weightfree, {**weightfree, "extractors": paper, "random_init": True})
+    return methods
 
 
 def _compare_command(args: argparse.Namespace) -> int:
@@ -47,7 +65,7 @@ def _compare_command(args: argparse.Namespace) -> int:
             n_per_defect=1,
         )
     runs = []
-    for method, (weightfree, deep) in METHODS.items():
+    for method, (weightfree, deep) in bench_methods().items():
         for preset, hparams in (("weightfree", weightfree), ("deep", deep)):
             if preset not in args.presets.split(","):
                 continue

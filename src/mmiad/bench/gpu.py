@@ -41,8 +41,6 @@ EXIT_DISAGREE = 1
 #: Exit status when the reference or target device is not present (nothing was run).
 EXIT_NO_DEVICE = 3
 
-#: The deep backbone of each method (random weights here); the default is DINO ViT-B/8 + Point-MAE.
-DEEP_PRESETS = {"btf": "wrn50-fpfh"}
 #: The metrics compared between the sides (the columns of the seeds' Tab. 5).
 METRICS = ("image_auroc", "pixel_auroc", "aupro@0.3", "aupro@0.01")
 MB = 2**20
@@ -335,11 +333,15 @@ def run_pairs(
     seed: int,
 ) -> list[Pair]:
     """Every (method, preset) on the reference and the target, each side in its own child process."""
+    from mmiad.methods.registry import get_method
+
     tolerance = tolerance_for(reference[1], target[1])
     pairs = []
     for method in methods:
         for preset in presets:
-            extractors = DEEP_PRESETS.get(method, "dino-pointmae") if preset == "deep" else preset
+            # The deep preset is the method's paper backbone (its config says which), with random weights here.
+            paper = getattr(get_method(method).config_class, "paper_extractors", "dino-pointmae")
+            extractors = paper if preset == "deep" else preset
             sides = []
             for role, (device, precision) in (("reference", reference), ("target", target)):
                 spec = {

@@ -6,22 +6,22 @@ import argparse
 import time
 from typing import Any
 
-from mmiad.cli.common import add_device_option, add_format_option, log, parse_assignments, report_errors, split_list
+from mmiad.cli.common import add_device_option, add_format_option, log, report_errors, split_list
+from mmiad.cli.options import add_hparam_options, hparams_from_args
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
-    hparams: dict[str, Any] = {"extractors": args.extractors} if args.extractors else {}
-    if args.weights_dir:
-        hparams["weights_dir"] = args.weights_dir
-    if args.random_init:
-        hparams["random_init"] = True
-    if args.compat:
-        hparams["compat"] = True
-    for option in ("device", "precision"):
-        if getattr(args, option):
-            hparams[option] = getattr(args, option)
-    hparams.update(parse_assignments(args.set))
-    return hparams
+    """The hyperparameters beside the released weights, typed and checked against the method's config."""
+    own = {k: getattr(args, k) for k in ("weights_dir", "random_init", "compat", "device", "precision")}
+    return hparams_from_args(args, args.method, {"extractors": args.extractors, **{k: v for k, v in own.items() if v}})
+
+
+def importable_methods() -> list[str]:
+    """The registered methods that declare ``importable`` (their package reads the official release)."""
+    import mmiad.methods  # noqa: F401  (fills the registry)
+    from mmiad.methods.registry import available_methods, get_method
+
+    return [name for name in available_methods() if get_method(name).importable]
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -50,12 +50,12 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``import`` to the top-level parser."""
+def register(commands: argparse._SubParsersAction, *, method: str | None = None) -> None:
+    """Add ``import`` to the top-level parser; ``--help`` describes ``method``'s hyperparameters."""
     parser = commands.add_parser(
         "import", help="turn the authors' released trained models into a run (test/predict/report/export it)"
     )
-    parser.add_argument("--method", required=True, choices=["cfm", "cmdr", "unircm", "m3dm", "g2sf", "glfm"])
+    parser.add_argument("--method", required=True, choices=importable_methods())
     parser.add_argument(
         "--from",
         dest="source",
@@ -77,5 +77,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
     parser.add_argument("--compat", action="store_true", help="the official code's scoring instead of the paper's")
     add_device_option(parser, precision=True)
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other hyperparameter (JSON values)")
+    add_hparam_options(parser, method if method in importable_methods() else None, what="the imported model")
     parser.set_defaults(handler=_import)

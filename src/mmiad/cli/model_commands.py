@@ -56,9 +56,9 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction, *, method: str | None = None) -> None:
     """Add the model sub-commands to the top-level parser (in the order ``--help`` lists them)."""
-    train_command.register(commands)
+    train_command.register(commands, method=method)
     scoring_commands.register(commands)
     compare = commands.add_parser("compare", help="one table comparing trained runs: metrics, speed, memory")
     compare.add_argument("--data", required=True, help="dataset root")

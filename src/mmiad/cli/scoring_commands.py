@@ -17,12 +17,13 @@ from mmiad.cli.common import (
     device_overrides,
     finite_float,
     log,
-    parse_assignments,
     report_errors,
     split_list,
     write_json,
 )
+from mmiad.cli.options import describe_settings, hparams_from_args, rescoring, run_overrides
 from mmiad.data.errors import DataError
+from mmiad.methods.hparams import HparamError
 
 
 def _test(args: argparse.Namespace) -> int:
@@ -49,9 +50,31 @@ def _test(args: argparse.Namespace) -> int:
         result, errors = evaluate_zero_shot(args.data, _zero_shot_hparams(args), method=args.method, **common)
     else:
         _refuse_precision(args)
-        overrides = {**device_overrides(args), **({"compat": True} if args.compat else {})} or None
+        settings = _recorded(args)
+        overrides = {**device_overrides(args), **({"compat": True} if args.compat else {}), **settings} or None
         result, errors = evaluate_run(args.run, args.data, overrides=overrides, **common)
+        if settings:
+            result = {**result, "inference_settings": settings}
     return show_metrics(result, errors, args.json)
+
+
+def _recorded(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set``/``--weights-dir`` settings of ``--run`` that apply at inference (others are refused)."""
+    settings = run_overrides(args)
+    if settings:
+        log(f"applied to the trained models at inference: {describe_settings(settings)}")
+    return settings
+
+
+def _uncalibrated(models: Any, category: str, threshold: float | None) -> None:
+    """Settings that change the scores void the run's calibrated thresholds: labels only from ``--threshold``."""
+    from mmiad.engine import override_image_threshold
+
+    trained = models.trained(models.key_for(category))
+    trained.thresholds = None if threshold is None else override_image_threshold(None, threshold)
+    trained.fallback_thresholds = {}
+    labels = "no labels (give --threshold for them)" if threshold is None else f"labels from --threshold {threshold}"
+    log(f"the run's thresholds were calibrated without these settings: scores and maps only, {labels}")
 
 
 def _refuse_precision(args: argparse.Namespace) -> None:
@@ -97,7 +120,13 @@ def _predict(args: argparse.Namespace) -> int:
     errors: list[DataError] = []
     predictions: Iterable[Any]
     strict = args.strict
+    settings: dict[str, Any] = {}
     if args.onnx is not None:
+        if args.set or args.extractors or args.weights_dir or args.random_init:
+            raise HparamError(
+                "--set, --extractors, --weights-dir and --random-init do not apply to --onnx: the "
+                "exported graphs are fixed (export again from a run)"
+            )
         from mmiad.export.runtime import OnnxPredictor
 
         predictor = OnnxPredictor.from_export(args.onnx, args.category, cache_dir=args.cache_dir)
@@ -129,13 +158,17 @@ def _predict(args: argparse.Namespace) -> int:
             log(f"zero-shot batch thresholds: image {batch.image:.4g} ({batch.source})")
         predictions = scored
     else:
-        models = RunModels(
-            args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=device_overrides(args)
-        )
+        settings = _recorded(args)
+        overrides = {**device_overrides(args), **settings}
+        models = RunModels(args.run, cache_dir=args.cache_dir, image_threshold=args.threshold, overrides=overrides)
         category = args.category or models.key_for(None)
+        if rescoring(settings):
+            _uncalibrated(models, category, args.threshold)
         records = _records(args, category, errors)
         predictions = models.predict(records, category, strict=strict, keep_rgb=True, progress=True, errors=errors)
     rows = write_prediction_outputs(predictions, Path(args.out), errors)
+    if settings:
+        write_json(Path(args.out) / "inference_settings.json", settings)
     report_errors(errors)
     if not rows:
         return EXIT_ERROR
@@ -177,8 +210,7 @@ def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
     for option in ("extractors", "weights_dir", "random_init", "device", "precision"):
         if getattr(args, option, None) not in (None, False):
             hparams[option] = getattr(args, option)
-    hparams.update(parse_assignments(args.set))
-    return hparams
+    return hparams_from_args(args, args.method, hparams)  # typed and checked against its config, as for training
 
 
 def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
@@ -186,10 +218,23 @@ def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
 
     names = ", ".join(zero_shot_methods())
     parser.add_argument("--method", help=f"a zero-shot method ({names}): no run needed, the batch scores itself")
-    parser.add_argument("--extractors", help="zero-shot: extractor preset (weightfree, dino-pointmae)")
-    parser.add_argument("--weights-dir", help="zero-shot: folder with checkpoint files")
-    parser.add_argument("--random-init", action="store_true", help="zero-shot: random extractor weights (smoke only)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="zero-shot: a MuSc option, e.g. r_list=[1]")
+    parser.add_argument(
+        "--extractors", help="zero-shot --method only: extractor preset (a --run keeps its own; refused there)"
+    )
+    parser.add_argument(
+        "--weights-dir", help="folder with checkpoint files (zero-shot, or where a --run's weights are on this machine)"
+    )
+    parser.add_argument(
+        "--random-init", action="store_true", help="zero-shot --method only: random extractor weights (smoke only)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --method: a zero-shot hyperparameter (e.g. r_list=[1]); with --run: a setting that applies to "
+        "a trained model at inference (e.g. aggregation=sum for CFM; `mmiad train --method M --help` lists M's "
+        "hyperparameters), applied and recorded in the output; any other key is refused",
+    )
 
 
 def _add_strict_option(parser: argparse.ArgumentParser) -> None:

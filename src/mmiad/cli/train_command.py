@@ -11,41 +11,22 @@ from mmiad.cli.common import (
     add_format_option,
     finite_float,
     log,
-    parse_assignments,
     report_errors,
     split_list,
 )
+from mmiad.cli.options import add_hparam_options, hparams_from_args
 from mmiad.features.registry import extractors_help
+from mmiad.methods.hparams import HparamError
 from mmiad.methods.registry import methods_help
 
-# CLI option → method hyperparameter; only options the user actually gave are passed on.
-_HPARAM_OPTIONS = {
-    "extractors": "extractors",
-    "weights_dir": "weights_dir",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "lr": "learning_rate",
-    "image_size": "image_size",
-    "grid_size": "grid_size",
-    "aggregation": "aggregation",
-    "mapping": "mapping",
-    "smoothing": "smoothing",
-    "modality": "modality",
-    "random_init": "random_init",
-    "compat": "compat",
-    "memory_budget_gb": "memory_budget_gb",
-    "device": "device",
-    "precision": "precision",
-}
+# The command's own options that are also hyperparameters (every other one is generated from the method's config).
+_OWN_HPARAM_OPTIONS = ("extractors", "weights_dir", "random_init", "compat", "device", "precision", "seed")
 
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
-    hparams = {key: getattr(args, option) for option, key in _HPARAM_OPTIONS.items()}
-    hparams = {k: v for k, v in hparams.items() if v not in (None, False)}
-    if args.seed is not None:
-        hparams["seed"] = args.seed
-    hparams.update(parse_assignments(args.set))
-    return hparams
+    """The method's hyperparameters from the command line, typed and checked against its config."""
+    own = {k: getattr(args, k) for k in _OWN_HPARAM_OPTIONS if getattr(args, k, None) not in (None, False)}
+    return hparams_from_args(args, args.method, own)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -66,7 +47,7 @@ def _train(args: argparse.Namespace) -> int:
             args.resume,
             args.data,
             split_list(args.add_categories) or [],
-            epochs=args.epochs or 20,
+            epochs=_extend_epochs(args),
             max_fpr=args.max_fpr,
             cache_dir=args.cache_dir,
             format=args.format,
@@ -102,37 +83,31 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_options(parser: argparse.ArgumentParser) -> None:
+def _extend_epochs(args: argparse.Namespace) -> int:
+    """``--epochs`` of ``--resume RUN --add-categories``, the one hyperparameter extending a run takes."""
+    from mmiad.engine.runs import read_run_index
+
+    given = hparams_from_args(args, str(read_run_index(args.resume).get("method")), {})
+    if set(given) - {"epochs"}:
+        raise HparamError(
+            f"--resume RUN --add-categories keeps the run's hyperparameters; only --epochs applies, not "
+            f"{', '.join(sorted(set(given) - {'epochs'}))}"
+        )
+    return int(given.get("epochs", 20))
+
+
+def _add_training_options(parser: argparse.ArgumentParser, method: str | None) -> None:
+    """The pipeline options every method shares, then the method's own hyperparameters (from its config)."""
     parser.add_argument("--extractors", help=f"default weightfree; {extractors_help()}")
     parser.add_argument("--weights-dir", help="folder with checkpoint files (default $MMIAD_WEIGHTS_DIR)")
-    parser.add_argument("--epochs", type=int, help="training epochs (paper: 250)")
-    parser.add_argument("--batch-size", type=int, help="images per optimisation step (official: 4)")
-    parser.add_argument(
-        "--memory-budget-gb",
-        type=float,
-        help="memory training may use (default: 80%% of the available RAM, or GPU memory on CUDA); a batch that "
-        "does not fit is split into micro-batches with accumulated gradients",
-    )
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--image-size", type=int, help="model input side (default 224)")
-    parser.add_argument("--grid-size", type=int, help="side of the grid the mapping runs on (default 224)")
-    parser.add_argument("--aggregation", choices=["product", "sum", "max", "2d", "3d"], help="map aggregation")
-    parser.add_argument("--mapping", choices=["crossmodal", "intramodal"], help="crossmodal (CFM) or ablation")
-    parser.add_argument("--smoothing", choices=["gaussian", "box_cascade", "pil_uint8", "none"])
-    parser.add_argument("--modality", choices=["both", "rgb", "xyz"], help="cmdr: 2D+3D (default), 2D only or 3D only")
     parser.add_argument("--compat", action="store_true", help="the official code's behaviour instead of the paper's")
     parser.add_argument("--random-init", action="store_true", help="random extractor weights (smoke tests only)")
     add_device_option(parser, precision=True)
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any other hyperparameter of the method, e.g. --set hidden=128 --set use_orq=false (JSON values)",
-    )
+    add_hparam_options(parser, method, what="training")
 
 
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``train`` to the top-level parser."""
+def register(commands: argparse._SubParsersAction, *, method: str | None = None) -> None:
+    """Add ``train`` to the top-level parser; ``train --help`` describes ``method``'s options."""
     train = commands.add_parser("train", help="train one model per category on nominal samples")
     train.add_argument(
         "--method", default="cfm", help=f"default cfm; {methods_help()} (musc is zero-shot: no training)"
@@ -158,5 +133,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--no-fallback", action="store_true", help="skip the single-modality models used when a sensor drops out"
     )
-    _add_training_options(train)
+    _add_training_options(train, method or "cfm")
     train.set_defaults(handler=_train)

@@ -26,6 +26,7 @@ import numpy as np
 from mmiad.data.errors import DataError
 from mmiad.data.io import read_mask, read_rgb, read_xyz, valid_points
 from mmiad.data.sample import LABEL_UNKNOWN, Sample, SampleRecord
+from mmiad.utils.registry import Registry
 
 SPLITS = ("train", "validation", "test", "predict")
 AUTO = "auto"
@@ -107,23 +108,23 @@ FormatT = TypeVar("FormatT", bound=type[DatasetFormat])
 _READERS = ("read_rgb", "read_xyz", "read_mask")
 #: The role whose file does not change a sample's features (the ground truth is read again at every use).
 GROUND_TRUTH = "gt"
-_FORMATS: dict[str, type[DatasetFormat]] = {}
+_FORMATS: Registry[type[DatasetFormat]] = Registry(
+    "dataset format", order=lambda name, cls: (-cls.detect_priority, name)
+)
 
 
 def register_format(name: str) -> Callable[[FormatT], FormatT]:
     """Class decorator making a :class:`DatasetFormat` available as ``--format name`` and to detection."""
 
     def decorate(cls: FormatT) -> FormatT:
-        if name in _FORMATS and _FORMATS[name] is not cls:
-            raise ValueError(f"dataset format {name!r} is already registered")
         own_readers = [reader for reader in _READERS if _overrides(cls, reader)]
         if own_readers and not _overrides(cls, "sample_files"):
             raise TypeError(
                 f"dataset format {name!r} overrides {', '.join(own_readers)} but not sample_files: declare every "
                 "file its readers open, or the feature cache would serve stale features when one of them changes"
             )
+        _FORMATS.register(name, cls)
         cls.name = name
-        _FORMATS[name] = cls
         return cls
 
     return decorate
@@ -136,14 +137,12 @@ def _overrides(cls: type[DatasetFormat], method: str) -> bool:
 
 def available_formats() -> list[str]:
     """Registered format names, in detection order."""
-    return [f.name for f in sorted(_FORMATS.values(), key=lambda f: (-f.detect_priority, f.name))]
+    return _FORMATS.names()
 
 
 def get_format(name: str) -> type[DatasetFormat]:
     """The format class called ``name``, with an error listing the known ones."""
-    if name not in _FORMATS:
-        raise ValueError(f"unknown dataset format {name!r}; available: {', '.join(available_formats())}")
-    return _FORMATS[name]
+    return _FORMATS.get(name)
 
 
 def formats_help() -> str:

@@ -34,9 +34,8 @@ from mmiad.engine.runs import UNIFIED, Log, _category_splits, quiet, train_run, 
 from mmiad.engine.trained import TrainedModel, build_model, calibrate_model, save_trained
 from mmiad.methods.base import AnomalyModel
 from mmiad.methods.official import OfficialImport
-from mmiad.methods.registry import get_method
+from mmiad.methods.registry import available_methods, get_method
 
-IMPORTABLE = ("cfm", "cmdr", "unircm", "m3dm", "g2sf", "glfm")
 #: The released models were all trained on DINO ViT-B/8 + Point-MAE features (GLFM: Point-MAE blocks 0-1 only).
 DEFAULT_EXTRACTORS = "dino-pointmae"
 METHOD_EXTRACTORS = {"glfm": "glfm"}
@@ -76,7 +75,7 @@ def import_run(
     """Write the run folder ``out`` from released files at ``source``.
 
     Args:
-        method: ``cfm``, ``unircm`` or ``m3dm``.
+        method: A registered method that declares ``importable`` (see ``mmiad import --help``).
         source: The released file, or a folder holding them (searched recursively).
         out: The run folder to create (must not exist, or be empty).
         orq: Uni-RCM only: the ORQ file, when it is not inside ``source``.
@@ -92,8 +91,9 @@ def import_run(
     Returns:
         (model file per category key, bad samples skipped while calibrating).
     """
-    if method not in IMPORTABLE:
-        raise ValueError(f"mmiad import supports --method {', '.join(IMPORTABLE)}, not {method!r}")
+    if not get_method(method).importable:
+        importable = ", ".join(m for m in available_methods() if get_method(m).importable)
+        raise ValueError(f"mmiad import supports --method {importable}, not {method!r}")
     if orq is not None and method != "unircm":
         raise ValueError("--orq goes with --method unircm only")
     out = Path(out)

@@ -21,6 +21,7 @@ from mmiad.engine.scoring import score_records
 from mmiad.features.pipeline import FeaturePipeline, SampleFeatures
 from mmiad.methods.base import AnomalyModel, Prediction, check_finite
 from mmiad.methods.fallback import ModalityFallback
+from mmiad.methods.hparams import build_settings, check_overrides
 from mmiad.methods.modelfile import ModelFileError, load_model_file, one_line, save_model_file
 from mmiad.methods.registry import available_methods, get_method
 from mmiad.postprocess.threshold import Thresholds, calibrate
@@ -46,12 +47,14 @@ class TrainedModel:
 
 
 def build_model(method: str, cache_dir: str | None, hparams: dict[str, Any] | None) -> AnomalyModel:
-    """An unfitted model; an option the method does not take is a clear error, not a TypeError."""
+    """An unfitted model, every hyperparameter checked against its config field's type and range first.
+
+    Raises:
+        HparamError: one line naming the key, the value and what is allowed (an unknown key lists the valid ones).
+    """
     method_class = get_method(method)
-    try:
-        return method_class(cache_dir=cache_dir, **(hparams or {}))
-    except TypeError as error:
-        raise ValueError(f"an option does not apply to method {method!r}: {error}") from error
+    settings = build_settings(method_class.config_class, hparams or {}, owner=method)
+    return method_class(settings, cache_dir=cache_dir)
 
 
 def fit_and_calibrate(
@@ -250,7 +253,9 @@ def save_trained(path: Path, trained: TrainedModel) -> Path:
 
 
 def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
-    """Read one model file back into a fitted model.
+    """Read one model file back into a fitted model; ``overrides`` are inference-time settings (the method
+    config's ``inference_keys``, checked: another key raises :class:`~mmiad.methods.hparams.HparamError`) and
+    ``cache_dir``.
 
     Raises:
         ModelFileError: naming the file and the field or tensor at fault, for any file that does not describe a
@@ -265,6 +270,8 @@ def load_trained(path: str | Path, **overrides: Any) -> TrainedModel:
         )
     method = get_method(method_name)
     check_trained_config(path, config, tensors, method)
+    settings = {k: v for k, v in overrides.items() if k != "cache_dir"}  # where caches go is no setting
+    overrides = {**overrides, **check_overrides(method.config_class, settings, owner=method_name)}
     own = {k: v for k, v in tensors.items() if not k.startswith("fallback.")}
     try:
         model = method.from_state(config, own, **overrides)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from mmiad.data.preprocess import get_profile
 from mmiad.features.cache import FeatureCache
 from mmiad.features.pipeline import FeaturePipeline
+from mmiad.utils.registry import Registry
 
 if TYPE_CHECKING:
     from mmiad.features.base import ImageFeatureExtractor, PointFeatureExtractor
@@ -46,26 +47,31 @@ class ExtractorEntry(Generic[ExtractorT]):
     needs_weights: bool
 
 
-_IMAGE: dict[str, ExtractorEntry[ImageFeatureExtractor]] = {}
-_POINT: dict[str, ExtractorEntry[PointFeatureExtractor]] = {}
+def _extractor_name(name: str) -> bool:
+    """Extractor names are non-empty and free of the ``IMAGE+POINT`` separator."""
+    return bool(name) and SEPARATOR not in name
 
 
-def _register(table: dict[str, Any], kind: str, name: str, factory: Factory, description: str, weights: bool) -> None:
-    if SEPARATOR in name or not name:
-        raise ValueError(f"invalid {kind} extractor name {name!r}")
-    if name in table and table[name].factory is not factory:
-        raise ValueError(f"{kind} extractor {name!r} is already registered")
-    table[name] = ExtractorEntry(name, factory, description, weights)
+def _factory(entry: ExtractorEntry[Any]) -> object:
+    return entry.factory
+
+
+_IMAGE: Registry[ExtractorEntry[ImageFeatureExtractor]] = Registry(
+    "image extractor", identity=_factory, valid_name=_extractor_name
+)
+_POINT: Registry[ExtractorEntry[PointFeatureExtractor]] = Registry(
+    "point extractor", identity=_factory, valid_name=_extractor_name
+)
 
 
 def register_image_extractor(name: str, factory: Factory, description: str, *, needs_weights: bool) -> None:
     """Make ``name`` available on the image side of ``--extractors``."""
-    _register(_IMAGE, "image", name, factory, description, needs_weights)
+    _IMAGE.register(name, ExtractorEntry(name, factory, description, needs_weights))
 
 
 def register_point_extractor(name: str, factory: Factory, description: str, *, needs_weights: bool) -> None:
     """Make ``name`` available on the point side of ``--extractors``."""
-    _register(_POINT, "point", name, factory, description, needs_weights)
+    _POINT.register(name, ExtractorEntry(name, factory, description, needs_weights))
 
 
 def image_extractors() -> dict[str, ExtractorEntry[ImageFeatureExtractor]]:
@@ -129,10 +135,8 @@ def parse_extractors(spec: str) -> tuple[str, str]:
         image, point = (part.strip() for part in spec.split(SEPARATOR))
     else:
         raise ValueError(f"unknown extractors {spec!r}; give a preset or IMAGE+POINT.\n{extractors_help()}")
-    if image not in _IMAGE:
-        raise ValueError(f"unknown image extractor {image!r}; available: {', '.join(image_extractors())}")
-    if point not in _POINT:
-        raise ValueError(f"unknown point extractor {point!r}; available: {', '.join(point_extractors())}")
+    _IMAGE.get(image)  # an unknown name fails listing the registered ones
+    _POINT.get(point)
     return image, point
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mmiad import __version__
+from mmiad.methods.hparams import value_fits
 from mmiad.utils.atomic import write_with
 
 FORMAT_NAME = "mmiad-model"
@@ -103,36 +102,12 @@ def one_line(error: BaseException) -> str:
     return "; ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a JSON value fits a config field's type hint (int is not bool; float accepts int; lists for tuples)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (tuple, list) or hint in (tuple, list):
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value) if args else True
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    return True  # a type this check does not know: the config class validates it
-
-
 def check_config_fields(path: str | Path, values: Any, config_class: type, field: str) -> None:
     """``values`` (a JSON object from a model file) fits the dataclass ``config_class`` field by field.
 
     An edited model file with ``grid_size: "32"`` otherwise fails deep inside training code with a TypeError that
-    names neither the file nor the field.
+    names neither the file nor the field. The type rules are :func:`mmiad.methods.hparams.value_fits`' (the one
+    check every hyperparameter goes through), strict: a file is JSON, so ``"false"`` is not a boolean here.
 
     Raises:
         ModelFileError: naming the file and the field (``hparams.grid_size``).
@@ -144,7 +119,7 @@ def check_config_fields(path: str | Path, values: Any, config_class: type, field
     for key, value in values.items():
         if key not in known:
             raise ModelFileError(f"{path}: field '{field}.{key}' is not a setting of {config_class.__name__}")
-        if not _matches(value, hints[key]):
+        if not value_fits(value, hints[key]):
             expected = getattr(hints[key], "__name__", str(hints[key]))
             raise ModelFileError(f"{path}: field '{field}.{key}' must be {expected}, got {value!r}")
 

@@ -11,21 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+from mmiad.utils.registry import Registry
+
 if TYPE_CHECKING:
     from mmiad.methods.base import AnomalyModel
 
 ModelT = TypeVar("ModelT", bound="type[AnomalyModel]")
-_REGISTRY: dict[str, type[AnomalyModel]] = {}
+_REGISTRY: Registry[type[AnomalyModel]] = Registry("method")
 
 
 def register_method(name: str) -> Callable[[ModelT], ModelT]:
     """Class decorator adding a method to the registry under ``name`` (what ``--method`` takes)."""
 
     def decorate(cls: ModelT) -> ModelT:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY.register(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorate
@@ -33,14 +33,12 @@ def register_method(name: str) -> Callable[[ModelT], ModelT]:
 
 def available_methods() -> list[str]:
     """Names accepted by ``--method``."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_method(name: str) -> type[AnomalyModel]:
     """The class registered under ``name``, with a clear error listing the known names."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def method_by_class_name(class_name: str) -> type[AnomalyModel] | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from mmiad.methods.hparams import require
 from mmiad.utils.compute import check_device_name, check_precision
 
 SettingsT = TypeVar("SettingsT", bound="MethodSettings")
@@ -34,7 +35,16 @@ class MethodSettings:
         compat: The official code's behaviour where it differs from the paper.
         point_options: Options of the 3D extractor (e.g. ``{"batchnorm": "running"}`` for Point-MAE's eval-mode
             statistics, ``{"nonzero": "any"}`` for the any-coordinate point rule); None keeps the official defaults.
+
+    Class attributes:
+        inference_keys: The fields that still apply to a trained model: ``mmiad test``/``predict --run R --set``
+            accept these (and record them) and refuse every other field, which only training can change. A
+            subclass adds its scoring-time fields (``inference_keys = MethodSettings.inference_keys | {...}``).
+        paper_extractors: The extractor preset of the method's published numbers (the benchmarks' "deep" preset).
     """
+
+    inference_keys: ClassVar[frozenset[str]] = frozenset({"device", "compat", "weights_dir"})
+    paper_extractors: ClassVar[str] = "dino-pointmae"
 
     extractors: str = "weightfree"
     image_size: int = 224
@@ -50,6 +60,7 @@ class MethodSettings:
         """Check the shared fields' spelling (subclasses call this first from their own ``__post_init__``)."""
         self.device = check_device_name(self.device)
         check_precision(self.precision)
+        require(self.image_size >= 1, "image_size", self.image_size, "must be at least 1")
 
     def compat_values(self) -> dict[str, Any]:
         """Field → the official code's value, applied by :meth:`resolved` under ``compat`` to fields left at their

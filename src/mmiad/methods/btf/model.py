@@ -19,6 +19,7 @@ from mmiad.data.errors import DataError
 from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.base import AnomalyModel, Scored
+from mmiad.methods.hparams import require
 from mmiad.methods.memorybank.maps import patch_map
 from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.methods.modelfile import ModelFileError
@@ -48,17 +49,19 @@ class BTFConfig(BankSettings):
     smoothing: str = "gaussian"
     sigma: float = 4.0
 
+    inference_keys = BankSettings.inference_keys | {"smoothing", "sigma", "reweight_k"}
+    paper_extractors = "wrn50-fpfh"
+
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs a uint8 copy of the map with PIL."""
         return {"smoothing": "pil_uint8"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.smoothing not in SMOOTHINGS:
-            raise ValueError(f"unknown smoothing {self.smoothing!r}; expected one of {SMOOTHINGS}")
+        require(self.smoothing in SMOOTHINGS, "smoothing", self.smoothing, f"expected one of {', '.join(SMOOTHINGS)}")
         self.check_bank_settings()
-        if self.grid_size < 1:
-            raise ValueError(f"grid_size must be at least 1, got {self.grid_size}")
+        require(self.grid_size >= 1, "grid_size", self.grid_size, "must be at least 1")
+        require(self.sigma >= 0, "sigma", self.sigma, "must be at least 0")
 
 
 def btf_patches(features: SampleFeatures, grid: int) -> torch.Tensor:

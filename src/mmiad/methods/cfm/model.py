@@ -22,6 +22,7 @@ from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.cfm.mapping import FeatureProjectionMLP, feature_discrepancy
 from mmiad.methods.cfm.scoring import AGGREGATIONS, aggregate, finalize_map
 from mmiad.methods.cfm.training import accumulate_batch, plan_cfm_training, sample_pixels, subset_generator
+from mmiad.methods.hparams import require
 from mmiad.methods.modelfile import prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.settings import MethodSettings
@@ -75,24 +76,36 @@ class CFMConfig(MethodSettings):
     micro_batch: int | None = None
     pixel_subset: float | None = None
 
+    inference_keys = MethodSettings.inference_keys | {"aggregation", "smoothing", "sigma"}
+
     def compat_values(self) -> dict[str, Any]:
         """The official code smooths with the 5×5/7×7 box cascade."""
         return {"smoothing": "box_cascade"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
-        if self.mapping not in MAPPINGS:
-            raise ValueError(f"unknown mapping {self.mapping!r}; expected one of {MAPPINGS}")
-        if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("need grid_size <= image_size, epochs >= 0 and batch_size >= 1")
-        if (self.memory_budget_gb is not None and self.memory_budget_gb < 0) or (
-            self.micro_batch is not None and self.micro_batch < 1
-        ):
-            raise ValueError("need memory_budget_gb >= 0 and micro_batch >= 1")
-        if self.pixel_subset is not None and not 0 < self.pixel_subset <= 1:
-            raise ValueError(f"pixel_subset must be in (0, 1], got {self.pixel_subset}")
+        require(
+            self.aggregation in AGGREGATIONS,
+            "aggregation",
+            self.aggregation,
+            f"expected one of {', '.join(AGGREGATIONS)}",
+        )
+        require(self.mapping in MAPPINGS, "mapping", self.mapping, f"expected one of {', '.join(MAPPINGS)}")
+        require(
+            1 <= self.grid_size <= self.image_size,
+            "grid_size",
+            self.grid_size,
+            f"must be in [1, image_size={self.image_size}]",
+        )
+        require(self.epochs >= 0, "epochs", self.epochs, "must be at least 0")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
+        require(self.sigma >= 0, "sigma", self.sigma, "must be at least 0")
+        budget, micro = self.memory_budget_gb, self.micro_batch
+        require(budget is None or budget >= 0, "memory_budget_gb", budget, "must be at least 0 (or null)")
+        require(micro is None or micro >= 1, "micro_batch", micro, "must be at least 1 (or null)")
+        subset = self.pixel_subset
+        require(subset is None or 0 < subset <= 1, "pixel_subset", subset, "must be in (0, 1] (or null)")
 
 
 @register_method("cfm")
@@ -104,6 +117,7 @@ class CFM(AnomalyModel):
     """
 
     config_class = CFMConfig
+    importable = True
     tiny_hparams: ClassVar[dict[str, Any]] = {"image_size": 64, "grid_size": 32, "epochs": 3, "batch_size": 2}
     config: CFMConfig
 

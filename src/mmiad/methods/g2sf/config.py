@@ -7,7 +7,7 @@ executable specification, and the released weights were trained with it) and the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.postprocess.smoothing import SMOOTHINGS
@@ -95,6 +95,8 @@ class G2SFConfig(BankSettings):
     sigma: float = 4.0
     z_offset: tuple[float, float] = (2e-4, 2e-3)
     official_fusion: str | None = None
+
+    paper_extractors: ClassVar[str] = "dino-pointmae512"
 
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs a uint8 copy of the map through PIL."""

@@ -42,6 +42,7 @@ class G2SF(AnomalyModel):
 
     config_class = G2SFConfig
     config: G2SFConfig
+    importable = True
     tiny_hparams: ClassVar[dict[str, Any]] = {
         "image_size": 64,
         "rgb_grid": 8,

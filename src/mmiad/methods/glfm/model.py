@@ -91,6 +91,8 @@ class GLFMConfig(MethodSettings):
     store_float16: bool = False
     extend_prototypes: int | None = None
 
+    paper_extractors: ClassVar[str] = "glfm"
+
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs an 8-bit copy of the map (PIL)."""
         return {"smoothing": "pil_uint8"}
@@ -153,6 +155,7 @@ class GLFM(AnomalyModel):
         "adapt_steps": 1,
     }
     config: GLFMConfig
+    importable = True
     _trained_pipeline: dict[str, Any] | None = None
     _stored_adapted: dict[str, torch.Tensor] | None = None  # set by load_state before the pipeline is built
     _searchers: list[NearestNeighbors | None] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mmiad.methods.hparams import require
 from mmiad.methods.memorybank.settings import BankSettings
 from mmiad.postprocess.smoothing import SMOOTHINGS
 
@@ -96,6 +97,9 @@ class M3DMConfig(BankSettings):
     sigma: float = 4.0
     uff_checkpoint: str | None = None
 
+    # No scoring-time key of its own: the decision-layer fusion SVMs are fitted on the smoothed, λ-weighted maps
+    # and scores, so smoothing, σ and λ are part of the trained model (``inference_keys`` stays the base's).
+
     def compat_values(self) -> dict[str, Any]:
         """The official code blurs a uint8 copy of the maps through PIL."""
         return {"smoothing": "pil_uint8"}
@@ -108,8 +112,11 @@ class M3DMConfig(BankSettings):
         if len(self.lambdas) != 3:
             raise ValueError(f"lambdas needs three weights (point, rgb, fused), got {self.lambdas}")
         self.check_bank_settings()
-        if self.epochs < 0 or self.batch_size < 1 or self.accum_iter < 1:
-            raise ValueError("need epochs >= 0, batch_size >= 1 and accum_iter >= 1")
+        for key, minimum in (("epochs", 0), ("batch_size", 1), ("accum_iter", 1), ("rgb_grid", 1), ("point_grid", 1)):
+            require(getattr(self, key) >= minimum, key, getattr(self, key), f"must be at least {minimum}")
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
+        require(0 < self.ocsvm_nu <= 1, "ocsvm_nu", self.ocsvm_nu, "must be in (0, 1]")
+        require(self.sigma >= 0, "sigma", self.sigma, "must be at least 0")
         for name, value, allowed in (
             ("variant", self.variant, tuple(VARIANTS)),
             ("point_coreset", self.point_coreset, POINT_CORESETS),
@@ -118,8 +125,8 @@ class M3DMConfig(BankSettings):
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError("max_train_samples must be positive (or None for all)")
+        limit = self.max_train_samples
+        require(limit is None or limit >= 1, "max_train_samples", limit, "must be at least 1 (or null for all)")
 
     @property
     def banks(self) -> tuple[str, ...]:

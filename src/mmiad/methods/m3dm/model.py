@@ -49,6 +49,7 @@ class M3DM(AnomalyModel):
 
     config_class = M3DMConfig
     config: M3DMConfig
+    importable = True
     uff_: FeatureFusionBlock | None
     tiny_hparams: ClassVar[dict[str, Any]] = {
         "image_size": 64,

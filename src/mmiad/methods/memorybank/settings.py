@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmiad.methods.hparams import require
 from mmiad.methods.memorybank.bank import MemoryBank
+from mmiad.methods.memorybank.knn import BACKENDS
 from mmiad.methods.settings import MethodSettings
 from mmiad.utils.compute import resolve_device
 
@@ -37,8 +39,11 @@ class BankSettings(MethodSettings):
 
     def check_bank_settings(self) -> None:
         """Reject values no bank can work with (called by the subclasses' ``__post_init__``)."""
-        if not 0 < self.coreset_fraction <= 1 or self.reweight_k < 1 or self.memory_budget_gb < 0:
-            raise ValueError("need 0 < coreset_fraction <= 1, reweight_k >= 1 and memory_budget_gb >= 0")
+        require(0 < self.coreset_fraction <= 1, "coreset_fraction", self.coreset_fraction, "must be in (0, 1]")
+        require(self.coreset_eps > 0, "coreset_eps", self.coreset_eps, "must be positive")
+        require(self.reweight_k >= 1, "reweight_k", self.reweight_k, "must be at least 1")
+        require(self.memory_budget_gb >= 0, "memory_budget_gb", self.memory_budget_gb, "must be at least 0")
+        require(self.knn_backend in BACKENDS, "knn_backend", self.knn_backend, f"expected one of {', '.join(BACKENDS)}")
 
     def new_bank(self, cache_dir: str | Path | None, seed_offset: int = 0) -> MemoryBank:
         """An empty bank with these settings; patches past the budget spill under ``cache_dir/spill``."""

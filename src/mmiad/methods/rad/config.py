@@ -8,7 +8,7 @@ mmiad's own extension: RAD is RGB-only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from mmiad.methods.settings import MethodSettings
 
@@ -77,6 +77,8 @@ class RADConfig(MethodSettings):
     fusion: str = "product"
     center: bool | None = None
     seed: int = 0
+
+    paper_extractors: ClassVar[str] = "dino-rad"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mmiad.methods.hparams import require
 from mmiad.methods.settings import MethodSettings
 from mmiad.methods.unircm.blocks import BRANCHES
+from mmiad.methods.unircm.orq import INITS as ORQ_INITS
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MSE_NORMALIZATIONS = ("none", "feature_rms")
@@ -118,30 +120,40 @@ class UniRCMConfig(MethodSettings):
     activation_checkpointing: bool | None = None
     checkpoint_dir: str | None = None
 
+    inference_keys = MethodSettings.inference_keys | {"smoothing", "sigma", "beta_2d", "beta_3d", "orq_normalization"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.branches not in BRANCHES:
-            raise ValueError(f"unknown branches {self.branches!r}; expected one of {BRANCHES}")
-        if self.mse_normalization not in MSE_NORMALIZATIONS:
-            raise ValueError(
-                f"unknown mse_normalization {self.mse_normalization!r}; expected one of {MSE_NORMALIZATIONS}"
-            )
-        if self.store_dtype not in STORE_DTYPES:
-            raise ValueError(f"unknown store_dtype {self.store_dtype!r}; expected one of {tuple(STORE_DTYPES)}")
-        if self.orq_normalization not in ORQ_NORMALIZATIONS:
-            raise ValueError(
-                f"unknown orq_normalization {self.orq_normalization!r}; expected one of {ORQ_NORMALIZATIONS}"
-            )
-        if not (isinstance(self.beta_2d, int | float) and isinstance(self.beta_3d, int | float)):
-            raise ValueError(f"beta_2d and beta_3d must be numbers, got {self.beta_2d!r} and {self.beta_3d!r}")
-        if self.micro_batch_norm not in MICRO_BATCH_NORMS:
-            raise ValueError(f"unknown micro_batch_norm {self.micro_batch_norm!r}; expected one of {MICRO_BATCH_NORMS}")
-        if (self.memory_budget_gb is not None and self.memory_budget_gb < 0) or (
-            self.micro_batch is not None and self.micro_batch < 1
+        for key, allowed in (
+            ("branches", BRANCHES),
+            ("mse_normalization", MSE_NORMALIZATIONS),
+            ("store_dtype", tuple(STORE_DTYPES)),
+            ("orq_normalization", ORQ_NORMALIZATIONS),
+            ("micro_batch_norm", MICRO_BATCH_NORMS),
+            ("orq_init", ORQ_INITS),
         ):
-            raise ValueError("need memory_budget_gb >= 0 and micro_batch >= 1")
-        if self.grid_size > self.image_size or self.epochs < 0 or self.batch_size < 1 or self.orq_layers < 1:
-            raise ValueError("need grid_size <= image_size, epochs >= 0, batch_size >= 1 and orq_layers >= 1")
-        if self.checkpoint_dir is not None and not str(self.checkpoint_dir).strip():
-            # "" is Path("."): the training state would land in whatever folder the command runs from.
-            raise ValueError("checkpoint_dir='' names no folder; give a folder, or leave it unset to save nothing")
+            require(getattr(self, key) in allowed, key, getattr(self, key), f"expected one of {', '.join(allowed)}")
+        for key in ("hidden", "num_blocks", "batch_size", "orq_layers", "codebook_size_2d", "codebook_size_3d"):
+            require(getattr(self, key) >= 1, key, getattr(self, key), "must be at least 1")
+        require(
+            1 <= self.grid_size <= self.image_size,
+            "grid_size",
+            self.grid_size,
+            f"must be in [1, image_size={self.image_size}]",
+        )
+        for key in ("beta_2d", "beta_3d"):  # an edited model file or a direct call may carry null
+            value = getattr(self, key)
+            require(isinstance(value, int | float) and not isinstance(value, bool), key, value, "must be a number")
+        for key in ("epochs", "orq_iterations", "mse_weight", "beta_2d", "beta_3d", "sigma"):
+            require(getattr(self, key) >= 0, key, getattr(self, key), "must be at least 0")
+        require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
+        budget, micro, most = self.memory_budget_gb, self.micro_batch, self.orq_max_points
+        require(budget is None or budget >= 0, "memory_budget_gb", budget, "must be at least 0 (or null)")
+        require(micro is None or micro >= 1, "micro_batch", micro, "must be at least 1 (or null)")
+        require(most is None or most >= 1, "orq_max_points", most, "must be at least 1 (or null for all)")
+        require(
+            self.checkpoint_dir is None or bool(str(self.checkpoint_dir).strip()),
+            "checkpoint_dir",
+            self.checkpoint_dir,
+            "names no folder (it would be the current one): give a folder, or leave it unset to save nothing",
+        )

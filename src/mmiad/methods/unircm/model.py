@@ -83,6 +83,7 @@ class UniRCM(AnomalyModel):
 
     config_class = UniRCMConfig
     config: UniRCMConfig
+    importable = True
     tiny_hparams: ClassVar[dict[str, Any]] = {
         "image_size": 64,
         "grid_size": 8,
