@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmiad.cli.main import build_parser, main
-from mmiad.cli.model_commands import _hparams
+from mmiad.cli.train_command import _hparams
 from mmiad.engine import RunModels, input_records
 from mmiad.engine.trained import load_trained
 from mmiad.methods.hparams import HparamError
