@@ -146,19 +146,7 @@ def _import_m3dm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], 
         raise ValueError("use_uff=false contradicts importing a UFF checkpoint")
     uff_state(source)  # a wrong file fails here, before any feature is extracted
     job.log(f"importing M3DM's UFF from {source}; building memory banks from {job.data_root}")
-    return train_run(
-        "m3dm",
-        job.data_root,
-        temp,
-        categories=job.categories,
-        max_fpr=job.max_fpr,
-        hparams={**job.hparams, "uff_checkpoint": str(source.resolve())},
-        cache_dir=job.cache_dir,
-        fallback=job.fallback,
-        format=job.dataset.name if job.dataset is not None else None,
-        progress=job.progress,
-        log=job.log,
-    )
+    return _train_from_data("m3dm", temp, job, {"uff_checkpoint": str(source.resolve())})
 
 
 def _import_g2sf(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
@@ -168,19 +156,7 @@ def _import_g2sf(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], 
     if not source.is_dir():
         raise DataError(source, "give the release folder holding <class>/fusion/MMScoringTrainerV2.pth")
     job.log(f"importing G2SF's fusion networks from {source}; building memory banks from {job.data_root}")
-    return train_run(
-        "g2sf",
-        job.data_root,
-        temp,
-        categories=job.categories,
-        max_fpr=job.max_fpr,
-        hparams={**job.hparams, "official_fusion": str(source.resolve())},
-        cache_dir=job.cache_dir,
-        fallback=job.fallback,
-        format=job.dataset.name if job.dataset is not None else None,
-        progress=job.progress,
-        log=job.log,
-    )
+    return _train_from_data("g2sf", temp, job, {"official_fusion": str(source.resolve())})
 
 
 def _import_glfm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], list[DataError]]:
@@ -193,15 +169,25 @@ def _import_glfm(source: Path, temp: Path, job: _Job) -> tuple[dict[str, Path], 
     if not source.is_file():
         raise DataError(source, "give the adapted checkpoint file itself (pointmae_adapted.pth)")
     job.log(f"importing GLFM's adapted Point-MAE from {source}; building the memories from {job.data_root}")
-    hparams = {**job.hparams, "adaptation": "released", "adapted_checkpoint": str(source.resolve())}
+    return _train_from_data(
+        "glfm", temp, job, {"adaptation": "released", "adapted_checkpoint": str(source.resolve())}, unified=True
+    )
+
+
+def _train_from_data(
+    method: str, temp: Path, job: _Job, released: dict[str, Any], *, unified: bool = False
+) -> tuple[dict[str, Path], list[DataError]]:
+    """A training run on ``job``'s data whose released part comes from ``released`` hyperparameters (the files to
+    load instead of training that part), written into ``temp``."""
+    assert job.data_root is not None
     return train_run(
-        "glfm",
+        method,
         job.data_root,
         temp,
         categories=job.categories,
-        unified=True,
+        unified=unified,
         max_fpr=job.max_fpr,
-        hparams=hparams,
+        hparams={**job.hparams, **released},
         cache_dir=job.cache_dir,
         fallback=job.fallback,
         format=job.dataset.name if job.dataset is not None else None,
