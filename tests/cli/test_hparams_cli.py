@@ -109,7 +109,7 @@ def test_import_offers_the_methods_that_declare_importable(tmp_path: Path, capsy
     from mmiad.cli.import_command import importable_methods
     from mmiad.methods.registry import available_methods, get_method
 
-    assert importable_methods() == ["cfm", "m3dm", "unircm"]
+    assert importable_methods() == ["cfm", "cmdr", "g2sf", "glfm", "m3dm", "unircm"]
     assert not get_method("btf").importable and "btf" in available_methods()
     with pytest.raises(SystemExit) as raised:
         main(["import", "--method", "btf", "--from", "x", "--out", str(tmp_path / "o")])

@@ -12,8 +12,8 @@ from mmiad.cli.options import add_hparam_options, hparams_from_args
 
 def _hparams(args: argparse.Namespace) -> dict[str, Any]:
     """The hyperparameters beside the released weights, typed and checked against the method's config."""
-    own = {k: getattr(args, k) for k in ("weights_dir", "random_init", "compat", "device", "precision")}
-    return hparams_from_args(args, args.method, {"extractors": args.extractors, **{k: v for k, v in own.items() if v}})
+    own = {k: getattr(args, k) for k in ("extractors", "weights_dir", "random_init", "compat", "device", "precision")}
+    return hparams_from_args(args, args.method, {k: v for k, v in own.items() if v})
 
 
 def importable_methods() -> list[str]:

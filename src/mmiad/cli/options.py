@@ -51,7 +51,7 @@ def method_hint(argv: Sequence[str] | None) -> str | None:
     return None
 
 
-def _config_class(method: str) -> type:
+def method_config(method: str) -> type:
     """The config class of a registered method; an unknown method is a usage error listing the known ones."""
     import mmiad.methods  # noqa: F401  (fills the registry)
     from mmiad.methods.registry import available_methods, get_method
@@ -164,7 +164,7 @@ def hparams_from_args(args: argparse.Namespace, method: str, fixed: Mapping[str,
     Raises:
         HparamError: one line naming the key, the value and what is allowed.
     """
-    config_class = _config_class(method)
+    config_class = method_config(method)
     texts = {
         name: getattr(args, name) for name in getattr(args, _GENERATED, ()) if getattr(args, name, None) is not None
     }
@@ -198,7 +198,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from mmiad.engine.runs import read_run_index
 
     method = str(read_run_index(args.run).get("method"))
-    config_class = _config_class(method)
+    config_class = method_config(method)
     return check_overrides(config_class, typed_assignments(config_class, texts, owner=method), owner=method)
 
 

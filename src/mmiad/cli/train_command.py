@@ -14,7 +14,7 @@ from mmiad.cli.common import (
     report_errors,
     split_list,
 )
-from mmiad.cli.options import add_hparam_options, hparams_from_args
+from mmiad.cli.options import add_hparam_options, hparams_from_args, method_config
 from mmiad.features.registry import extractors_help
 from mmiad.methods.hparams import HparamError
 from mmiad.methods.registry import methods_help
@@ -33,6 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     from mmiad.engine import extend_run, train_run
     from mmiad.methods.registry import get_method
 
+    method_config(args.method)  # an unknown method is a usage error (exit 2) listing the known ones
     if not get_method(args.method).needs_training:
         raise ValueError(
             f"{args.method} is zero-shot and needs no training: score a batch directly with "

@@ -289,7 +289,9 @@ class _Loop:
                 if scorer.whole_batch:  # mutual scores need every sample: the batch fails as one
                     if isinstance(error, DataError) and self.dropped:  # say which files shrank the batch
                         names = ", ".join(str(dropped.path or dropped) for dropped in self.dropped)
-                        raise type(error)(error.path, f"{error.problem}; left out as unreadable: {names}") from error
+                        read, total = len(features), len(features) + len(self.dropped)
+                        problem = f"only {read} of {total} samples could be read ({error.problem}); unreadable: {names}"
+                        raise type(error)(error.path, problem) from error
                     raise
                 if len(batch) == 1:
                     found = [error]
