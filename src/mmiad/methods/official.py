@@ -68,6 +68,27 @@ def find_files(source: Path, pattern: re.Pattern[str]) -> list[Path]:
     return sorted(p for p in source.rglob("*") if p.is_file() and pattern.match(p.name))
 
 
+def files_by_class(source: Path, pattern: re.Pattern[str], none_found: str) -> dict[str, dict[str, Path]]:
+    """``{class: {role: path}}`` from the files :func:`find_files` finds, ``pattern``'s group 1 naming the role
+    (a network, a direction) and group 2 the class (a plain name); whether each class is complete is the caller's.
+
+    Raises:
+        CheckpointError: a second file for the same class and role, a class name that is not plain, or no file
+            at all (``none_found`` says what was looked for).
+    """
+    found: dict[str, dict[str, Path]] = {}
+    for path in find_files(source, pattern):
+        match = pattern.match(path.name)
+        assert match is not None
+        role, name = match.group(1), plain_name(match.group(2), path)
+        if role in found.setdefault(name, {}):
+            raise CheckpointError(path, f"a second {role} file for class {name!r} ({found[name][role]})")
+        found[name][role] = path
+    if not found:
+        raise CheckpointError(source, none_found)
+    return found
+
+
 def read_official(path: Path) -> dict[str, Any]:
     """Read a released file safely; ``argparse.Namespace`` is the one class allowed besides tensors.
 

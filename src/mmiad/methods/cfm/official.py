@@ -17,8 +17,7 @@ from mmiad.methods.modelfile import prefixed
 from mmiad.methods.official import (
     OfficialImport,
     build_checked,
-    find_files,
-    plain_name,
+    files_by_class,
     read_official,
     require_keys,
     source_entry,
@@ -36,16 +35,7 @@ def find_cfm_checkpoints(source: str | Path) -> dict[str, dict[str, Path]]:
         CheckpointError: If no file matches, a class has one direction only or twice, or a name is not plain.
     """
     source = Path(source)
-    found: dict[str, dict[str, Path]] = {}
-    for path in find_files(source, FILE_PATTERN):
-        match = FILE_PATTERN.match(path.name)
-        assert match is not None
-        direction, name = match.group(1), plain_name(match.group(2), path)
-        if direction in found.setdefault(name, {}):
-            raise CheckpointError(path, f"a second {direction} file for class {name!r} ({found[name][direction]})")
-        found[name][direction] = path
-    if not found:
-        raise CheckpointError(source, "no CFM_2Dto3D_<class>_<E>ep_<B>bs.pth / CFM_3Dto2D_... files found")
+    found = files_by_class(source, FILE_PATTERN, "no CFM_2Dto3D_<class>_<E>ep_<B>bs.pth / CFM_3Dto2D_... files found")
     incomplete = sorted(f"{name} (only {', '.join(d)})" for name, d in found.items() if len(d) != 2)
     if incomplete:
         raise CheckpointError(source, f"classes without both directions: {', '.join(incomplete)}")

@@ -22,8 +22,7 @@ from mmiad.methods.modelfile import prefixed
 from mmiad.methods.official import (
     OfficialImport,
     build_checked,
-    find_files,
-    plain_name,
+    files_by_class,
     read_official,
     require_keys,
     source_entry,
@@ -41,16 +40,9 @@ def find_cmdr_checkpoints(source: str | Path) -> dict[str, dict[str, Path]]:
             name is not plain.
     """
     source = Path(source)
-    found: dict[str, dict[str, Path]] = {}
-    for path in find_files(source, FILE_PATTERN):
-        match = FILE_PATTERN.match(path.name)
-        assert match is not None
-        network, name = match.group(1), plain_name(match.group(2), path)
-        if network in found.setdefault(name, {}):
-            raise CheckpointError(path, f"a second {network} file for class {name!r} ({found[name][network]})")
-        found[name][network] = path
-    if not found:
-        raise CheckpointError(source, "no {map2Dto3D,map3Dto2D,Dec2D,Dec3D}_<class>_independent_<E>ep_<B>bs.pth files")
+    found = files_by_class(
+        source, FILE_PATTERN, "no {map2Dto3D,map3Dto2D,Dec2D,Dec3D}_<class>_independent_<E>ep_<B>bs.pth files"
+    )
     incomplete = sorted(
         f"{name} (missing {', '.join(n for n in NAMES if n not in files)})"
         for name, files in found.items()
