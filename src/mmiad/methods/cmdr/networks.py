@@ -134,6 +134,20 @@ def attention_heads(width: int, wanted: int = DEC2D_HEADS) -> int:
     return math.gcd(width, wanted)
 
 
+def _projection(width: int, reduced: int) -> nn.Sequential:
+    """Both decoders' input projection (official layout, so ``projection.0``... keep the official key names):
+    Linear → GELU → LayerNorm → Dropout → Linear → GELU → LayerNorm, from ``width`` down to ``reduced``."""
+    return nn.Sequential(
+        nn.Linear(width, reduced),
+        nn.GELU(),
+        nn.LayerNorm(reduced),
+        nn.Dropout(DROPOUT),
+        nn.Linear(reduced, reduced),
+        nn.GELU(),
+        nn.LayerNorm(reduced),
+    )
+
+
 class Decoder2D(nn.Module):
     """``Decoder2D``: token projection to C/2, one chunk-attention block, three 3×3 transposed convolutions with
     BatchNorm and GELU on the G×G map, and a head back to C ending in LayerNorm. No skip connection.
@@ -150,15 +164,7 @@ class Decoder2D(nn.Module):
         reduced = dim // 2
         self.grid = grid
         self.reduced = reduced
-        self.projection = nn.Sequential(
-            nn.Linear(dim, reduced),
-            nn.GELU(),
-            nn.LayerNorm(reduced),
-            nn.Dropout(DROPOUT),
-            nn.Linear(reduced, reduced),
-            nn.GELU(),
-            nn.LayerNorm(reduced),
-        )
+        self.projection = _projection(dim, reduced)
         self.attn = ChunkAttentionBlock(reduced, heads or attention_heads(reduced), window)
         wide, narrow = DEC2D_CONV_WIDTHS
         self.conv_decoder = nn.Sequential(
@@ -206,15 +212,7 @@ class Decoder3D(nn.Module):
         if reduced * 2**DEC3D_UPSAMPLINGS != length:
             raise ValueError(f"Decoder3D needs a token count divisible by 32; a {grid}² grid has {length}")
         self.length = length
-        self.projection = nn.Sequential(
-            nn.Linear(length, reduced),
-            nn.GELU(),
-            nn.LayerNorm(reduced),
-            nn.Dropout(DROPOUT),
-            nn.Linear(reduced, reduced),
-            nn.GELU(),
-            nn.LayerNorm(reduced),
-        )
+        self.projection = _projection(length, reduced)
         widths = (dim, *DEC3D_WIDTHS, dim)
         layers: list[nn.Module] = []
         for index, (inner, outer) in enumerate(itertools.pairwise(widths)):
