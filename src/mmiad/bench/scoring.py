@@ -107,8 +107,10 @@ def bench_scoring(preset: str, samples: int, source_size: int, repeats: int) -> 
             "predict (per record, 4dc6816)": lambda: predict(lambda: _per_record(trained, records), "b"),
         }
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(repeats):
-            for name, fn in variants.items():
+        order = list(variants)
+        for repeat in range(repeats):  # each repeat starts one variant later, so no variant always runs first
+            for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
+                fn = variants[name]
                 started = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - started) / len(records))
