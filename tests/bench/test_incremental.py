@@ -63,8 +63,8 @@ def test_tiny_run_resumes_and_reports(tiny_dataset: Path, tmp_path: Path, monkey
 
     hparams = {"glfm": {**GLFM.tiny_hparams, "adaptation": "none", "prototypes": 1}}
     out = tmp_path / "inc"
-    state = run_protocol(tiny_dataset, ["glfm", "cfm"], "1-1", out, hparams=hparams, cache_dir=str(tmp_path / "cache"))
-    assert "no extend" in state["methods"]["cfm"]["refused"]  # CFM cannot grow: listed, the others still run
+    state = run_protocol(tiny_dataset, ["glfm", "btf"], "1-1", out, hparams=hparams, cache_dir=str(tmp_path / "cache"))
+    assert "no extend" in state["methods"]["btf"]["refused"]  # BTF cannot grow: listed, the others still run
     record = state["methods"]["glfm"]
     assert replayed == [0]  # a step trains on its new classes only
     assert [s["seen"] for s in record["steps"]] == [["block"], ["block", "puck"]]
@@ -82,4 +82,4 @@ def test_tiny_run_resumes_and_reports(tiny_dataset: Path, tmp_path: Path, monkey
     assert again["methods"]["glfm"] == record
     assert not (out / "glfm" / "from-scratch").exists()
     assert markdown(again, "1-1", again["steps"]).count("| glfm |") == 3
-    assert "| cfm | cannot add categories" in markdown(again, "1-1", again["steps"])
+    assert "| btf | cannot add categories" in markdown(again, "1-1", again["steps"])

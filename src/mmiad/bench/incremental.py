@@ -15,7 +15,8 @@ The protocol (``shared/reference/methods/incremental-protocol.md``):
   protocol's training set also counts them, mmiad keeps them for calibration). Never test images: IB-IUMAD's
   released Eyecandies split files list each new class's test images as training data; mmiad does not.
   ``--replay`` lets a method see the earlier classes' training samples again (Uni-RCM's own extend does).
-* A method that cannot add categories (no ``extend``: CFM) is listed as such and the others run.
+* A method that cannot add categories (no ``extend``) is listed as such and the others run. CFM's ``extend``
+  trains its two mappings on (plain fine-tuning, mmiad's addition; the paper has no incremental setting).
 * Metrics are mmiad's own on the test split: no checkpoint selection on the test set, no flipping of AUROCs
   below 0.5 (IB-IUMAD's evaluator flips them; ``--compat-flip`` does so, named as such).
 * Forgetting, per metric: for every class learned before the last step, its best score at an earlier step minus

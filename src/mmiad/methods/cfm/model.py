@@ -7,7 +7,7 @@ is the anomaly score. No memory bank: the model is two MLPs, which is why CFM is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -148,6 +148,10 @@ class CFM(AnomalyModel):
     def _plan(self, channels_2d: int, channels_3d: int) -> MicroBatchPlan:
         """Build the networks and plan the training step within the budget (the preflight)."""
         self._build_networks(channels_2d, channels_3d)
+        return self._plan_step(channels_2d, channels_3d)
+
+    def _plan_step(self, channels_2d: int, channels_3d: int) -> MicroBatchPlan:
+        """Plan the training step of the networks as they are (``extend`` trains on without rebuilding them)."""
         c = self.config
         rows = c.grid_size**2 if self._subset is None else max(1, round(self._subset * c.grid_size**2))
         return plan_cfm_training(
@@ -176,13 +180,63 @@ class CFM(AnomalyModel):
     def fit(
         self, records: Sequence[SampleRecord], *, progress: bool = False, errors: list[DataError] | None = None
     ) -> CFM:
-        """Train both mappings jointly on the foreground pixels of nominal samples.
-
-        The rows kept between epochs live on the device, within what the planned step leaves of the budget (the
-        budget is the device's), so a GPU is fed without a copy per step.
-        """
+        """Train both mappings jointly on the foreground pixels of nominal samples."""
         if not records:
             raise ValueError("CFM.fit needs at least one nominal training sample")
+        kept, rows, channels = self._collect_rows(records, self._plan, progress, errors)
+        plan = self._plan(*channels)
+        self.loss_history_: list[float] = self._train(kept, rows, plan, self.config.epochs, self.config.seed, progress)
+        self.n_train_samples_ = len(kept)
+        self.extensions_: list[dict[str, Any]] = []
+        self.fitted_ = True
+        return self
+
+    def extend(
+        self,
+        new_records: Sequence[SampleRecord],
+        replay_records: Sequence[SampleRecord],
+        *,
+        epochs: int,
+        progress: bool = False,
+        errors: list[DataError] | None = None,
+    ) -> CFM:
+        """Add categories to a fitted (unified) CFM: both mappings train on, from their current weights.
+
+        Not in the CFM paper: CFM keeps no per-category state, so the only way it can learn new classes is to go on
+        training its two MLPs, here on the new categories' samples plus ``replay_records`` (none under the
+        incremental protocol), ``epochs`` epochs with a fresh Adam at the configured learning rate. This is the
+        plain fine-tuning baseline of incremental learning (``mmiad train --resume RUN --add-categories``,
+        ``python -m mmiad.bench incremental``), and what it forgets is what the protocol measures.
+        """
+        self.check_fitted()
+        if not new_records:
+            raise ValueError("extend needs at least one record of the new categories")
+        kept, rows, channels = self._collect_rows([*new_records, *replay_records], self._plan_step, progress, errors)
+        plan = self._plan_step(*channels)
+        extensions = getattr(self, "extensions_", [])
+        seed = self.config.seed + len(extensions) + 1
+        history = self._train(kept, rows, plan, epochs, seed, progress)
+        new_categories = {r.category for r in new_records}
+        added = sum(1 for r in kept if r.category in new_categories)  # kept may be preprocessed copies
+        self.loss_history_ = [*self.loss_history_, *history]
+        step = {"new_samples": added, "replayed_samples": len(kept) - added, "epochs": epochs}
+        self.extensions_ = [*extensions, step]
+        self.n_train_samples_ += added
+        return self
+
+    def _collect_rows(
+        self,
+        records: Sequence[SampleRecord],
+        plan: Callable[[int, int], MicroBatchPlan],
+        progress: bool,
+        errors: list[DataError] | None,
+    ) -> tuple[list[SampleRecord], list[tuple[torch.Tensor, torch.Tensor]], tuple[int, int]]:
+        """(usable records, their foreground rows, (2D, 3D) widths); rows stay empty when they exceed the budget.
+
+        The rows kept between epochs live on the device, within what the planned step leaves of the budget (the
+        budget is the device's), so a GPU is fed without a copy per step; ``plan`` is the preflight run on the
+        first sample's widths, before the other features are extracted.
+        """
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
         rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         budget: float | None = None  # for the stored rows: what the training step leaves of the budget
@@ -194,9 +248,8 @@ class CFM(AnomalyModel):
             if keep_in_memory:
                 rows_2d, rows_3d = self._foreground_rows(features)
                 pair = (rows_2d.to(self.device), rows_3d.to(self.device))
-                if budget is None:  # the preflight, before the other features are extracted
-                    plan = self._plan(pair[0].shape[1], pair[1].shape[1])
-                    budget = plan.spare_bytes
+                if budget is None:
+                    budget = plan(pair[0].shape[1], pair[1].shape[1]).spare_bytes
                 used += sum(t.numel() * t.element_size() for t in pair)
                 rows.append(pair)
                 keep_in_memory = used <= budget
@@ -205,18 +258,29 @@ class CFM(AnomalyModel):
         if not kept_records:
             raise ValueError("no usable training sample (all were reported as bad)")
         if rows:
-            channels_2d, channels_3d = rows[0][0].shape[1], rows[0][1].shape[1]
+            channels = (rows[0][0].shape[1], rows[0][1].shape[1])
         else:
             first = self._foreground_rows(self.pipeline.extract(kept_records[0]))
-            channels_2d, channels_3d = first[0].shape[1], first[1].shape[1]
-        plan = self._plan(channels_2d, channels_3d)
+            channels = (first[0].shape[1], first[1].shape[1])
+        return kept_records, rows, (int(channels[0]), int(channels[1]))
+
+    def _train(
+        self,
+        kept_records: Sequence[SampleRecord],
+        rows: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        plan: MicroBatchPlan,
+        epochs: int,
+        seed: int,
+        progress: bool,
+    ) -> list[float]:
+        """``epochs`` epochs of both mappings on the samples (rows, or re-extracted features); the epoch losses."""
         optimizer = torch.optim.Adam(
             [*self.map_to_3d_.parameters(), *self.map_to_2d_.parameters()], lr=self.config.learning_rate
         )
-        generator = torch.Generator().manual_seed(self.config.seed)
-        subset = subset_generator(self.config.seed)
-        self.loss_history_: list[float] = []
-        bar = tqdm(range(self.config.epochs), desc="train cfm", disable=not progress, leave=False)
+        generator = torch.Generator().manual_seed(seed)
+        subset = subset_generator(seed)
+        history: list[float] = []
+        bar = tqdm(range(epochs), desc="train cfm", disable=not progress, leave=False)
         for _ in bar:
             order = torch.randperm(len(kept_records), generator=generator).tolist()
             epoch_losses = []
@@ -234,11 +298,9 @@ class CFM(AnomalyModel):
                 )
                 optimizer.step()
                 epoch_losses.append(loss)
-            self.loss_history_.append(float(np.mean(epoch_losses)))
-            bar.set_postfix(loss=f"{self.loss_history_[-1]:.4f}")
-        self.n_train_samples_ = len(kept_records)
-        self.fitted_ = True
-        return self
+            history.append(float(np.mean(epoch_losses)))
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+        return history
 
     # ------------------------------------------------------------------ inference
     def score_features(self, features: SampleFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -303,6 +365,7 @@ class CFM(AnomalyModel):
             "channels": [self.map_to_3d_.input.in_features, self.map_to_2d_.input.in_features],
             "n_train_samples": self.n_train_samples_,
             "loss_history": self.loss_history_,
+            **({"extensions": self.extensions_} if getattr(self, "extensions_", []) else {}),
         }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -320,6 +383,7 @@ class CFM(AnomalyModel):
         self.map_to_2d_.load_state_dict(split_prefixed(tensors, "map_to_2d"))
         self.loss_history_ = list(config.get("loss_history", []))
         self.n_train_samples_ = int(config.get("n_train_samples", 0))
+        self.extensions_ = list(config.get("extensions", []))
 
     def export_scorer(self, out_dir: Any) -> dict[str, Any]:
         """``scorer.onnx``: grid_2d, grid_3d, foreground → anomaly_map, map_2d, map_3d, score."""
