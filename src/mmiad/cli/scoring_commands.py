@@ -29,7 +29,8 @@ from mmiad.methods.hparams import HparamError
 def _test(args: argparse.Namespace) -> int:
     """``test --run RUN`` (a trained run) or ``test --method M`` (a zero-shot method: each test split one batch)."""
     from mmiad.engine import evaluate_run
-    from mmiad.engine.zero_shot import evaluate_zero_shot
+    from mmiad.engine.zero_shot import evaluate_training_free, evaluate_zero_shot
+    from mmiad.methods.registry import get_method
 
     if args.run is not None and args.method is not None:
         raise ValueError(f"--method {args.method} is zero-shot: it takes no --run")
@@ -46,7 +47,9 @@ def _test(args: argparse.Namespace) -> int:
         "progress": True,
         "log": log,
     }
-    if args.method is not None:
+    if args.method is not None and get_method(args.method).training_free:
+        result, errors = evaluate_training_free(args.data, _zero_shot_hparams(args), method=args.method, **common)
+    elif args.method is not None:
         result, errors = evaluate_zero_shot(args.data, _zero_shot_hparams(args), method=args.method, **common)
     else:
         _refuse_precision(args)
@@ -214,10 +217,14 @@ def _zero_shot_hparams(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
-    from mmiad.engine.zero_shot import zero_shot_methods
+    from mmiad.engine.zero_shot import training_free_methods, zero_shot_methods
 
-    names = ", ".join(zero_shot_methods())
-    parser.add_argument("--method", help=f"a zero-shot method ({names}): no run needed, the batch scores itself")
+    names, free = ", ".join(zero_shot_methods()), ", ".join(training_free_methods())
+    parser.add_argument(
+        "--method",
+        help=f"a zero-shot method ({names}): no run needed, the batch scores itself; `test` also takes a "
+        f"training-free one ({free}): its memory is built from --data's training split in the same command",
+    )
     parser.add_argument(
         "--extractors", help="zero-shot --method only: extractor preset (a --run keeps its own; refused there)"
     )

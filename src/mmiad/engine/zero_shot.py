@@ -54,6 +54,11 @@ def zero_shot_methods() -> list[str]:
     return [name for name in available_methods() if not get_method(name).needs_training]
 
 
+def training_free_methods() -> list[str]:
+    """The registered methods whose ``fit`` only stores the nominal samples (read from their capabilities)."""
+    return [name for name in available_methods() if get_method(name).training_free]
+
+
 def score_zero_shot(
     records: Sequence[SampleRecord],
     hparams: dict[str, Any] | None = None,
@@ -139,3 +144,51 @@ def evaluate_zero_shot(
         )
         log(f"[{category}] {len(predictions)} test samples scored zero-shot ({method})")
     return summarize(per_category), errors
+
+
+def evaluate_training_free(
+    data_root: str | Path,
+    hparams: dict[str, Any] | None = None,
+    *,
+    method: str,
+    categories: Sequence[str] | None = None,
+    cache_dir: str | None = None,
+    format: str | None = None,
+    progress: bool = False,
+    log: Log = quiet,
+    **evaluation: Any,
+) -> tuple[dict[str, Any], list[DataError]]:
+    """``mmiad test --method M --data D`` for a training-free method (``training_free``, e.g. RAD).
+
+    Nothing is optimised, but the method's memory is the training split, so it is built (``mmiad train``'s
+    path: the same selection, thresholds and fallback) in a temporary run folder that is removed afterwards, and
+    that run is tested as ``mmiad test --run`` would. ``evaluation`` takes :func:`evaluate_run`'s other options.
+    """
+    import tempfile
+
+    from mmiad.engine.evaluation import evaluate_run
+    from mmiad.engine.runs import train_run
+
+    prototype = get_method(method)
+    if not prototype.training_free:
+        raise ValueError(f"method {method!r} is not training-free; train it with `mmiad train --method {method}`")
+    with tempfile.TemporaryDirectory(prefix=f"mmiad-{method}-") as folder:
+        run = Path(folder) / "run"
+        _, errors = train_run(
+            method,
+            data_root,
+            run,
+            categories=categories,
+            unified=prototype.unified,
+            hparams=hparams,
+            cache_dir=cache_dir,
+            format=format,
+            progress=progress,
+            log=log,
+        )
+        log(f"{method}: memory built from the training split (no optimisation); testing it")
+        result, more = evaluate_run(
+            run, data_root, categories=categories, cache_dir=cache_dir, format=format, progress=progress, log=log,
+            **evaluation,
+        )  # fmt: skip
+    return result, [*errors, *more]

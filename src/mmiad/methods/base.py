@@ -46,6 +46,8 @@ class AnomalyModel(ABC):
         tiny_hparams: Settings for a seconds-long fit on the ``tiny`` synthetic preset (the shared conformance
             tests run every registered method with them).
         needs_training: False for zero-shot methods, which score a batch without ``fit``.
+        training_free: True when ``fit`` only stores the nominal samples, nothing is optimised (RAD): then
+            ``mmiad test --method M --data D`` builds that memory from the training split and tests in one command.
         modalities: What the method reads: ``("2d", "3d")``, ``("3d",)`` or ``("2d",)``.
         unified: True when one model serves every category by design (Uni-RCM, GLFM).
         few_shot: True when the method is meant for a handful of nominal samples (CIF, RAD).
@@ -62,6 +64,7 @@ class AnomalyModel(ABC):
     config_class: ClassVar[type[MethodSettings]] = MethodSettings
     tiny_hparams: ClassVar[dict[str, Any]] = {}
     needs_training: ClassVar[bool] = True
+    training_free: ClassVar[bool] = False
     modalities: ClassVar[tuple[str, ...]] = ("2d", "3d")
     unified: ClassVar[bool] = False
     few_shot: ClassVar[bool] = False

@@ -53,6 +53,7 @@ class RAD(AnomalyModel):
     modalities: ClassVar[tuple[str, ...]] = ("2d", "3d")  # 2d by default; 3d only with the extension
     unified = True  # one memory of every category, searched without labels (train with --unified)
     few_shot = True
+    training_free = True  # fit stores the memory: `mmiad test --method rad --data D` needs no train step
     config: RADConfig
 
     # ------------------------------------------------------------------ features
