@@ -1,5 +1,5 @@
-"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, incremental, glfm, compare, speed,
-memory, musc, fewshot, scoring)."""
+"""``python -m mmiad.bench COMMAND`` (stages, accuracy, fallback, orq, extend, incremental, glfm, glfm-memory,
+compare, speed, memory, musc, fewshot, scoring)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from mmiad.bench import (
     comparison,
     fewshot,
     glfm,
+    glfm_memory,
     gpu,
     incremental,
     memory,
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     unified.register(commands)
     incremental.register(commands)
     glfm.register(commands)
+    glfm_memory.register(commands)
     comparison.register(commands)
     speed.register(commands)
     memory.register(commands)

@@ -40,6 +40,26 @@ def test_coreset_bank_keeps_a_tenth_of_real_rows() -> None:
     torch.testing.assert_close(bank[0], every[0])  # the greedy selection starts at row 0
 
 
+def test_coreset_bank_of_spilled_chunks_equals_the_in_memory_one(tmp_path) -> None:
+    """Past ``memory_budget_gb`` the clouds' features are memory-mapped spill files: the same memory results."""
+    from mmiad.methods.memorybank.bank import PatchStore
+
+    chunks = [torch.randn(30 + 7 * i, 6, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    in_memory, spilled = PatchStore(1e9), PatchStore(0, tmp_path)
+    for chunk in chunks:
+        in_memory.append(chunk)
+        spilled.append(chunk)
+    assert spilled.spilled and not in_memory.spilled
+    assert all(isinstance(c, np.ndarray) for c in spilled.chunks)
+    expected = coreset_bank(in_memory.chunks, 0.1, eps=0.9, seed=3, device=CPU)
+    torch.testing.assert_close(coreset_bank(spilled.chunks, 0.1, eps=0.9, seed=3, device=CPU), expected, rtol=0, atol=0)
+    torch.testing.assert_close(coreset_bank(spilled.chunks, 1.0, eps=0.9, seed=3, device=CPU), torch.cat(chunks))
+    every = torch.cat(chunks)
+    assert all(bool((every == row).all(dim=1).any()) for row in expected)  # real rows, in float32
+    spilled.close()
+    assert not list(tmp_path.iterdir())  # the spill files are deleted with the store
+
+
 def _fitted(prototypes: torch.Tensor, banks: list[torch.Tensor]) -> GLFM:
     model = GLFM(device="cpu")
     model.prototypes_, model.banks_ = prototypes, banks
@@ -79,3 +99,27 @@ def test_growing_keeps_old_memories_and_routes_new_clouds() -> None:
     torch.testing.assert_close(grown[0], torch.cat([old[0], near_first]))
     torch.testing.assert_close(grown[1], old[1])
     torch.testing.assert_close(grown[2], near_third)
+
+
+def test_fit_with_every_cloud_spilled_builds_the_same_memories(tiny_dataset, tmp_path, monkeypatch) -> None:
+    from mmiad.data.mvtec3d import list_records
+    from mmiad.methods.memorybank.bank import PatchStore
+
+    was_spilled: list[bool] = []
+    close = PatchStore.close
+
+    def recording_close(store: PatchStore) -> None:
+        was_spilled.append(store.spilled)
+        close(store)
+
+    monkeypatch.setattr(PatchStore, "close", recording_close)
+
+    hparams = {**GLFM.tiny_hparams, "adaptation": "none", "prototypes": 2}
+    records = list_records(tiny_dataset, "block", "train")
+    in_memory = GLFM(cache_dir=str(tmp_path / "a"), **hparams).fit(records)
+    spilled = GLFM(cache_dir=str(tmp_path / "b"), memory_budget_gb=0, **hparams).fit(records)
+    assert len(in_memory.banks_) == len(spilled.banks_) == 2
+    for expected, found in zip(in_memory.banks_, spilled.banks_, strict=True):
+        torch.testing.assert_close(found, expected, rtol=0, atol=0)
+    assert was_spilled == [False, True]  # the default budget holds the tiny clouds; a zero budget spills them all
+    assert not list((tmp_path / "b" / "spill").iterdir())  # and the spill files are gone

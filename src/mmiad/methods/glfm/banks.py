@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from mmiad.methods.memorybank.coreset import greedy_coreset
+from mmiad.methods.memorybank.coreset import chunk_as_float, greedy_coreset
 from mmiad.methods.memorybank.knn import NearestNeighbors
 
 
@@ -58,24 +59,36 @@ def more_prototypes(existing: torch.Tensor, candidates: torch.Tensor, count: int
     return torch.tensor(chosen, dtype=torch.long)
 
 
+Chunk = torch.Tensor | np.ndarray  # one cloud's local features, in RAM or memory-mapped from a spill file
+
+
 def coreset_bank(
-    chunks: Sequence[torch.Tensor], fraction: float, *, eps: float, seed: int, device: torch.device
+    chunks: Sequence[Chunk], fraction: float, *, eps: float, seed: int, device: torch.device
 ) -> torch.Tensor:
     """One local memory: ``int(fraction · rows)`` rows (at least 1) of the chunks by greedy coreset, in float32.
 
-    The chunks (one cloud's local features each, possibly float16) are projected one at a time; only the kept
-    rows are gathered back, so the float32 copy of the whole bank is never built.
+    The chunks (one cloud's local features each, float16 or float32, in RAM or spilled to disk by
+    :class:`~mmiad.methods.memorybank.bank.PatchStore`) are projected one at a time; only the kept rows are
+    gathered back, so the float32 copy of the whole bank is never built.
     """
     rows = sum(int(c.shape[0]) for c in chunks)
     if rows == 0:
         raise ValueError("a local memory received no feature")
     keep = max(1, int(fraction * rows))
     if keep >= rows:
-        return torch.cat([c.float() for c in chunks])
+        return torch.cat([chunk_as_float(c) for c in chunks])
     selected = greedy_coreset(list(chunks), keep, eps=eps, seed=seed, device=device)
     offsets = torch.cumsum(torch.tensor([0] + [int(c.shape[0]) for c in chunks]), dim=0)
     owner = torch.searchsorted(offsets, selected, right=True) - 1
-    return torch.stack([chunks[int(o)][int(i - offsets[o])].float() for o, i in zip(owner, selected, strict=True)])
+    kept = []
+    for index in torch.unique(owner).tolist():  # each chunk read once, its rows in selection order afterwards
+        picked = (owner == index).nonzero()[:, 0]
+        rows_in_chunk = (selected[picked] - offsets[index]).numpy()
+        kept.append((picked, chunk_as_float(chunks[index][rows_in_chunk])))
+    bank = torch.empty(keep, kept[0][1].shape[1])
+    for picked, values in kept:
+        bank[picked] = values
+    return bank
 
 
 def centre_scores(local: torch.Tensor, bank: NearestNeighbors) -> torch.Tensor:

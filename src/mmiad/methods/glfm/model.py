@@ -28,11 +28,14 @@ from mmiad.features.pointmae import POINTMAE_PRESETS, PointMaeEncoder, PointMaeE
 from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.glfm import adapt as stage_one
 from mmiad.methods.glfm import banks
+from mmiad.methods.hparams import require
+from mmiad.methods.memorybank.bank import PatchStore
 from mmiad.methods.memorybank.knn import NearestNeighbors
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.settings import MethodSettings
 from mmiad.postprocess.smoothing import smooth_maps
+from mmiad.utils.budget import GIB
 
 ADAPTATIONS = ("train", "none", "released")
 SMOOTHINGS = ("gaussian", "pil_uint8")
@@ -68,6 +71,10 @@ class GLFMConfig(MethodSettings):
         sigma: Blur σ in input pixels (4).
         store_float16: Keep the local features in float16 until the coreset (half the memory of the official
             float32; the kept rows are then float16-rounded).
+        memory_budget_gb: RAM for the training clouds' local features before the coreset; past it they spill to
+            ``.npy`` files (under ``cache_dir/spill``, else the temporary folder) and are memory-mapped, as the
+            memory-bank methods' patches. The coreset's float16 projection of every row stays in memory (see the
+            README for the sizes).
         extend_prototypes: Prototypes added when categories are added to a trained model; None: K scaled by the
             share of new clouds (at least 1).
     """
@@ -89,6 +96,7 @@ class GLFMConfig(MethodSettings):
     smoothing: str = "gaussian"
     sigma: float = 4.0
     store_float16: bool = False
+    memory_budget_gb: float = 4.0
     extend_prototypes: int | None = None
 
     paper_extractors: ClassVar[str] = "glfm"
@@ -111,6 +119,7 @@ class GLFMConfig(MethodSettings):
             raise ValueError("need num_group >= 1 and group_size >= 1")
         if self.sigma < 0 or (self.extend_prototypes is not None and self.extend_prototypes < 0):
             raise ValueError("need sigma >= 0 and extend_prototypes >= 0")
+        require(self.memory_budget_gb >= 0, "memory_budget_gb", self.memory_budget_gb, "must be at least 0")
 
 
 def _adapted_extractor(
@@ -268,15 +277,18 @@ class GLFM(AnomalyModel):
             stage_one.install(extractor, self.adapted_)
             self.adapt_history_ = result.loss_history
         adapted = time.perf_counter()
-        locals_, globals_ = self._local_features(prepared, progress, errors)
-        if not locals_:
-            raise ValueError("no usable training sample (all were reported as bad)")
-        picked = banks.select_prototypes(
-            torch.stack(globals_), c.prototypes, eps=c.coreset_eps, seed=c.seed, device=self.device
-        )
-        self.prototypes_ = torch.stack(globals_)[picked]
-        self.banks_ = self._grown_banks([], locals_, globals_, seed_offset=0)
-        self.n_train_samples_ = len(locals_)
+        store, globals_ = self._local_features(prepared, progress, errors)
+        try:
+            if not globals_:
+                raise ValueError("no usable training sample (all were reported as bad)")
+            picked = banks.select_prototypes(
+                torch.stack(globals_), c.prototypes, eps=c.coreset_eps, seed=c.seed, device=self.device
+            )
+            self.prototypes_ = torch.stack(globals_)[picked]
+            self.banks_ = self._grown_banks([], store.chunks, globals_, seed_offset=0)
+        finally:
+            store.close()
+        self.n_train_samples_ = len(globals_)
         self.extensions_: list[dict[str, Any]] = []
         self.stage_seconds_ = {
             "preprocess_and_stage_one": adapted - started,
@@ -287,10 +299,16 @@ class GLFM(AnomalyModel):
 
     def _local_features(
         self, prepared: Sequence[SampleRecord], progress: bool, errors: list[DataError] | None
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each usable record's local features (float16 when ``store_float16``) and its global feature."""
-        locals_, globals_ = [], []
-        dtype = torch.float16 if self.config.store_float16 else torch.float32
+    ) -> tuple[PatchStore, list[torch.Tensor]]:
+        """Each usable record's local features (one block each, float16 when ``store_float16``, spilled to disk
+        past ``memory_budget_gb``) and its global feature. The caller closes the store (deleting spill files)."""
+        c = self.config
+        spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
+        if spill is not None:
+            spill.mkdir(parents=True, exist_ok=True)
+        dtype = torch.float16 if c.store_float16 else torch.float32
+        locals_ = PatchStore(c.memory_budget_gb * GIB, spill, dtype)
+        globals_ = []
         for record, features in self.pipeline.iter_features(prepared, progress=progress, errors=errors):
             local = features.points.features
             if local.shape[0] == 0:
@@ -299,12 +317,12 @@ class GLFM(AnomalyModel):
                     raise found
                 errors.append(found)
                 continue
-            locals_.append(local.to(dtype))
+            locals_.append(local)
             globals_.append(banks.global_feature(local))
         return locals_, globals_
 
     def _grown_banks(
-        self, old: list[torch.Tensor], locals_: list[torch.Tensor], globals_: list[torch.Tensor], seed_offset: int
+        self, old: list[torch.Tensor], locals_: Sequence[banks.Chunk], globals_: list[torch.Tensor], seed_offset: int
     ) -> list[torch.Tensor]:
         """Route clouds to the prototypes and append each memory's coreset of them to its old rows (if any)."""
         c = self.settings
@@ -338,18 +356,22 @@ class GLFM(AnomalyModel):
         """
         self.check_fitted()
         prepared = self.pipeline.preprocess(new, progress=progress, errors=errors)
-        locals_, globals_ = self._local_features(prepared, progress, errors)
-        if not locals_:
-            raise ValueError("no usable sample among the new categories")
-        c = self.settings
-        added = c.extend_prototypes
-        if added is None:
-            added = max(1, round(c.prototypes * len(locals_) / (self.n_train_samples_ + len(locals_))))
-        picked = banks.more_prototypes(self.prototypes_, torch.stack(globals_), added)
-        self.prototypes_ = torch.cat([self.prototypes_, torch.stack(globals_)[picked]])
-        self.banks_ = self._grown_banks(self.banks_, locals_, globals_, seed_offset=1000 * (len(self.extensions_) + 1))
-        self.n_train_samples_ += len(locals_)
-        self.extensions_.append({"new_samples": len(locals_), "prototypes_added": len(picked)})
+        store, globals_ = self._local_features(prepared, progress, errors)
+        try:
+            if not globals_:
+                raise ValueError("no usable sample among the new categories")
+            c = self.settings
+            added = c.extend_prototypes
+            if added is None:
+                added = max(1, round(c.prototypes * len(globals_) / (self.n_train_samples_ + len(globals_))))
+            picked = banks.more_prototypes(self.prototypes_, torch.stack(globals_), added)
+            self.prototypes_ = torch.cat([self.prototypes_, torch.stack(globals_)[picked]])
+            offset = 1000 * (len(self.extensions_) + 1)
+            self.banks_ = self._grown_banks(self.banks_, store.chunks, globals_, seed_offset=offset)
+        finally:
+            store.close()
+        self.n_train_samples_ += len(globals_)
+        self.extensions_.append({"new_samples": len(globals_), "prototypes_added": len(picked)})
         self._searchers = None
         return self
 

@@ -62,7 +62,8 @@ def sparse_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.where(draw < density, signs * value, 0.0).astype(np.float32))
 
 
-def _as_tensor(chunk: torch.Tensor | np.ndarray) -> torch.Tensor:
+def chunk_as_float(chunk: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A chunk of rows as a float32 tensor (a memory-mapped array is read from disk here)."""
     if isinstance(chunk, np.ndarray):
         return torch.from_numpy(np.array(chunk, dtype=np.float32))
     return chunk.float()
@@ -76,7 +77,7 @@ def project_chunks(
     """Concatenated float16 projections of the (transformed) chunks, read one at a time."""
     parts = []
     for chunk in chunks:
-        rows = _as_tensor(chunk)
+        rows = chunk_as_float(chunk)
         if transform is not None:
             rows = transform(rows)
         parts.append((rows @ matrix if matrix is not None else rows).half())
