@@ -86,7 +86,7 @@ def test_preflight_extrapolates_the_step_and_refuses_a_small_budget() -> None:
 
 def test_cpu_defaults_and_official_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = CMDR(device="cpu")
-    assert (cpu.resolved_grid(), cpu.resolved_epochs()) == (56, 10)
+    assert (cpu.resolved_grid(), cpu.resolved_epochs()) == (56, 50)  # the official epochs, a coarser grid
     assert (CMDR(device="cpu", grid_size=224, epochs=50).resolved_grid(), CMDR(epochs=50).resolved_epochs()) == (
         224,
         50,

@@ -34,11 +34,11 @@ from mmiad.utils.compute import autocast
 from mmiad.utils.threads import single_thread_on_cpu
 
 MODALITIES = tuple(NETWORKS_OF)
-#: The official ``train.py`` defaults (used on an accelerator, or on the CPU when set explicitly).
+#: The official ``train.py`` epochs, on every device.
 OFFICIAL_EPOCHS = 50
-#: The CPU defaults when ``epochs``/``grid_size`` are left unset, sized for ``mmiad train`` on the synthetic ``demo``
-#: data on 2 cores: ~1.1 s per one-threaded step at grid 56, ~4 min of training per category (BENCHMARKS.md).
-CPU_EPOCHS = 10
+#: The CPU grid when ``grid_size`` is left unset: a one-threaded step of the weight-free widths takes ~0.25 s at
+#: grid 56, so the official 50 epochs on the synthetic ``demo`` data train in ~19 min on 2 cores (BENCHMARKS.md);
+#: at the official 224 a step costs ~16× more.
 CPU_GRID = 56
 
 
@@ -52,7 +52,7 @@ class CMDRConfig(MethodSettings):
             script) or ``rgb`` (the Decoder2D branch alone; inferred, see the README).
         grid_size: Side of the token grid the networks run on (a multiple of 8). None: ``image_size`` (official
             224) on an accelerator, 56 on the CPU (maps are upsampled to ``image_size`` before scoring).
-        epochs: Training epochs. None: the official 50 on an accelerator, 10 on the CPU.
+        epochs: Training epochs. None: the official 50 (on every device; 10 on the CPU before 2026-12-07).
         learning_rate: Adam's learning rate, one Adam per network (official 1e-3).
         seed: Seed of the initialisation, the epoch shuffles and the dropout draws (official 115).
         memory_budget_gb: Memory training may use, in GiB (None: 80 % of what the device has). The one-sample step
@@ -109,10 +109,8 @@ class CMDR(AnomalyModel):
         return min(CPU_GRID, largest) if self._on_cpu else largest
 
     def resolved_epochs(self) -> int:
-        """The epochs in effect: the set number, else 50 on an accelerator and 10 on the CPU."""
-        if self.config.epochs is not None:
-            return self.config.epochs
-        return CPU_EPOCHS if self._on_cpu else OFFICIAL_EPOCHS
+        """The epochs in effect: the set number, else the official 50."""
+        return OFFICIAL_EPOCHS if self.config.epochs is None else self.config.epochs
 
     def _new_networks(self, channels: tuple[int, int], grid: int) -> None:
         """The modality's networks, built on the CPU from the current RNG state and moved to the device."""
