@@ -37,7 +37,7 @@ MODALITIES = tuple(NETWORKS_OF)
 #: The official ``train.py`` epochs, on every device.
 OFFICIAL_EPOCHS = 50
 #: The CPU grid when ``grid_size`` is left unset: a one-threaded step of the weight-free widths takes ~0.25 s at
-#: grid 56, so the official 50 epochs on the synthetic ``demo`` data train in ~19 min on 2 cores (BENCHMARKS.md);
+#: grid 56, so the official 50 epochs on the synthetic ``demo`` data train in ~23 min on 2 cores (BENCHMARKS.md);
 #: at the official 224 with DINO/Point-MAE widths a step took 83 s on one thread (32× grid 56).
 CPU_GRID = 56
 
