@@ -60,7 +60,7 @@ def test_extend_trains_on_from_the_fitted_weights(tiny_dataset: Path, tmp_path: 
     assert len(model.loss_history_) == 2 + 3
     assert model.extensions_ == [{"new_samples": len(added), "replayed_samples": 0, "epochs": 3}]
     assert model.n_train_samples_ == len(first) + len(added)
-    # The first fit is untouched by the refactoring into _collect_rows/_train: same weights as a fresh fit.
+    # extend leaves fit's own result alone: a fresh fit on the same records gives the pre-extend weights exactly.
     again = CFM(cache_dir=str(tmp_path), **SMALL).fit(first)
     for name, value in again.map_to_3d_.state_dict().items():
         torch.testing.assert_close(value, before.map_to_3d_.state_dict()[name], rtol=0, atol=0)
