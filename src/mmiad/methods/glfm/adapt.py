@@ -141,72 +141,40 @@ def adapt(
     CPU the training runs on one thread: the multi-threaded backward of the convolutions and BatchNorm sums in
     an order that varies between runs, and the same seed must give the same weights.
     """
-    with single_thread_on_cpu(device):
-        return _adapt(
-            model,
-            clouds,
-            num_group=num_group,
-            group_size=group_size,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            learning_rate=learning_rate,
-            seed=seed,
-            unit_m=unit_m,
-            device=device,
-            lr_decay=lr_decay,
-            progress=progress,
-        )
-
-
-def _adapt(
-    model: PointMaeEncoder,
-    clouds: Sequence[Callable[[], np.ndarray]],
-    *,
-    num_group: int,
-    group_size: int,
-    epochs: int,
-    steps_per_epoch: int,
-    learning_rate: float,
-    seed: int,
-    unit_m: float,
-    device: torch.device,
-    lr_decay: Sequence[tuple[int, float]],
-    progress: bool,
-) -> AdaptationResult:
-    """:func:`adapt`'s loop."""
     if not clouds:
         raise ValueError("Stage I needs at least one training cloud")
-    torch.manual_seed(seed)
-    head = nn.Linear(model.dim, 2)
-    model.to(device).train()
-    head.to(device).train()
-    optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=learning_rate)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
-    decay = dict(lr_decay)
-    history: list[float] = []
-    steps = 0
-    for epoch in tqdm(range(epochs), desc="glfm stage I", disable=not progress, leave=False):
-        if epoch in decay:
-            for group in optimizer.param_groups:
-                group["lr"] *= decay[epoch]
-        losses = []
-        for index in rng.permutation(len(clouds))[:steps_per_epoch].tolist():
-            moved, mask, _ = stretch_anomaly(clouds[index](), rng, unit_m)
-            points = torch.from_numpy(moved).to(device)
-            probabilities = segmentation_forward(model, head, points, num_group, group_size, generator)
-            target = torch.from_numpy(mask).to(device)
-            loss = focal_loss(probabilities, target) + dice_loss(probabilities[:, 1], target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            steps += 1
-        history.append(float(np.mean(losses)))
-    model.eval()
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    state.update({f"classify.0.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
-    return AdaptationResult(state, history, steps)
+    with single_thread_on_cpu(device):
+        torch.manual_seed(seed)
+        head = nn.Linear(model.dim, 2)
+        model.to(device).train()
+        head.to(device).train()
+        optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=learning_rate)
+        rng = np.random.default_rng(seed)
+        generator = torch.Generator().manual_seed(seed)
+        decay = dict(lr_decay)
+        history: list[float] = []
+        steps = 0
+        for epoch in tqdm(range(epochs), desc="glfm stage I", disable=not progress, leave=False):
+            if epoch in decay:
+                for group in optimizer.param_groups:
+                    group["lr"] *= decay[epoch]
+            losses = []
+            for index in rng.permutation(len(clouds))[:steps_per_epoch].tolist():
+                moved, mask, _ = stretch_anomaly(clouds[index](), rng, unit_m)
+                points = torch.from_numpy(moved).to(device)
+                probabilities = segmentation_forward(model, head, points, num_group, group_size, generator)
+                target = torch.from_numpy(mask).to(device)
+                loss = focal_loss(probabilities, target) + dice_loss(probabilities[:, 1], target)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                steps += 1
+            history.append(float(np.mean(losses)))
+        model.eval()
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.update({f"classify.0.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()})
+        return AdaptationResult(state, history, steps)
 
 
 def inference_state(extractor: PointMaeExtractor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
