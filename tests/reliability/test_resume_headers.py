@@ -16,42 +16,18 @@ from mmiad.methods.modelfile import load_model_file, save_model_file
 from mmiad.methods.unircm import UniRCM
 from mmiad.methods.unircm.blocks import RefGuidedMapping
 from mmiad.methods.unircm.resume import TrainingCheckpoint, state_checksum
-from mmiad.methods.unircm.training import train_mappings
 
 GRID, EPOCHS = 6, 3
 
 
-def _train(epochs: int, resume: TrainingCheckpoint | None) -> tuple[nn.ModuleList, list[float]]:
-    """Fresh tiny networks from one seed, trained ``epochs`` epochs on a fixed random store."""
-    generator = torch.Generator().manual_seed(0)
-    store = {
-        i: (
-            torch.randn(GRID * GRID, 5, generator=generator),
-            torch.randn(GRID * GRID, 4, generator=generator),
-            torch.rand(GRID * GRID, generator=generator) > 0.3,
-        )
-        for i in range(4)
-    }
-    torch.manual_seed(1)
-    shape = {"hidden": 8, "grid": GRID, "num_blocks": 1}
-    networks = nn.ModuleList([RefGuidedMapping(5, 4, **shape), RefGuidedMapping(4, 5, **shape)])
-    history = train_mappings(
-        *networks,  # type: ignore[arg-type]
-        store,
-        sorted(store),
-        epochs=epochs,
-        batch_size=2,
-        learning_rate=1e-2,
-        mse_weight=0.01,
-        mse_scale=(1.0, 1.0),
-        seed=3,
-        resume=resume,
-    )
-    return networks, history
+@pytest.fixture(scope="session")
+def _train(train_tiny_mappings):
+    """The tiny training these tests resume: 4 samples, one block per mapping."""
+    return lambda epochs, resume: train_tiny_mappings(epochs, resume, images=4, num_blocks=1)
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[nn.ModuleList, list[float]]:
+def reference(_train) -> tuple[nn.ModuleList, list[float]]:
     return _train(EPOCHS, None)
 
 
@@ -139,7 +115,7 @@ FORGERIES = {
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def saved(_train, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The bytes of a genuine checkpoint after one of three epochs."""
     checkpoint = TrainingCheckpoint(tmp_path_factory.mktemp("resume"), "run-a")
     _train(1, checkpoint)
@@ -183,7 +159,9 @@ def test_a_genuine_checkpoint_still_restores_without_a_warning(tmp_path: Path, s
 
 
 @pytest.mark.parametrize("forgery", ["lr 1e6", "epoch 99"])
-def test_training_over_a_forged_checkpoint_ends_as_an_uninterrupted_run(tmp_path: Path, reference, forgery: str):
+def test_training_over_a_forged_checkpoint_ends_as_an_uninterrupted_run(
+    _train, tmp_path: Path, reference, forgery: str
+):
     """Before this round lr 1e6 exited 4 and epoch 99 stopped after one of three epochs."""
     checkpoint = TrainingCheckpoint(tmp_path, "run-a")
     _train(1, checkpoint)

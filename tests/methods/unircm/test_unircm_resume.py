@@ -10,44 +10,13 @@ import torch
 from torch import nn
 
 from mmiad.methods.unircm import UniRCM
-from mmiad.methods.unircm.blocks import RefGuidedMapping
 from mmiad.methods.unircm.resume import CHECKPOINT_NAME, TrainingCheckpoint
-from mmiad.methods.unircm.training import train_mappings
-
-GRID = 6
 
 
-def _store(images: int = 6) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        i: (
-            torch.randn(GRID * GRID, 5, generator=generator),
-            torch.randn(GRID * GRID, 4, generator=generator),
-            torch.rand(GRID * GRID, generator=generator) > 0.3,
-        )
-        for i in range(images)
-    }
-
-
-def _train(epochs: int, resume: TrainingCheckpoint | None) -> tuple[nn.ModuleList, list[float]]:
+@pytest.fixture
+def _train(train_tiny_mappings):
     """Fresh networks from the same seed, trained ``epochs`` epochs (3 steps of 2 images each)."""
-    torch.manual_seed(1)
-    shape = {"hidden": 8, "grid": GRID, "num_blocks": 2}
-    networks = nn.ModuleList([RefGuidedMapping(5, 4, **shape), RefGuidedMapping(4, 5, **shape)])
-    store = _store()
-    history = train_mappings(
-        *networks,  # type: ignore[arg-type]
-        store,
-        sorted(store),
-        epochs=epochs,
-        batch_size=2,
-        learning_rate=1e-2,
-        mse_weight=0.01,
-        mse_scale=(1.0, 1.0),
-        seed=3,
-        resume=resume,
-    )
-    return networks, history
+    return lambda epochs, resume: train_tiny_mappings(epochs, resume, images=6, num_blocks=2)
 
 
 def _assert_same(a: nn.Module, b: nn.Module) -> None:
@@ -55,7 +24,7 @@ def _assert_same(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(x, y), name
 
 
-def test_a_stopped_run_continues_to_the_uninterrupted_result(tmp_path: Path) -> None:
+def test_a_stopped_run_continues_to_the_uninterrupted_result(_train, tmp_path: Path) -> None:
     reference, reference_history = _train(5, None)
     checkpoint = TrainingCheckpoint(tmp_path, "run-a")
     _, first = _train(2, checkpoint)  # "killed" after two epochs
@@ -69,7 +38,7 @@ def test_a_stopped_run_continues_to_the_uninterrupted_result(tmp_path: Path) -> 
     _assert_same(again, reference)
 
 
-def test_another_trainings_checkpoint_is_ignored_with_a_warning(tmp_path: Path) -> None:
+def test_another_trainings_checkpoint_is_ignored_with_a_warning(_train, tmp_path: Path) -> None:
     reference, reference_history = _train(3, None)
     _train(2, TrainingCheckpoint(tmp_path, "run-a"))
     with pytest.warns(UserWarning, match="another training's state"):
@@ -78,7 +47,7 @@ def test_another_trainings_checkpoint_is_ignored_with_a_warning(tmp_path: Path) 
     _assert_same(other, reference)
 
 
-def test_a_damaged_checkpoint_is_reported_and_training_starts_over(tmp_path: Path) -> None:
+def test_a_damaged_checkpoint_is_reported_and_training_starts_over(_train, tmp_path: Path) -> None:
     reference, reference_history = _train(2, None)
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"\x00" * 64)
     with pytest.warns(UserWarning, match="starting the training from epoch 0"):
@@ -87,7 +56,7 @@ def test_a_damaged_checkpoint_is_reported_and_training_starts_over(tmp_path: Pat
     _assert_same(model, reference)
 
 
-def test_a_tampered_checkpoint_restores_nothing(tmp_path: Path) -> None:
+def test_a_tampered_checkpoint_restores_nothing(_train, tmp_path: Path) -> None:
     """Right fingerprint, wrong contents (a tensor of another shape): all or nothing, then a fresh start."""
     from mmiad.methods.modelfile import load_model_file, save_model_file
 
