@@ -213,14 +213,13 @@ class CFM(AnomalyModel):
             raise ValueError("extend needs at least one record of the new categories")
         kept, rows, channels = self._collect_rows([*new_records, *replay_records], self._plan_step, progress, errors)
         plan = self._plan_step(*channels)
-        extensions = getattr(self, "extensions_", [])
-        seed = self.config.seed + len(extensions) + 1
+        seed = self.config.seed + len(self.extensions_) + 1
         history = self._train(kept, rows, plan, epochs, seed, progress)
         new_categories = {r.category for r in new_records}
         added = sum(1 for r in kept if r.category in new_categories)  # kept may be preprocessed copies
         self.loss_history_ = [*self.loss_history_, *history]
         step = {"new_samples": added, "replayed_samples": len(kept) - added, "epochs": epochs}
-        self.extensions_ = [*extensions, step]
+        self.extensions_ = [*self.extensions_, step]
         self.n_train_samples_ += added
         return self
 
@@ -365,7 +364,7 @@ class CFM(AnomalyModel):
             "channels": [self.map_to_3d_.input.in_features, self.map_to_2d_.input.in_features],
             "n_train_samples": self.n_train_samples_,
             "loss_history": self.loss_history_,
-            **({"extensions": self.extensions_} if getattr(self, "extensions_", []) else {}),
+            **({"extensions": self.extensions_} if self.extensions_ else {}),
         }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

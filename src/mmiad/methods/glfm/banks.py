@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mmiad.methods.memorybank.bank import gather_rows
 from mmiad.methods.memorybank.coreset import chunk_as_float, greedy_coreset
 from mmiad.methods.memorybank.knn import NearestNeighbors
 
@@ -78,17 +79,7 @@ def coreset_bank(
     if keep >= rows:
         return torch.cat([chunk_as_float(c) for c in chunks])
     selected = greedy_coreset(list(chunks), keep, eps=eps, seed=seed, device=device)
-    offsets = torch.cumsum(torch.tensor([0] + [int(c.shape[0]) for c in chunks]), dim=0)
-    owner = torch.searchsorted(offsets, selected, right=True) - 1
-    kept = []
-    for index in torch.unique(owner).tolist():  # each chunk read once, its rows in selection order afterwards
-        picked = (owner == index).nonzero()[:, 0]
-        rows_in_chunk = (selected[picked] - offsets[index]).numpy()
-        kept.append((picked, chunk_as_float(chunks[index][rows_in_chunk])))
-    bank = torch.empty(keep, kept[0][1].shape[1])
-    for picked, values in kept:
-        bank[picked] = values
-    return bank
+    return gather_rows(chunks, selected, lambda chunk, rows: chunk_as_float(chunk[rows]))
 
 
 def centre_scores(local: torch.Tensor, bank: NearestNeighbors) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,27 @@ import torch
 
 from mmiad.methods.memorybank.coreset import greedy_coreset
 from mmiad.methods.memorybank.knn import NearestNeighbors
+
+
+def gather_rows(
+    chunks: Sequence[torch.Tensor | np.ndarray],
+    indices: torch.Tensor,
+    read: Callable[[torch.Tensor | np.ndarray, np.ndarray], torch.Tensor],
+) -> torch.Tensor:
+    """Float32 rows at ``indices`` of the chunks' concatenation, in that order, each chunk read once
+    (``read(chunk, local rows)``: a memory-mapped chunk is read from disk only for the rows asked for)."""
+    result = torch.empty(len(indices), int(chunks[0].shape[1]))
+    order = torch.argsort(indices)
+    sorted_idx = indices[order]
+    start = 0
+    for chunk in chunks:
+        stop = start + int(chunk.shape[0])
+        lo, hi = torch.searchsorted(sorted_idx, start), torch.searchsorted(sorted_idx, stop)
+        if hi > lo:
+            local = (sorted_idx[lo:hi] - start).numpy()
+            result[order[lo:hi]] = read(chunk, local).float()
+        start = stop
+    return result
 
 
 class PatchStore:
@@ -71,18 +93,7 @@ class PatchStore:
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows at global ``indices``, in that order, reading each chunk once."""
-        result = torch.empty(len(indices), int(self.chunks[0].shape[1]))
-        order = torch.argsort(indices)
-        sorted_idx = indices[order]
-        start = 0
-        for chunk in self.chunks:
-            stop = start + int(chunk.shape[0])
-            lo, hi = torch.searchsorted(sorted_idx, start), torch.searchsorted(sorted_idx, stop)
-            if hi > lo:
-                local = (sorted_idx[lo:hi] - start).numpy()
-                result[order[lo:hi]] = self._read(chunk, local).float()
-            start = stop
-        return result
+        return gather_rows(self.chunks, indices, self._read)
 
     def close(self) -> None:
         """Drop every row and delete spilled files."""
