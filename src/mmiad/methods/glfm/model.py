@@ -29,7 +29,7 @@ from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.glfm import adapt as stage_one
 from mmiad.methods.glfm import banks
 from mmiad.methods.hparams import require
-from mmiad.methods.memorybank.bank import PatchStore
+from mmiad.methods.memorybank.bank import PatchStore, spill_folder
 from mmiad.methods.memorybank.knn import NearestNeighbors
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
@@ -303,9 +303,7 @@ class GLFM(AnomalyModel):
         """Each usable record's local features (one block each, float16 when ``store_float16``, spilled to disk
         past ``memory_budget_gb``) and its global feature. The caller closes the store (deleting spill files)."""
         c = self.config
-        spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
-        if spill is not None:
-            spill.mkdir(parents=True, exist_ok=True)
+        spill = spill_folder(self.cache_dir)
         dtype = torch.float16 if c.store_float16 else torch.float32
         locals_ = PatchStore(c.memory_budget_gb * GIB, spill, dtype)
         globals_ = []

@@ -21,6 +21,16 @@ from mmiad.methods.memorybank.coreset import greedy_coreset
 from mmiad.methods.memorybank.knn import NearestNeighbors
 
 
+def spill_folder(cache_dir: str | Path | None) -> Path | None:
+    """Where rows past a memory budget spill: ``cache_dir/spill`` (created), or None for the system's temporary
+    folder when there is no cache."""
+    if not cache_dir:
+        return None
+    folder = Path(cache_dir) / "spill"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def gather_rows(
     chunks: Sequence[torch.Tensor | np.ndarray],
     indices: torch.Tensor,

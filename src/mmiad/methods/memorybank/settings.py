@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmiad.methods.hparams import require
-from mmiad.methods.memorybank.bank import MemoryBank
+from mmiad.methods.memorybank.bank import MemoryBank, spill_folder
 from mmiad.methods.memorybank.knn import BACKENDS
 from mmiad.methods.settings import MethodSettings
 from mmiad.utils.compute import resolve_device
@@ -47,9 +47,7 @@ class BankSettings(MethodSettings):
 
     def new_bank(self, cache_dir: str | Path | None, seed_offset: int = 0) -> MemoryBank:
         """An empty bank with these settings; patches past the budget spill under ``cache_dir/spill``."""
-        spill = Path(cache_dir) / "spill" if cache_dir else None
-        if spill is not None:
-            spill.mkdir(parents=True, exist_ok=True)
+        spill = spill_folder(cache_dir)
         return MemoryBank(
             fraction=self.coreset_fraction,
             eps=self.coreset_eps,

@@ -13,7 +13,6 @@ same retrieved images' 3D features in the same window.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +22,7 @@ from mmiad.data.sample import SampleRecord
 from mmiad.features.pipeline import SampleFeatures
 from mmiad.features.vit_tokens import split_tokens
 from mmiad.methods.base import AnomalyModel, Scored
+from mmiad.methods.memorybank.bank import spill_folder
 from mmiad.methods.modelfile import ModelFileError
 from mmiad.methods.rad.config import RADConfig
 from mmiad.methods.rad.memory import RadMemory
@@ -84,7 +84,7 @@ class RAD(AnomalyModel):
         if not records:
             raise ValueError("RAD.fit needs at least one nominal training sample")
         prepared = self.pipeline.preprocess(records, progress=progress, errors=errors)
-        spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
+        spill = spill_folder(self.cache_dir)
         memory: RadMemory | None = None
         stream = self.pipeline.iter_features(prepared, progress=progress, errors=errors, description="memory rad")
         for _, features in stream:

@@ -31,6 +31,7 @@ from mmiad.features.pipeline import SampleFeatures
 from mmiad.methods.base import AnomalyModel, Scored
 from mmiad.methods.cfm.mapping import feature_discrepancy
 from mmiad.methods.cfm.scoring import ScoredMap, finalize_map
+from mmiad.methods.memorybank.bank import spill_folder
 from mmiad.methods.modelfile import ModelFileError, prefixed, split_prefixed
 from mmiad.methods.registry import register_method
 from mmiad.methods.unircm.blocks import RefGuidedMapping, load_mapping_state
@@ -112,9 +113,7 @@ class UniRCM(AnomalyModel):
         They stay in RAM up to ``memory_budget_gb`` and spill to the cache folder (or the temporary folder) beyond;
         the caller closes the store, which deletes spilled files.
         """
-        spill = Path(self.cache_dir) / "spill" if self.cache_dir else None
-        if spill is not None:
-            spill.mkdir(parents=True, exist_ok=True)
+        spill = spill_folder(self.cache_dir)
         dtype, store = STORE_DTYPES[self.config.store_dtype], None
         for position, record in enumerate(tqdm(records, desc="features", disable=not progress, leave=False)):
             if not ddp.owned(offset + position):
